@@ -1,0 +1,18 @@
+"""jaxval: data valuation for large models in JAX (LoGra influence functions, LinFiK / ALinFiK)."""
+
+from jaxval.grads import LoGra, explicit_grads, model_fingerprint
+from jaxval.layers import Layer, discover
+from jaxval.projection import init_projections, layer_key, projection_matrix
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoGra",
+    "Layer",
+    "discover",
+    "explicit_grads",
+    "init_projections",
+    "layer_key",
+    "model_fingerprint",
+    "projection_matrix",
+]

@@ -1,0 +1,124 @@
+"""Generic jit-compiled trainer for nnx models with per-example losses.
+
+``loss_fn(model, batch) -> [B]`` (the jaxval contract); the optimised objective is the MEAN over the
+batch. The step is a pure function of ``(params, opt_state, rest, batch)`` built with
+``nnx.split`` / ``nnx.merge`` (no ``nnx.jit`` graph traversal per step); the loop over steps is Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array]
+
+
+def _mean_loss(loss_fn: LossFn, model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Mean of per-example losses, checking the [B] contract at trace time."""
+    losses = loss_fn(model, batch)
+    b = jax.tree.leaves(batch)[0].shape[0]
+    if losses.shape != (b,):
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape [B]=({b},), got {losses.shape}; "
+            "return one loss per example (do not reduce over the batch)"
+        )
+    return jnp.mean(losses)
+
+
+def _check_data(data: Mapping[str, np.ndarray]) -> int:
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError("data must be a non-empty dict of arrays sharing a leading axis N")
+    ns = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in data.items()}
+    if None in ns.values() or len(set(ns.values())) != 1:
+        raise ValueError(f"all arrays in data must share the leading axis N; got leading sizes {ns}")
+    n = next(iter(ns.values()))
+    if n == 0:
+        raise ValueError("data is empty (N = 0)")
+    return n
+
+
+def train(
+    model: nnx.Module,
+    loss_fn: LossFn,
+    data: Mapping[str, np.ndarray],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> nnx.Module:
+    """Train ``model`` in place with AdamW on the mean per-example loss and return it.
+
+    data: dict of arrays with a shared leading axis N. Batches of ``min(batch_size, N)`` rows are
+    drawn without replacement, epoch by epoch (a fresh permutation from ``seed`` each epoch; the
+    last incomplete batch of an epoch is dropped), so the same seed gives the same run.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = _check_data(data)
+    bs = min(batch_size, n)
+    data = {k: np.asarray(v) for k, v in data.items()}
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, rest, batch):
+        def objective(p):
+            m = nnx.merge(graphdef, p, rest)
+            loss = _mean_loss(loss_fn, m, batch)
+            return loss, nnx.state(m, nnx.Not(nnx.Param))
+
+        (loss, new_rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, new_rest, loss
+
+    rng = np.random.default_rng(seed)
+    order, pos = rng.permutation(n), 0
+    bar = tqdm(range(steps), disable=not progress, desc="train", leave=False)
+    for i in bar:
+        if pos + bs > n:
+            order, pos = rng.permutation(n), 0
+        idx = order[pos : pos + bs]
+        pos += bs
+        batch = {k: v[idx] for k, v in data.items()}
+        params, opt_state, rest, loss = step(params, opt_state, rest, batch)
+        if progress and (i % 20 == 0 or i == steps - 1):
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+    bar.close()
+    nnx.update(model, params, rest)
+    return model
+
+
+def train_step_fn(
+    model: nnx.Module, loss_fn: LossFn
+) -> Callable[[nnx.State, Mapping[str, jax.Array]], tuple[jax.Array, nnx.State]]:
+    """A jitted ``step(state, batch) -> (loss, grads)``: forward + backward of the mean loss.
+
+    ``state`` is ``nnx.state(model)`` (or ``nnx.state(model, nnx.Param)`` for a model with only
+    parameters); ``grads`` has the structure of its ``nnx.Param`` part. No update is applied: this is
+    the reference cost of one training step for benchmarks.
+    """
+    graphdef = nnx.graphdef(model)
+
+    @jax.jit
+    def step(state: nnx.State, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, nnx.State]:
+        params, rest = nnx.split_state(state, nnx.Param, ...)
+
+        def objective(p):
+            return _mean_loss(loss_fn, nnx.merge(graphdef, p, rest), batch)
+
+        return jax.value_and_grad(objective)(params)
+
+    return step
