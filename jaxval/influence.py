@@ -1,0 +1,803 @@
+"""Scoring engine: influence scores, streaming top-k and self-influence over a gradient log.
+
+Conventions
+-----------
+``g_q`` is a query gradient, ``g_z`` a training gradient (rows of ``[Q, D]`` / ``[N, D]`` arrays, or
+rows of a gradient store), ``H`` the preconditioner's (damped) curvature matrix.  The basic score is::
+
+    score(q, z) = g_qᵀ H⁻¹ g_z
+
+and a **positive score means training on z lowers q's loss** (z is a proponent of q).
+
+Inputs
+------
+``train`` is either an array ``[N, D]`` (numpy, numpy memmap or jax) or any *store-like* object with
+``__len__`` (N), ``.dim`` (D) and ``.read(start, stop) -> [stop - start, D]`` (e.g.
+:class:`jaxval.store.GradientStore`).  It is streamed through exactly once, in row blocks of
+``block_rows`` rows, by jit-compiled float32 GEMMs; a background thread reads (and transfers to the
+device) the next block(s) while the current block's product runs (``prefetch`` blocks ahead), and the
+host copy of a block's scores is taken only after the next block's product has been dispatched.
+
+``precond`` is ``None`` (identity, ``H = I``) or any object with ``.apply(g) -> H⁻¹ g`` mapping a
+``[B, D]`` batch to ``[B, D]``.  ``apply`` should be a pure JAX function (traceable under ``jax.jit``);
+then it is fused into the streamed computation.  A non-traceable ``apply`` (e.g. one calling numpy) is
+still accepted and called eagerly once per block.  Queries are preconditioned once (``q̃ = H⁻¹ g_q``);
+training rows are preconditioned only when a mode needs their self-influence ``g_zᵀ H⁻¹ g_z``.
+
+Modes (all in the ``H⁻¹`` metric)
+---------------------------------
+- ``"dot"``:      ``g_qᵀ H⁻¹ g_z``
+- ``"cosine"``:   ``g_qᵀ H⁻¹ g_z / ( sqrt(g_qᵀ H⁻¹ g_q) · sqrt(g_zᵀ H⁻¹ g_z) )`` (both sides normalised;
+  in ``[-1, 1]`` for an SPD ``H``)
+- ``"relative"``: ``g_qᵀ H⁻¹ g_z / sqrt(g_zᵀ H⁻¹ g_z)`` (RelatIF, Barshan et al. 2020; only the training
+  side is normalised, so the ranking of training points for a fixed query equals ``cosine``'s)
+- ``"l2"``:       ``g_qᵀ H⁻¹ g_z − ½ g_zᵀ H⁻¹ g_z``
+
+A zero (or, for a non-SPD ``apply``, non-positive) norm in a denominator gives a score of 0 for that
+pair instead of ``inf``/``nan``.
+
+Self-influence
+--------------
+The training self-influence ``s_z = g_zᵀ H⁻¹ g_z`` that ``cosine``/``relative``/``l2`` need is computed
+in the same streamed pass (``apply`` on the block, then a rowwise dot), unless the caller passes a
+precomputed ``self_influence=[N]`` array (see :func:`self_influence` and
+:func:`cached_self_influence`, which stores it beside a store as ``self_influence_<key>.npy``).
+
+Layer groups
+------------
+``groups={name: slice | index array | boolean mask over D}`` returns ``{name: [Q, N]}`` instead of one
+matrix: the score restricted to the group's columns, computed as ``(H⁻¹ g_q)[cols] · g_z[cols]`` (and,
+for the normalised modes, with the group-restricted self-influences ``g[cols] · (H⁻¹ g)[cols]``).  For a
+preconditioner that is block-diagonal per layer (identity, raw per-layer, K-FAC, EK-FAC) and groups that
+are unions of whole layer blocks, this is *exactly* the influence computed with only those layers' gradients
+and curvature blocks, and in ``dot`` mode the groups of a partition of ``D`` sum to the total score.
+For groups that cut through a layer block (or a non-block-diagonal ``H``), the group score is only the
+partial sum of the full score's terms over those columns.
+
+Sharding
+--------
+``mesh=jax.sharding.Mesh(...)``: every training block's rows are sharded over all the mesh's axes
+(``NamedSharding(mesh, PartitionSpec(mesh.axis_names, None))``; ``block_rows`` is rounded up to a
+multiple of ``mesh.size``), queries are replicated; results equal the single-device ones.  A mesh with
+Explicit axes (``jax.make_mesh``'s default) is used with the same devices and axis names as Auto axes, so
+``precond.apply`` needs no ``out_sharding`` annotations.
+
+Top-k ties
+----------
+:func:`top_k` keeps, among equal scores, the **lower training index first** (the order of a stable sort
+of ``-scores`` for ``largest=True``, of ``scores`` for ``largest=False``).  Memory is
+``O(Q · (k + block_rows))``: the ``[Q, N]`` matrix is never formed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import tempfile
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "MODES",
+    "StoreLike",
+    "Preconditioner",
+    "influence",
+    "top_k",
+    "self_influence",
+    "cached_self_influence",
+]
+
+MODES = ("dot", "cosine", "relative", "l2")
+_NEEDS_Z_SELF = {"cosine", "relative", "l2"}
+_NEEDS_Q_SELF = {"cosine"}
+
+_BLOCK_BYTES = 32 * 2**20  # default block size target (float32 bytes of one block of train rows)
+_MIN_BLOCK_ROWS = 256
+_MAX_BLOCK_ROWS = 65536
+_PROGRESS_MIN_BLOCKS = 8
+
+
+@runtime_checkable
+class StoreLike(Protocol):
+    """What the scoring engine needs from a gradient store."""
+
+    dim: int
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> Any: ...
+
+
+class Preconditioner(Protocol):
+    def apply(self, g: jax.Array) -> jax.Array: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# sources
+
+
+class _Source:
+    """Uniform view of the training rows: n, dim, read(start, stop) -> float32 [rows, dim]."""
+
+    def __init__(self, train: Any):
+        self.obj = train
+        if isinstance(train, jax.Array) or isinstance(train, np.ndarray):
+            if train.ndim != 2:
+                raise ValueError(
+                    f"train must be a 2-D array [N, D] of gradients; got shape {tuple(train.shape)}"
+                )
+            self.n, self.dim = int(train.shape[0]), int(train.shape[1])
+            self.on_device = isinstance(train, jax.Array)
+            self.kind = "array"
+        elif hasattr(train, "read") and hasattr(train, "dim") and hasattr(train, "__len__"):
+            self.n, self.dim = int(len(train)), int(train.dim)
+            self.on_device = False
+            self.kind = "store"
+        else:
+            raise TypeError(
+                "train must be an array [N, D] or a store with __len__, .dim and .read(start, stop); "
+                f"got {type(train).__name__}"
+            )
+
+    def read(self, start: int, stop: int):
+        if self.kind == "store":
+            block = self.obj.read(start, stop)
+            if isinstance(block, jax.Array):
+                return block.astype(jnp.float32)
+            block = np.asarray(block, dtype=np.float32)
+        elif self.on_device:
+            return self.obj[start:stop].astype(jnp.float32)
+        else:
+            block = self.obj[start:stop]
+            if isinstance(block, np.memmap):
+                # materialise here (in the prefetch thread), not lazily in the device transfer
+                return np.array(block, dtype=np.float32, copy=True)
+            block = np.asarray(block, dtype=np.float32)
+        if block.shape != (stop - start, self.dim):
+            raise ValueError(
+                f"store.read({start}, {stop}) returned shape {block.shape}; expected "
+                f"({stop - start}, {self.dim})"
+            )
+        return np.ascontiguousarray(block)
+
+
+def _num_devices(mesh) -> int:
+    return 1 if mesh is None else int(mesh.size)
+
+
+def _auto_mesh(mesh):
+    """The same devices and axis names with Auto axis types.
+
+    ``jax.make_mesh`` gives Explicit axes by default; under those, ops inside a user's ``precond.apply``
+    (``jnp.linalg.solve``, contractions over a sharded axis) need explicit ``out_sharding``s.  The engine
+    only shards rows of independent blocks, so it lets the compiler propagate shardings instead.
+    """
+    if mesh is None:
+        return None
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None; got {type(mesh).__name__}")
+    types = getattr(mesh, "axis_types", None)
+    auto = jax.sharding.AxisType.Auto
+    if types is None or all(t == auto for t in types):
+        return mesh
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
+
+
+def _resolve_block_rows(block_rows: int | None, n: int, dim: int, mesh, min_rows: int = 1) -> int:
+    ndev = _num_devices(mesh)
+    if block_rows is None:
+        block_rows = _BLOCK_BYTES // (4 * max(dim, 1))
+        block_rows = int(min(max(block_rows, _MIN_BLOCK_ROWS), _MAX_BLOCK_ROWS))
+    else:
+        block_rows = int(block_rows)
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be a positive integer; got {block_rows}")
+    block_rows = max(block_rows, min_rows)
+    block_rows = min(block_rows, max(n, min_rows, 1))
+    return -(-block_rows // ndev) * ndev  # round up to a multiple of the device count
+
+
+class _Placer:
+    """Puts blocks / row vectors / replicated arrays on the device(s)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh = _auto_mesh(mesh)
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            axes = tuple(mesh.axis_names)
+            self.rows2 = NamedSharding(mesh, P(axes, None))
+            self.rows1 = NamedSharding(mesh, P(axes))
+            self.repl = NamedSharding(mesh, P())
+
+    def block(self, x):
+        return jax.device_put(x, self.rows2) if self.mesh is not None else jax.device_put(x)
+
+    def vector(self, x):
+        return jax.device_put(x, self.rows1) if self.mesh is not None else jax.device_put(x)
+
+    def replicated(self, x):
+        return jax.device_put(x, self.repl) if self.mesh is not None else jax.device_put(x)
+
+
+def _pad_rows(x, rows: int):
+    if x.shape[0] == rows:
+        return x
+    pad = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+    if isinstance(x, jax.Array):
+        return jnp.pad(x, pad)
+    return np.pad(x, pad)
+
+
+def _iter_blocks(
+    src: _Source,
+    block_rows: int,
+    placer: _Placer,
+    extra: Sequence[np.ndarray] = (),
+    prefetch: int = 2,
+) -> Iterator[tuple[int, int, jax.Array, tuple]]:
+    """Yield (start, stop, block [block_rows, D] on device, extra row-slices on device).
+
+    The last block is zero-padded to ``block_rows`` rows (one compiled shape); ``extra`` are [N] arrays
+    sliced and padded alongside.  With ``prefetch > 0`` a background thread reads and transfers up to
+    ``prefetch`` blocks ahead of the consumer.
+    """
+    n = src.n
+    starts = range(0, n, block_rows)
+
+    def load(start):
+        stop = min(start + block_rows, n)
+        block = placer.block(_pad_rows(src.read(start, stop), block_rows))
+        ex = tuple(placer.vector(_pad_rows(np.asarray(e[start:stop], np.float32), block_rows)) for e in extra)
+        return start, stop, block, ex
+
+    if prefetch <= 0 or len(starts) <= 1:
+        for s in starts:
+            yield load(s)
+        return
+
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop_evt = threading.Event()
+    _END = object()
+
+    def worker():
+        try:
+            for s in starts:
+                if stop_evt.is_set():
+                    return
+                item = load(s)
+                while not stop_evt.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            q.put(_END)
+        except BaseException as e:  # forwarded to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=worker, name="jaxval-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop_evt.set()
+        # drain so a blocked put() wakes up, then wait for the thread
+        try:
+            while True:
+                q.get_nowait()
+        except queue.Empty:
+            pass
+        t.join(timeout=10)
+
+
+def _progress(total: int, progress: bool | None, desc: str):
+    show = (total > _PROGRESS_MIN_BLOCKS) if progress is None else bool(progress)
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", leave=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# preconditioner / groups / queries
+
+
+def _precision(p):
+    if p is None or isinstance(p, jax.lax.Precision):
+        return p
+    return jax.lax.Precision(p) if not isinstance(p, str) else jax.lax.Precision[p.upper()]
+
+
+def _apply_fn(precond) -> Callable | None:
+    """precond.apply, or None for the identity."""
+    if precond is None:
+        return None
+    apply = getattr(precond, "apply", None)
+    if apply is None or not callable(apply):
+        raise TypeError(
+            "precond must be None (identity) or an object with .apply(g) -> H⁻¹ g for g of shape "
+            f"[B, D]; got {type(precond).__name__}"
+        )
+    return apply
+
+
+def _traceable(apply, dim: int) -> bool:
+    try:
+        out = jax.eval_shape(apply, jax.ShapeDtypeStruct((2, dim), jnp.float32))
+    except Exception:
+        return False
+    return getattr(out, "shape", None) == (2, dim)
+
+
+def _normalize_groups(groups: Mapping[str, Any] | None, dim: int):
+    """-> (names or None, list of column selectors: slice or int32 np array)."""
+    if groups is None:
+        return None, [slice(None)]
+    if not isinstance(groups, Mapping) or len(groups) == 0:
+        raise ValueError("groups must be a non-empty dict {name: slice | index array | bool mask over D}")
+    names, sels = [], []
+    for name, sel in groups.items():
+        if isinstance(sel, slice):
+            start, stop, step = sel.indices(dim)
+            if len(range(start, stop, step)) == 0:
+                raise ValueError(f"group {name!r}: slice {sel} selects no column of D={dim}")
+            sel = slice(start, stop, step)
+        else:
+            arr = np.asarray(sel)
+            if arr.dtype == bool:
+                if arr.shape != (dim,):
+                    raise ValueError(f"group {name!r}: boolean mask must have shape ({dim},); got {arr.shape}")
+                arr = np.flatnonzero(arr)
+            if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"group {name!r}: expected a slice, a 1-D integer index array or a bool mask")
+            if arr.min() < -dim or arr.max() >= dim:
+                raise ValueError(f"group {name!r}: column index out of range for D={dim}")
+            arr = np.where(arr < 0, arr + dim, arr).astype(np.int32)
+            if arr.size > 1 and np.all(np.diff(arr) == 1):
+                sel = slice(int(arr[0]), int(arr[-1]) + 1, 1)
+            else:
+                sel = arr
+        names.append(str(name))
+        sels.append(sel)
+    return names, sels
+
+
+def _cols(x, sel):
+    if isinstance(sel, slice):
+        if sel == slice(None):
+            return x
+        return x[:, sel]
+    return jnp.take(x, sel, axis=1)
+
+
+def _rowdot(a, b):
+    return jnp.sum(a * b, axis=1)
+
+
+def _safe_rsqrt(s):
+    return jnp.where(s > 0, jax.lax.rsqrt(jnp.where(s > 0, s, 1.0)), 0.0)
+
+
+def _combine(mode, s, q_self, z_self):
+    if mode == "dot":
+        return s
+    if mode == "cosine":
+        return s * _safe_rsqrt(q_self)[:, None] * _safe_rsqrt(z_self)[None, :]
+    if mode == "relative":
+        return s * _safe_rsqrt(z_self)[None, :]
+    if mode == "l2":
+        return s - 0.5 * z_self[None, :]
+    raise AssertionError(mode)
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+
+
+def _prepare_queries(queries, dim, apply, traceable, sels, mode, placer):
+    q = jnp.asarray(queries, dtype=jnp.float32) if not isinstance(queries, jax.Array) else queries.astype(jnp.float32)
+    if q.ndim != 2:
+        raise ValueError(f"queries must be a 2-D array [Q, D]; got shape {tuple(q.shape)}")
+    if q.shape[1] != dim:
+        raise ValueError(f"queries have D={q.shape[1]} columns but the training gradients have D={dim}")
+    q = placer.replicated(q)
+    if apply is None:
+        qt = q
+    elif traceable:
+        qt = jax.jit(apply)(q)
+    else:
+        qt = placer.replicated(jnp.asarray(apply(q), dtype=jnp.float32))
+    qt = qt.astype(jnp.float32)
+    if qt.shape != q.shape:
+        raise ValueError(f"precond.apply returned shape {tuple(qt.shape)} for input {tuple(q.shape)}")
+    qts = tuple(_cols(qt, s) for s in sels)
+    if mode in _NEEDS_Q_SELF:
+        qself = tuple(_rowdot(_cols(q, s), t) for s, t in zip(sels, qts))
+    else:
+        qself = tuple(None for _ in sels)
+    return qts, qself
+
+
+def _given_self_influence(self_infl, names, n):
+    """Normalise a user-given self_influence to a list of [N] float32 arrays (one per group)."""
+    if self_infl is None:
+        return None
+    if names is None:
+        if isinstance(self_infl, Mapping):
+            raise ValueError("self_influence is a dict but no groups were given; pass an array [N]")
+        arrs = [self_infl]
+    else:
+        if not isinstance(self_infl, Mapping) or set(self_infl) != set(names):
+            raise ValueError(
+                "with groups, self_influence must be a dict {group name: [N]} with the same keys as groups "
+                "(each group needs its own restricted self-influence); or pass None to compute it"
+            )
+        arrs = [self_infl[k] for k in names]
+    out = []
+    for a in arrs:
+        a = np.asarray(a, dtype=np.float32)
+        if a.shape != (n,):
+            raise ValueError(f"self_influence must have shape ({n},) (one value per training row); got {a.shape}")
+        out.append(a)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# jit-compiled block kernels
+
+
+def _block_self(z, apply, sels, hz=None):
+    """Group-restricted self-influences of the rows of z: tuple of [B]."""
+    if hz is None:
+        hz = z if apply is None else apply(z).astype(jnp.float32)
+    return tuple(_rowdot(_cols(z, s), _cols(hz, s)) for s in sels)
+
+
+def _make_score_fn(mode, sels, apply, compute_z_self, precision):
+    """scores(qts, qself, z, zself) -> tuple of [Q, B] per group (zself: tuple or None)."""
+
+    def scores(qts, qself, z, zself):
+        if mode in _NEEDS_Z_SELF and compute_z_self:
+            zself = _block_self(z, apply, sels)
+        out = []
+        for gi, sel in enumerate(sels):
+            zg = _cols(z, sel)
+            s = jnp.dot(qts[gi], zg.T, precision=precision, preferred_element_type=jnp.float32)
+            out.append(
+                _combine(mode, s, qself[gi], None if zself is None else zself[gi])
+            )
+        return tuple(out)
+
+    return scores
+
+
+class _Plan:
+    """Everything shared by influence / top_k for one call."""
+
+    def __init__(self, queries, train, precond, mode, block_rows, self_infl, groups, mesh, precision, min_rows=1):
+        _check_mode(mode)
+        self.mode = mode
+        self.src = _Source(train)
+        self.n, self.dim = self.src.n, self.src.dim
+        if self.n == 0:
+            raise ValueError("train has no rows")
+        self.placer = _Placer(mesh)
+        self.block_rows = _resolve_block_rows(block_rows, self.n, self.dim, mesh, min_rows)
+        self.names, self.sels = _normalize_groups(groups, self.dim)
+        apply = _apply_fn(precond)
+        self.apply = apply
+        self.traceable = apply is None or _traceable(apply, self.dim)
+        self.precision = _precision(precision)
+        self.qts, self.qself = _prepare_queries(
+            queries, self.dim, apply, self.traceable, self.sels, mode, self.placer
+        )
+        self.nq = int(self.qts[0].shape[0])
+        given = _given_self_influence(self_infl, self.names, self.n)
+        self.extra = given or []
+        needs = mode in _NEEDS_Z_SELF
+        # where the train self-influence comes from: given / inside the jit / eager apply per block
+        self.z_self_source = "none" if not needs else ("given" if given else ("jit" if self.traceable else "eager"))
+        self.score = _make_score_fn(
+            mode, self.sels, apply, self.z_self_source == "jit", self.precision
+        )
+        self._eager_self = None
+        if self.z_self_source == "eager":
+            sels = self.sels
+            self._eager_self = jax.jit(lambda z, hz: _block_self(z, None, sels, hz))
+
+    def blocks(self, prefetch):
+        return _iter_blocks(self.src, self.block_rows, self.placer, self.extra, prefetch)
+
+    def z_self(self, block, ex):
+        """zself tuple for the kernel (or None)."""
+        if self.z_self_source == "given":
+            return tuple(ex)
+        if self.z_self_source == "eager":
+            hz = jnp.asarray(self.apply(block), dtype=jnp.float32)
+            return self._eager_self(block, self.placer.block(hz))
+        return None
+
+    @property
+    def n_blocks(self):
+        return -(-self.n // self.block_rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def influence(
+    queries,
+    train,
+    precond=None,
+    mode: str = "dot",
+    block_rows: int | None = None,
+    self_influence=None,
+    *,
+    groups: Mapping[str, Any] | None = None,
+    mesh=None,
+    precision="highest",
+    prefetch: int = 2,
+    progress: bool | None = None,
+):
+    """Influence scores of every training row on every query.
+
+    Args:
+      queries: ``[Q, D]`` query gradients (numpy or jax).
+      train: ``[N, D]`` array, or a store with ``__len__``, ``.dim``, ``.read(start, stop)``.
+      precond: ``None`` (identity) or an object with ``.apply(g [B, D]) -> H⁻¹ g``.
+      mode: ``"dot" | "cosine" | "relative" | "l2"`` (see the module docstring for the formulas).
+      block_rows: training rows per streamed block (default: ~32 MiB of float32 per block, clipped to
+        [256, 65536] rows and to N; rounded up to a multiple of the mesh size).
+      self_influence: optional precomputed ``[N]`` train self-influence ``g_zᵀ H⁻¹ g_z`` (for
+        ``cosine``/``relative``/``l2``; with ``groups``, a dict ``{name: [N]}``); skips computing it.
+      groups: optional ``{name: slice | index array | bool mask over D}``; returns a dict of ``[Q, N]``.
+      mesh: optional ``jax.sharding.Mesh``; block rows are sharded over it, queries replicated.
+      precision: ``jax.lax.Precision`` for the GEMMs (default ``"highest"``: true float32 also on
+        accelerators whose default float32 matmul is TF32/bf16; ``"default"`` is faster there).
+      prefetch: number of blocks read ahead by a background thread (0: read synchronously).
+      progress: show a tqdm bar (default: when there are more than 8 blocks).
+
+    Returns:
+      ``np.ndarray`` float32 ``[Q, N]`` (or ``{group name: [Q, N]}`` with ``groups``).
+    """
+    plan = _Plan(queries, train, precond, mode, block_rows, self_influence, groups, mesh, precision)
+    score = jax.jit(plan.score)
+    outs = [np.empty((plan.nq, plan.n), dtype=np.float32) for _ in plan.sels]
+    bar = _progress(plan.n_blocks, progress, "influence")
+
+    def collect(pending):
+        start, stop, res = pending
+        for o, r in zip(outs, res):
+            o[:, start:stop] = np.asarray(r)[:, : stop - start]
+        if bar is not None:
+            bar.update(1)
+
+    pending = None
+    try:
+        for start, stop, block, ex in plan.blocks(prefetch):
+            res = score(plan.qts, plan.qself, block, plan.z_self(block, ex))  # async dispatch
+            if pending is not None:
+                collect(pending)  # host copy of the previous block overlaps this block's GEMM
+            pending = (start, stop, res)
+        if pending is not None:
+            collect(pending)
+    finally:
+        if bar is not None:
+            bar.close()
+    if plan.names is None:
+        return outs[0]
+    return dict(zip(plan.names, outs))
+
+
+def _make_topk_fns(score, k: int, largest: bool):
+    def block_topk(qts, qself, z, zself, n_valid, start):
+        (s,) = score(qts, qself, z, zself)
+        if not largest:
+            s = -s
+        # XLA's TopK orders by the float total order: make -0.0 equal to +0.0 and rank NaN last
+        s = jnp.where(s == 0, 0.0, s)
+        cols = jnp.arange(s.shape[1], dtype=jnp.int32)
+        s = jnp.where((cols[None, :] < n_valid) & ~jnp.isnan(s), s, -jnp.inf)
+        v, i = jax.lax.top_k(s, k)
+        return v, i + start
+
+    def first(qts, qself, z, zself, n_valid, start):
+        return block_topk(qts, qself, z, zself, n_valid, start)
+
+    def merge(vals, idx, qts, qself, z, zself, n_valid, start):
+        bv, bi = block_topk(qts, qself, z, zself, n_valid, start)
+        # running entries (all lower indices) first: top_k keeps the lower position among equal
+        # values, so ties resolve to the lower training index
+        v, pos = jax.lax.top_k(jnp.concatenate([vals, bv], axis=1), k)
+        i = jnp.take_along_axis(jnp.concatenate([idx, bi], axis=1), pos, axis=1)
+        return v, i
+
+    return jax.jit(first), jax.jit(merge)
+
+
+def top_k(
+    queries,
+    train,
+    k: int,
+    precond=None,
+    mode: str = "dot",
+    largest: bool = True,
+    block_rows: int | None = None,
+    self_influence=None,
+    *,
+    mesh=None,
+    precision="highest",
+    prefetch: int = 2,
+    progress: bool | None = None,
+):
+    """The ``k`` highest (``largest=True``: proponents) or lowest (opponents) scoring training rows per query.
+
+    Streams ``train`` once; memory is ``O(Q · (k + block_rows))``, never ``O(Q · N)``.  Each block's
+    scores are reduced to their own top-k and merged with the running top-k (``jax.lax.top_k`` on the
+    concatenation, jit-compiled).  Scores are as in :func:`influence` (same ``mode``/``precond``).
+
+    Ties: among equal scores the lower training index comes first (same order as a stable sort of
+    ``-scores`` for ``largest=True`` and of ``scores`` for ``largest=False``; ``-0.0 == 0.0``).  A NaN
+    score (from a NaN gradient) ranks last and is reported as ``-inf`` (``+inf`` for ``largest=False``).
+
+    Returns:
+      ``(values [Q, k] float32, indices [Q, k] int64)``, sorted best first.
+    """
+    k = int(k)
+    src_n = _Source(train).n
+    if not 1 <= k <= src_n:
+        raise ValueError(f"k must be between 1 and the number of training rows ({src_n}); got {k}")
+    plan = _Plan(
+        queries, train, precond, mode, block_rows, self_influence, None, mesh, precision, min_rows=k
+    )
+    first, merge = _make_topk_fns(plan.score, k, largest)
+    bar = _progress(plan.n_blocks, progress, "top_k")
+    vals = idx = None
+    inflight: deque = deque()
+    try:
+        for start, stop, block, ex in plan.blocks(prefetch):
+            zself = plan.z_self(block, ex)
+            n_valid = np.int32(stop - start)
+            st = np.int32(start)
+            if vals is None:
+                vals, idx = first(plan.qts, plan.qself, block, zself, n_valid, st)
+            else:
+                vals, idx = merge(vals, idx, plan.qts, plan.qself, block, zself, n_valid, st)
+            # back-pressure: wait for the previous block's merge once this one is queued, so at most
+            # two blocks are in flight and memory stays O(Q · (k + block_rows))
+            inflight.append(vals)
+            if len(inflight) > 1:
+                inflight.popleft().block_until_ready()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    values = np.asarray(vals, dtype=np.float32)
+    if not largest:
+        values = -values
+    return values, np.asarray(idx).astype(np.int64)
+
+
+def self_influence(
+    train,
+    precond=None,
+    block_rows: int | None = None,
+    *,
+    groups: Mapping[str, Any] | None = None,
+    mesh=None,
+    prefetch: int = 2,
+    progress: bool | None = None,
+):
+    """Self-influence ``g_zᵀ H⁻¹ g_z`` of every training row, ``np.ndarray`` float32 ``[N]``.
+
+    With ``groups``, ``{name: [N]}`` of the group-restricted ``g_z[cols] · (H⁻¹ g_z)[cols]`` (the form
+    :func:`influence` accepts as ``self_influence`` together with the same ``groups``).
+    """
+    src = _Source(train)
+    placer = _Placer(mesh)
+    br = _resolve_block_rows(block_rows, src.n, src.dim, mesh)
+    names, sels = _normalize_groups(groups, src.dim)
+    apply = _apply_fn(precond)
+    traceable = apply is None or _traceable(apply, src.dim)
+    if traceable:
+        fn = jax.jit(lambda z: _block_self(z, apply, sels))
+    else:
+        inner = jax.jit(lambda z, hz: _block_self(z, None, sels, hz))
+        fn = lambda z: inner(z, placer.block(jnp.asarray(apply(z), dtype=jnp.float32)))  # noqa: E731
+    outs = [np.empty((src.n,), np.float32) for _ in sels]
+    bar = _progress(-(-src.n // br), progress, "self_influence")
+
+    def collect(p):
+        start, stop, res = p
+        for o, r in zip(outs, res):
+            o[start:stop] = np.asarray(r)[: stop - start]
+        if bar is not None:
+            bar.update(1)
+
+    pending = None
+    try:
+        for start, stop, block, _ in _iter_blocks(src, br, placer, (), prefetch):
+            res = fn(block)
+            if pending is not None:
+                collect(pending)
+            pending = (start, stop, res)
+        if pending is not None:
+            collect(pending)
+    finally:
+        if bar is not None:
+            bar.close()
+    return outs[0] if names is None else dict(zip(names, outs))
+
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def cached_self_influence(
+    store,
+    precond=None,
+    key: str | None = None,
+    *,
+    block_rows: int | None = None,
+    mesh=None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """Self-influence of a store's rows, cached beside the store as ``self_influence_<key>.npy``.
+
+    ``key`` names the preconditioner (e.g. ``"ekfac_d1e-3"``); it is required when ``precond`` is not
+    None (the engine cannot tell two preconditioners apart) and defaults to ``"identity"`` otherwise.
+    If the store has a ``.path`` that is a folder, the cache file lives inside it (a file path: in its
+    folder, named ``<file name>.self_influence_<key>.npy``).  A cached file is reused when its length
+    equals ``len(store)`` (a grown store is recomputed) and ``overwrite`` is False; it is written
+    atomically (temporary file + rename).  Without a ``.path`` the values are just computed.
+    """
+    if key is None:
+        if precond is not None:
+            raise ValueError(
+                "cached_self_influence needs key= naming the preconditioner (e.g. key='ekfac_d1e-3') so "
+                "that caches of different preconditioners are not mixed up"
+            )
+        key = "identity"
+    if not _KEY_RE.match(key):
+        raise ValueError(f"key must match {_KEY_RE.pattern} (it becomes part of a file name); got {key!r}")
+    path = getattr(store, "path", None)
+    if path is None:
+        return self_influence(store, precond, block_rows, mesh=mesh, progress=progress)
+    path = Path(path)
+    file = path / f"self_influence_{key}.npy" if path.is_dir() else path.with_name(
+        f"{path.name}.self_influence_{key}.npy"
+    )
+    n = len(store)
+    if file.exists() and not overwrite:
+        cached = np.load(file, allow_pickle=False)
+        if cached.shape == (n,):
+            return cached.astype(np.float32, copy=False)
+    values = self_influence(store, precond, block_rows, mesh=mesh, progress=progress)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, values, allow_pickle=False)
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return values

@@ -1,0 +1,795 @@
+"""GradientStore: an on-disk [N, D] matrix of projected per-example gradients (tensorstore zarr3).
+
+Layout of a store folder (or kvstore prefix)::
+
+    manifest.json   format, version, dim, num_rows, dtype, chunk_rows, ids kind, the user config
+                    (LoGra layers, ranks, init, seed, model fingerprint, ...) and its sha256 hash.
+                    Written atomically and LAST by ``create``: a folder holding arrays but no
+                    manifest is a half-created store and is refused (never silently reused).
+    grads/          zarr3 array [num_rows, dim] of dtype bfloat16 | float16 | float32, regular chunk
+                    grid ``[chunk_rows, dim]`` (one file per chunk of rows, no sharding).
+    done/           zarr3 uint8 array [num_rows], the completion record: one byte per row, 1 = the
+                    row's gradient is stored. Its chunks are ``[chunk_rows]``, aligned with the
+                    chunks of ``grads``, so writers that own disjoint chunk-aligned row blocks touch
+                    disjoint files of both arrays (no contention). Unaligned writers stay correct:
+                    tensorstore's file kvstore does read-modify-write of a chunk under a lock with
+                    generation checks; it is only slower.
+    ids/            integer ids: zarr3 int64 array [num_rows].
+    ids_bytes/      string ids: the UTF-8 bytes of all ids concatenated (zarr3 uint8) ...
+    ids_offsets/    ... and int64 offsets [num_rows + 1]; id i is bytes[off[i]:off[i+1]].
+
+Policies:
+
+* **Ids** default to ``arange(num_rows)``; they must be all integers or all strings and must be
+  **unique**: ``create`` raises :class:`StoreError` on a duplicate (it names one) before anything is
+  written.
+* **Resume**: ``create`` on an existing store with the same dim, num_rows, dtype, config hash (and
+  ids, when given) returns the opened store; anything different raises :class:`StoreError` unless
+  ``overwrite=True``. A failed call never deletes or changes existing data.
+* **Several processes**: one process calls ``create``; the others call ``GradientStore.open(path,
+  timeout=...)``, which needs no shape (it waits for the manifest, then opens the arrays from their
+  own metadata). Each writer writes chunk-aligned disjoint row ranges (``store.chunk_rows``), waits
+  for its write to commit, then calls ``mark_done`` for the range. Rows are never marked done before
+  their data are durable, so after a crash ``pending_blocks()`` lists exactly what to recompute.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Iterator, Sequence
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+__all__ = ["GradientStore", "StoreError", "StoreNotFoundError", "config_hash", "open_store"]
+
+FORMAT = "jaxval.GradientStore"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_ARRAYS = ("grads", "done", "ids", "ids_bytes", "ids_offsets")
+_OWN_NAMES = (MANIFEST,) + _ARRAYS
+
+_DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+}
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "f16": "float16", "half": "float16", "float16": "float16",
+    "fp32": "float32", "f32": "float32", "float": "float32", "single": "float32", "float32": "float32",
+}
+_TARGET_CHUNK_BYTES = 8 << 20
+
+
+class StoreError(ValueError):
+    """A GradientStore could not be created or opened as asked (message says why and what to do)."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No store (no manifest.json) at the given location."""
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _canonical_json(config: Any) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False, default=_json_default)
+
+
+def config_hash(config: dict | None) -> str:
+    """sha256 (hex) of the canonical JSON (sorted keys, no spaces) of ``config`` ({} for None)."""
+    return hashlib.sha256(_canonical_json(config or {}).encode("utf-8")).hexdigest()
+
+
+def _normalize_dtype(dtype) -> str:
+    if isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype.lower())
+    else:
+        try:
+            name = _DTYPE_ALIASES.get(np.dtype(dtype).name)
+        except TypeError:
+            name = None
+    if name is None:
+        raise StoreError(f"unsupported store dtype {dtype!r}; use one of 'bfloat16', 'float16', 'float32'")
+    return name
+
+
+def _default_chunk_rows(dim: int, num_rows: int, itemsize: int) -> int:
+    rows = max(1, _TARGET_CHUNK_BYTES // max(1, dim * itemsize))
+    rows = 1 << int(math.floor(math.log2(rows)))
+    return int(max(1, min(rows, num_rows)))
+
+
+def _encode_ids(ids, num_rows: int):
+    """Return ("int", int64 array) or ("str", (uint8 bytes, int64 offsets)); raises on bad/duplicate ids."""
+    if ids is None:
+        return "int", np.arange(num_rows, dtype=np.int64)
+    if isinstance(ids, (str, bytes)):
+        raise StoreError("ids must be a sequence with one id per row, not a single string")
+    if isinstance(ids, np.ndarray) or (hasattr(ids, "__array__") and not isinstance(ids, (list, tuple))):
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.shape[0] != num_rows:
+            raise StoreError(f"ids must be 1-D with num_rows={num_rows} entries, got shape {arr.shape}")
+        kind = arr.dtype.kind
+        if kind == "O":
+            ids = arr.tolist()
+    else:
+        kind = "O"
+    if kind == "O":
+        lst = list(ids)
+        if len(lst) != num_rows:
+            raise StoreError(f"ids must have num_rows={num_rows} entries, got {len(lst)}")
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in lst):
+            try:
+                arr = np.asarray([int(v) for v in lst], dtype=np.int64)
+            except OverflowError as e:
+                raise StoreError("integer ids must fit in int64") from e
+            kind = "i"
+        elif all(isinstance(v, str) for v in lst):
+            arr = np.asarray(lst, dtype=object)
+            kind = "U"
+        else:
+            bad = next((v for v in lst if not isinstance(v, str)), None)
+            raise StoreError("ids must be all integers or all strings, not a mix or another type "
+                             f"(e.g. {bad!r})")
+    if kind in "iu":
+        if kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise StoreError("integer ids must fit in int64")
+        out = arr.astype(np.int64)
+        uniq, counts = np.unique(out, return_counts=True)
+        if uniq.size != out.size:
+            dup = uniq[counts > 1]
+            raise StoreError(f"ids must be unique: {dup.size} duplicated value(s), e.g. {int(dup[0])!r}")
+        return "int", out
+    if kind in "US":
+        strs = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr.tolist()]
+        seen: set[str] = set()
+        for s in strs:
+            if s in seen:
+                raise StoreError(f"ids must be unique: duplicated id {s!r}")
+            seen.add(s)
+        enc = [s.encode("utf-8") for s in strs]
+        offsets = np.zeros(num_rows + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(b) for b in enc], dtype=np.int64)
+        data = np.frombuffer(b"".join(enc), dtype=np.uint8)
+        return "str", (data, offsets)
+    raise StoreError(f"ids must be integers or strings, got dtype {arr.dtype}")
+
+
+def _zarr3_metadata(shape, dtype: str, chunk_shape, *, compress: bool, dimension_names=None) -> dict:
+    codecs: list[dict] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compress:
+        codecs.append({"name": "zstd", "configuration": {"level": 3, "checksum": False}})
+    md = {
+        "shape": [int(s) for s in shape],
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [int(c) for c in chunk_shape]}},
+        "chunk_key_encoding": {"name": "default"},
+        "codecs": codecs,
+        "fill_value": 0,
+    }
+    if dimension_names:
+        md["dimension_names"] = list(dimension_names)
+    return md
+
+
+# ----------------------------------------------------------------------------------------------
+# locations: a local folder, or any tensorstore kvstore (gcs, ...)
+
+
+class _Location:
+    local: str | None = None
+
+    def kvstore(self, name: str) -> dict:
+        raise NotImplementedError
+
+    def read(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+
+class _LocalLocation(_Location):
+    def __init__(self, path: str):
+        self.local = os.path.abspath(os.path.expanduser(path))
+
+    def __str__(self):
+        return self.local
+
+    def kvstore(self, name: str) -> dict:
+        return {"driver": "file", "path": os.path.join(self.local, name) + "/"}
+
+    def read(self, key):
+        p = os.path.join(self.local, key)
+        try:
+            with open(p, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+
+    def exists(self, key):
+        return os.path.exists(os.path.join(self.local, key))
+
+    def write_atomic(self, key, data: bytes):
+        final = os.path.join(self.local, key)
+        tmp = os.path.join(self.local, f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        try:  # make the rename durable
+            fd = os.open(self.local, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def remove(self, key):
+        p = os.path.join(self.local, key)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.remove(p)
+
+    def prepare_for_create(self) -> list[str]:
+        """Make sure the folder exists and is writable; return the folders this call created."""
+        path = self.local
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreError(f"cannot create a store at {path}: it exists and is not a folder")
+        missing = []
+        p = path
+        while not os.path.exists(p):
+            missing.append(p)
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise StoreError(f"cannot create a store at {path}: {p} is a file, not a folder")
+        created: list[str] = []
+        try:
+            for d in reversed(missing):
+                os.mkdir(d)
+                created.append(d)
+            probe = os.path.join(path, f".jaxval-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            for d in reversed(created):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+            raise StoreError(f"cannot create a store at {path}: the folder cannot be written "
+                             f"({e.strerror or e}); choose a writable path or fix its permissions") from e
+        return created
+
+    def nbytes(self) -> int:
+        total = 0
+        for root, _dirs, files in os.walk(self.local):
+            for fn in files:
+                try:
+                    total += os.lstat(os.path.join(root, fn)).st_size
+                except OSError:
+                    pass
+        return total
+
+
+class _KvLocation(_Location):
+    def __init__(self, spec: dict):
+        spec = dict(spec)
+        path = spec.get("path", "")
+        if path and not path.endswith("/"):
+            path += "/"
+        spec["path"] = path
+        self.spec = spec
+        self._kv = None
+
+    def __str__(self):
+        return json.dumps(self.spec, sort_keys=True)
+
+    @property
+    def kv(self):
+        if self._kv is None:
+            self._kv = ts.KvStore.open(self.spec).result()
+        return self._kv
+
+    def kvstore(self, name: str) -> dict:
+        return {**self.spec, "path": self.spec["path"] + name + "/"}
+
+    def read(self, key):
+        r = self.kv.read(key).result()
+        return None if r.state == "missing" else bytes(r.value)
+
+    def exists(self, key):
+        if self.read(key) is not None:
+            return True
+        return self.read(key + "/zarr.json") is not None
+
+    def write_atomic(self, key, data: bytes):  # a kvstore write of one key is atomic
+        self.kv.write(key, data).result()
+
+    def remove(self, key):
+        self.kv.delete_range(ts.KvStore.KeyRange(key, key + "\x00")).result()
+        self.kv.delete_range(ts.KvStore.KeyRange(key + "/", key + "0")).result()
+
+    def prepare_for_create(self) -> list[str]:
+        return []
+
+    def nbytes(self):
+        return None
+
+
+def _location(path) -> _Location:
+    if isinstance(path, _Location):
+        return path
+    if isinstance(path, dict):
+        spec = dict(path)
+        if spec.get("driver") == "file" and set(spec) <= {"driver", "path"}:
+            return _LocalLocation(spec.get("path", "."))
+        return _KvLocation(spec)
+    path = os.fspath(path)
+    if path.startswith("gs://"):
+        rest = path[len("gs://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise StoreError(f"bad gcs URL {path!r}: expected gs://BUCKET/PATH")
+        return _KvLocation({"driver": "gcs", "bucket": bucket, "path": prefix})
+    if path.startswith("file://"):
+        return _LocalLocation(path[len("file://"):])
+    if "://" in path:
+        raise StoreError(f"unsupported store URL {path!r}: give a local folder, a gs:// URL or a "
+                         "tensorstore kvstore spec dict")
+    return _LocalLocation(path)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse_manifest(raw: bytes, where: str) -> dict:
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"corrupt store manifest at {where}/{MANIFEST}: not valid JSON ({e}). "
+                         "Restore it, or re-create the store with overwrite=True") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(f"{where}/{MANIFEST} is not a jaxval GradientStore manifest "
+                         f"(format={m.get('format') if isinstance(m, dict) else None!r})")
+    if int(m.get("format_version", -1)) > FORMAT_VERSION:
+        raise StoreError(f"store at {where} has format version {m['format_version']}, newer than this "
+                         f"jaxval supports ({FORMAT_VERSION}); upgrade jaxval")
+    missing = [k for k in ("dim", "num_rows", "dtype", "chunk_rows", "ids_kind", "config", "config_hash")
+               if k not in m]
+    if missing:
+        raise StoreError(f"corrupt store manifest at {where}/{MANIFEST}: missing keys {missing}")
+    return m
+
+
+class GradientStore:
+    """An [N, D] matrix of per-example gradients on disk; see the module docstring for the layout.
+
+    Create with :meth:`create`, open with :meth:`open`. Rows are read back as float32.
+    """
+
+    def __init__(self, location: _Location, manifest: dict, grads, done, *, _ids=None):
+        self._loc = location
+        self._manifest = manifest
+        self._grads = grads
+        self._done = done
+        self._ids = _ids
+        self._np_dtype = _DTYPES[manifest["dtype"]]
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, dim: int, num_rows: int, dtype: str = "bfloat16", chunk_rows: int | None = None,
+               config: dict | None = None, ids=None, overwrite: bool = False,
+               compress: bool = False) -> "GradientStore":
+        """Create a store (or re-open an identical existing one, which is how runs resume).
+
+        Args:
+          path: local folder, ``gs://bucket/prefix`` URL, or a tensorstore kvstore spec dict.
+          dim, num_rows: shape of the gradient matrix.
+          dtype: "bfloat16" | "float16" | "float32" (stored precision; reads return float32).
+          chunk_rows: rows per chunk (one file per chunk). Default: a power of two giving ~8 MiB chunks.
+            Writers should own chunk-aligned disjoint row ranges.
+          config: JSON-serialisable dict describing how the gradients were made (layers, ranks, init,
+            seed, model fingerprint, ...). Its sha256 ``config_hash`` guards resumes.
+          ids: one unique id per row, all integers (stored as int64) or all strings (UTF-8 table);
+            default ``arange(num_rows)``. Duplicates raise :class:`StoreError`.
+          overwrite: replace an existing store (or half-created one) at ``path``. Only the store's own
+            entries are removed; other files in the folder are left alone.
+          compress: zstd-compress gradient chunks (random-like gradients barely compress; off by default).
+
+        Raises:
+          StoreError: bad arguments; an existing store with a different dim / num_rows / dtype /
+            config hash / ids; a corrupt or half-created store; an unwritable path. Nothing on disk is
+            changed by a failed call.
+        """
+        loc = _location(path)
+        # ---- validate everything before touching the disk
+        if not isinstance(dim, (int, np.integer)) or int(dim) <= 0:
+            raise StoreError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(num_rows, (int, np.integer)) or int(num_rows) <= 0:
+            raise StoreError(f"num_rows must be a positive integer, got {num_rows!r}")
+        dim, num_rows = int(dim), int(num_rows)
+        dtype = _normalize_dtype(dtype)
+        if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or int(chunk_rows) <= 0):
+            raise StoreError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        if config is None:
+            config = {}
+        if not isinstance(config, dict):
+            raise StoreError(f"config must be a dict, got {type(config).__name__}")
+        try:
+            config_json = json.loads(_canonical_json(config))
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"config must be JSON-serialisable: {e}") from e
+        chash = config_hash(config)
+        ids_kind, ids_data = _encode_ids(ids, num_rows)
+
+        # ---- an existing store?
+        raw = loc.read(MANIFEST)
+        if raw is not None and not overwrite:
+            m = _parse_manifest(raw, str(loc))
+            problems = []
+            if int(m["dim"]) != dim:
+                problems.append(f"dim {m['dim']} != {dim}")
+            if int(m["num_rows"]) != num_rows:
+                problems.append(f"num_rows {m['num_rows']} != {num_rows}")
+            if m["dtype"] != dtype:
+                problems.append(f"dtype {m['dtype']} != {dtype}")
+            if m["config_hash"] != chash:
+                problems.append(f"config hash {m['config_hash'][:12]}… != {chash[:12]}… (config differs)")
+            if chunk_rows is not None and int(m["chunk_rows"]) != int(chunk_rows):
+                problems.append(f"chunk_rows {m['chunk_rows']} != {chunk_rows}")
+            if problems:
+                raise StoreError(f"a different store already exists at {loc}: " + "; ".join(problems)
+                                 + ". Use another path, or pass overwrite=True to replace it")
+            store = cls.open(loc)
+            if ids is not None and not store._ids_equal(ids_kind, ids_data):
+                raise StoreError(f"the store at {loc} was created with different ids; use another path or "
+                                 "overwrite=True")
+            return store
+        present = [n for n in _ARRAYS if loc.exists(n)]
+        if present and not overwrite and raw is None:
+            raise StoreError(f"{loc} holds store arrays {present} but no {MANIFEST}: a half-created store "
+                             "(an interrupted create?). Nothing was changed; pass overwrite=True to replace it")
+
+        created_dirs = loc.prepare_for_create()
+        if overwrite:  # manifest first, so a crash mid-way leaves a detectable half-created store
+            for name in _OWN_NAMES:
+                loc.remove(name)
+
+        chunk_rows = int(chunk_rows) if chunk_rows is not None else _default_chunk_rows(
+            dim, num_rows, _DTYPES[dtype].itemsize)
+        chunk_rows = min(chunk_rows, num_rows)
+        made: list[str] = []
+        try:
+            ctx = ts.Context()
+            grads = cls._create_array(loc, "grads", [num_rows, dim], dtype, [chunk_rows, dim],
+                                      compress=compress, dimension_names=["row", "dim"], context=ctx)
+            made.append("grads")
+            done = cls._create_array(loc, "done", [num_rows], "uint8", [chunk_rows], compress=True,
+                                     dimension_names=["row"], context=ctx)
+            made.append("done")
+            if ids_kind == "int":
+                made.append("ids")
+                a = cls._create_array(loc, "ids", [num_rows], "int64", [min(num_rows, 1 << 20)],
+                                      compress=True, context=ctx)
+                a.write(ids_data).result()
+                ids_np = ids_data
+            else:
+                data, offsets = ids_data
+                made.append("ids_bytes")
+                a = cls._create_array(loc, "ids_bytes", [data.size], "uint8",
+                                      [max(1, min(data.size, 1 << 22))], compress=True, context=ctx)
+                if data.size:
+                    a.write(data).result()
+                made.append("ids_offsets")
+                a = cls._create_array(loc, "ids_offsets", [num_rows + 1], "int64",
+                                      [min(num_rows + 1, 1 << 20)], compress=True, context=ctx)
+                a.write(offsets).result()
+                ids_np = None
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "dim": dim,
+                "num_rows": num_rows,
+                "dtype": dtype,
+                "chunk_rows": chunk_rows,
+                "compress": bool(compress),
+                "ids_kind": ids_kind,
+                "done_granularity": "row",
+                "config": config_json,
+                "config_hash": chash,
+                "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            loc.write_atomic(MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        except BaseException as e:
+            for name in made:  # only what this call created
+                try:
+                    loc.remove(name)
+                except Exception:
+                    pass
+            for d in reversed(created_dirs):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+            if isinstance(e, (StoreError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise StoreError(f"could not create a store at {loc}: {e}") from e
+        store = cls(loc, manifest, grads, done)
+        if ids_np is not None:
+            store._ids = ids_np
+        return store
+
+    @staticmethod
+    def _create_array(loc, name, shape, dtype, chunk_shape, *, compress, dimension_names=None, context=None):
+        spec = {
+            "driver": "zarr3",
+            "kvstore": loc.kvstore(name),
+            "metadata": _zarr3_metadata(shape, dtype, chunk_shape, compress=compress,
+                                        dimension_names=dimension_names),
+            "create": True,
+        }
+        return ts.open(spec, context=context).result()
+
+    @classmethod
+    def open(cls, path, *, timeout: float = 0.0, poll: float = 0.2) -> "GradientStore":
+        """Open an existing store without knowing its shape (it is read from the manifest/metadata).
+
+        ``timeout`` > 0 waits up to that many seconds for the manifest to appear: worker processes use
+        it to open a store that process 0 is creating.
+        """
+        loc = _location(path)
+        deadline = time.monotonic() + max(0.0, float(timeout))
+        while True:
+            raw = loc.read(MANIFEST)
+            if raw is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(poll)
+        if raw is None:
+            present = [n for n in _ARRAYS if loc.exists(n)]
+            if present:
+                raise StoreError(f"{loc} holds store arrays {present} but no {MANIFEST}: a half-created or "
+                                 "damaged store. Re-create it with GradientStore.create(..., overwrite=True)")
+            raise StoreNotFoundError(f"no GradientStore at {loc}: {MANIFEST} not found "
+                                     "(create one with GradientStore.create)")
+        m = _parse_manifest(raw, str(loc))
+        ctx = ts.Context()
+        try:
+            grads = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("grads"), "open": True},
+                            context=ctx).result()
+            done = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("done"), "open": True},
+                           context=ctx).result()
+        except ValueError as e:
+            raise StoreError(f"store at {loc} is damaged: its arrays cannot be opened ({e})") from e
+        n, d = int(m["num_rows"]), int(m["dim"])
+        if tuple(grads.shape) != (n, d) or tuple(done.shape) != (n,):
+            raise StoreError(f"store at {loc} is damaged: grads shape {tuple(grads.shape)} / done shape "
+                             f"{tuple(done.shape)} disagree with the manifest ({n}, {d})")
+        if np.dtype(grads.dtype.numpy_dtype) != _DTYPES[m["dtype"]]:
+            raise StoreError(f"store at {loc} is damaged: grads dtype {grads.dtype} != manifest {m['dtype']}")
+        return cls(loc, m, grads, done)
+
+    # -- properties ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._manifest["num_rows"])
+
+    @property
+    def num_rows(self) -> int:
+        return len(self)
+
+    @property
+    def dim(self) -> int:
+        return int(self._manifest["dim"])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.dim)
+
+    @property
+    def dtype(self) -> str:
+        """Stored precision name: 'bfloat16' | 'float16' | 'float32'."""
+        return self._manifest["dtype"]
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._manifest["chunk_rows"])
+
+    @property
+    def config(self) -> dict:
+        return json.loads(json.dumps(self._manifest["config"]))
+
+    @property
+    def config_hash(self) -> str:
+        return self._manifest["config_hash"]
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads(json.dumps(self._manifest))
+
+    @property
+    def path(self) -> str:
+        return str(self._loc)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 array, or an object array of str for string ids (loaded once, then cached)."""
+        if self._ids is None:
+            if self._manifest["ids_kind"] == "int":
+                a = ts.open({"driver": "zarr3", "kvstore": self._loc.kvstore("ids"), "open": True}).result()
+                self._ids = np.asarray(a.read().result(), dtype=np.int64)
+            else:
+                data, offsets = self._read_string_table()
+                buf = data.tobytes()
+                out = np.empty(len(self), dtype=object)
+                out[:] = [buf[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(self))]
+                self._ids = out
+        return self._ids.copy()
+
+    def _read_string_table(self):
+        b = ts.open({"driver": "zarr3", "kvstore": self._loc.kvstore("ids_bytes"), "open": True}).result()
+        o = ts.open({"driver": "zarr3", "kvstore": self._loc.kvstore("ids_offsets"), "open": True}).result()
+        return np.asarray(b.read().result()), np.asarray(o.read().result(), dtype=np.int64)
+
+    def _ids_equal(self, kind, data) -> bool:
+        if kind != self._manifest["ids_kind"]:
+            return False
+        if kind == "int":
+            return np.array_equal(self.ids, data)
+        b, o = self._read_string_table()
+        return np.array_equal(b, data[0]) and np.array_equal(o, data[1])
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _check_range(self, start, stop):
+        n = len(self)
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"row range [{start}, {stop}) is outside the store's rows [0, {n})")
+        return start, stop
+
+    def _to_f32(self, arr) -> np.ndarray:
+        return np.asarray(arr).astype(np.float32, copy=False)
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) as float32 [stop - start, dim]."""
+        start, stop = self._check_range(start, len(self) if stop is None else stop)
+        return self._to_f32(self._grads[start:stop].read().result())
+
+    def write(self, start: int, rows, *, wait: bool = True, mark_done: bool = False):
+        """Write ``rows`` ([n, dim], cast to the store dtype, round-to-nearest) at rows [start, start+n).
+
+        With ``wait=False`` returns a ``tensorstore.WriteFutures``: call ``.result()`` (waits for
+        the commit) before ``mark_done`` for these rows. ``mark_done=True`` (needs ``wait=True``)
+        marks the rows done once the data are committed. Out-of-range or mis-shaped rows raise
+        ``ValueError`` before anything is written.
+        """
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"rows must have shape [n, {self.dim}], got {rows.shape}")
+        start, stop = self._check_range(start, int(start) + rows.shape[0])
+        if mark_done and not wait:
+            raise ValueError("mark_done=True needs wait=True; with wait=False call fut.result() and then "
+                             "store.mark_done(start, stop)")
+        if rows.dtype != self._np_dtype:
+            if rows.dtype.kind not in "fiu" and rows.dtype != np.dtype(ml_dtypes.bfloat16):
+                raise ValueError(f"rows must be a float array, got dtype {rows.dtype}")
+            cast = rows.astype(np.float32, copy=False).astype(self._np_dtype)
+        else:
+            cast = np.array(rows, copy=True) if not wait else rows
+        cast = np.ascontiguousarray(cast)
+        fut = self._grads[start:stop].write(cast)
+        if not wait:
+            return fut
+        fut.result()
+        if mark_done:
+            self.mark_done(start, stop)
+        return None
+
+    def mark_done(self, start: int, stop: int) -> None:
+        """Record rows [start, stop) as complete. Call only after their data write has committed."""
+        start, stop = self._check_range(start, stop)
+        if stop > start:
+            self._done[start:stop].write(np.ones(stop - start, dtype=np.uint8)).result()
+
+    def done_mask(self) -> np.ndarray:
+        """bool [num_rows]: True where the row's gradient is stored (read fresh from disk)."""
+        return np.asarray(self._done.read().result()) != 0
+
+    def num_done(self) -> int:
+        return int(self.done_mask().sum())
+
+    def is_complete(self) -> bool:
+        return bool(self.done_mask().all())
+
+    def pending_blocks(self, block_rows: int | None = None) -> list[tuple[int, int]]:
+        """Chunk-aligned (start, stop) blocks of ``block_rows`` (default chunk_rows) not all done."""
+        br = self.chunk_rows if block_rows is None else int(block_rows)
+        if br <= 0:
+            raise ValueError("block_rows must be positive")
+        mask = self.done_mask()
+        return [(s, min(s + br, len(self))) for s in range(0, len(self), br)
+                if not mask[s:s + br].all()]
+
+    def iter_blocks(self, block_rows: int | None = None, start: int = 0,
+                    stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(block_start, float32 [rows, dim])`` over [start, stop) in order.
+
+        The read of the next block is issued before the current one is yielded (prefetch), so disk
+        reads overlap the caller's compute. ``block_rows`` defaults to ``chunk_rows``.
+        """
+        start, stop = self._check_range(start, len(self) if stop is None else stop)
+        br = self.chunk_rows if block_rows is None else int(block_rows)
+        if br <= 0:
+            raise ValueError("block_rows must be positive")
+        if start >= stop:
+            return
+        fut = self._grads[start:min(start + br, stop)].read()
+        s = start
+        while s < stop:
+            nxt = s + br
+            cur = fut
+            if nxt < stop:
+                fut = self._grads[nxt:min(nxt + br, stop)].read()
+            yield s, self._to_f32(cur.result())
+            s = nxt
+
+    def nbytes_on_disk(self) -> int | None:
+        """Total bytes of the store's files (local stores; None for remote kvstores)."""
+        return self._loc.nbytes()
+
+    def info(self) -> dict:
+        mask = self.done_mask()
+        return {
+            "path": self.path,
+            "manifest": self.manifest,
+            "num_rows": len(self),
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "rows_done": int(mask.sum()),
+            "rows_total": len(self),
+            "complete": bool(mask.all()),
+            "bytes_on_disk": self.nbytes_on_disk(),
+        }
+
+    def __repr__(self) -> str:
+        return (f"GradientStore(path={self.path!r}, num_rows={len(self)}, dim={self.dim}, "
+                f"dtype={self.dtype!r}, chunk_rows={self.chunk_rows})")
+
+
+def open_store(path, *, timeout: float = 0.0) -> GradientStore:
+    """Open an existing store created by this or another process (no shape needed)."""
+    return GradientStore.open(path, timeout=timeout)
