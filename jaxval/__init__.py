@@ -2,6 +2,7 @@
 
 from jaxval.grads import LoGra, explicit_grads, model_fingerprint
 from jaxval.layers import Layer, discover
+from jaxval.precondition import Preconditioner, fit_preconditioner, pca_projections
 from jaxval.projection import init_projections, layer_key, projection_matrix
 
 __version__ = "0.1.0"
@@ -9,7 +10,10 @@ __version__ = "0.1.0"
 __all__ = [
     "LoGra",
     "Layer",
+    "Preconditioner",
     "discover",
+    "fit_preconditioner",
+    "pca_projections",
     "explicit_grads",
     "init_projections",
     "layer_key",

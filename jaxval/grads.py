@@ -249,8 +249,10 @@ def _install(model, refs, taps):
 
 def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], projections: Projections,
                     batch) -> tuple[jax.Array, dict[str, list[tuple[jax.Array, jax.Array]]]]:
-    """Traceable core: per-example losses ``[B]`` and, per layer and call, ``(P_in x [B,T,k_in],
-    P_out dy [B,T,k_out])``. Call inside ``jax.jit``."""
+    """Traceable core: per-example losses ``[B]`` and, per layer and call, ``(a [B,T,k_in], s [B,T,k_out],
+    cot_is_s)``: ``a = P_in x`` and ``s = P_out dy`` for a call (``cot_is_s`` True); for ``Embed.attend`` the
+    roles flip (``a`` = projected cotangent on the vocabulary side, ``cot_is_s`` False). Call inside
+    ``jax.jit``."""
     b = batch_size(batch)
 
     def run(eps):
@@ -294,10 +296,10 @@ def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], p
         lst = []
         for (kind, spec), f, dy in zip(rec0.kinds[layer.name], fwd[layer.name], dys[layer.name]):
             if kind == "call":
-                lst.append((f, project_output(layer, dy, p_out, spec)))
+                lst.append((f, project_output(layer, dy, p_out, spec), True))
             else:  # attend: dy lives on the vocabulary (input) side
                 a = jnp.matmul(dy.astype(jnp.float32).reshape(b, -1, layer.n_in), p_in.T, precision=_HI)
-                lst.append((a, f))
+                lst.append((a, f, False))
         pairs[layer.name] = lst
     return losses, pairs
 
@@ -306,7 +308,7 @@ def blocks_from_pairs(layers: Sequence[Layer], pairs) -> jax.Array:
     """``[B, D]``: per example, ``Σ_calls Σ_t a_t b_tᵀ`` flattened row-major, layers concatenated."""
     out = []
     for layer in layers:
-        blk = sum(jnp.einsum("btk,btl->bkl", a, c, precision=_HI) for a, c in pairs[layer.name])
+        blk = sum(jnp.einsum("btk,btl->bkl", a, c, precision=_HI) for a, c, _ in pairs[layer.name])
         out.append(blk.reshape(blk.shape[0], -1))
     return jnp.concatenate(out, axis=1)
 

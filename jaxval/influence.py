@@ -14,9 +14,12 @@ Inputs
 ``train`` is either an array ``[N, D]`` (numpy, numpy memmap or jax) or any *store-like* object with
 ``__len__`` (N), ``.dim`` (D) and ``.read(start, stop) -> [stop - start, D]`` (e.g.
 :class:`jaxval.store.GradientStore`).  It is streamed through exactly once, in row blocks of
-``block_rows`` rows, by jit-compiled float32 GEMMs; a background thread reads (and transfers to the
-device) the next block(s) while the current block's product runs (``prefetch`` blocks ahead), and the
-host copy of a block's scores is taken only after the next block's product has been dispatched.
+``block_rows`` rows, by jit-compiled float32 GEMMs.  The GEMMs are dispatched asynchronously, so the
+next block is read (by the calling thread, or by the store's own ``iter_blocks`` read-ahead when it has
+one) while the current block's product runs, and the host copy of a block's scores is taken only after
+the next block's product has been dispatched.  ``prefetch=k`` adds a background thread reading ``k``
+blocks ahead (for latency-bound stores; on a 2-core CPU machine it measured no faster, and its
+cross-thread allocations made glibc's memory arenas grow).
 
 ``precond`` is ``None`` (identity, ``H = I``) or any object with ``.apply(g) -> H⁻¹ g`` mapping a
 ``[B, D]`` batch to ``[B, D]``.  ``apply`` should be a pure JAX function (traceable under ``jax.jit``);
@@ -71,12 +74,14 @@ of ``-scores`` for ``largest=True``, of ``scores`` for ``largest=False``).  Memo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import queue
 import re
 import tempfile
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -98,7 +103,9 @@ MODES = ("dot", "cosine", "relative", "l2")
 _NEEDS_Z_SELF = {"cosine", "relative", "l2"}
 _NEEDS_Q_SELF = {"cosine"}
 
-_BLOCK_BYTES = 32 * 2**20  # default block size target (float32 bytes of one block of train rows)
+# default block size target (float32 bytes of one block of train rows); kept below glibc's largest
+# mmap threshold (32 MiB) so freed blocks are reused instead of page-faulting fresh memory every block
+_BLOCK_BYTES = 16 * 2**20
 _MIN_BLOCK_ROWS = 256
 _MAX_BLOCK_ROWS = 65536
 _PROGRESS_MIN_BLOCKS = 8
@@ -146,26 +153,29 @@ class _Source:
                 f"got {type(train).__name__}"
             )
 
+    def convert(self, block):
+        """A block from the store as float32 (numpy, C-contiguous; jax arrays stay on device)."""
+        if isinstance(block, jax.Array):
+            return block.astype(jnp.float32)
+        return np.ascontiguousarray(np.asarray(block, dtype=np.float32))
+
     def read(self, start: int, stop: int):
         if self.kind == "store":
-            block = self.obj.read(start, stop)
-            if isinstance(block, jax.Array):
-                return block.astype(jnp.float32)
-            block = np.asarray(block, dtype=np.float32)
+            block = self.convert(self.obj.read(start, stop))
+            if block.shape != (stop - start, self.dim):
+                raise ValueError(
+                    f"store.read({start}, {stop}) returned shape {block.shape}; expected "
+                    f"({stop - start}, {self.dim})"
+                )
+            return block
         elif self.on_device:
             return self.obj[start:stop].astype(jnp.float32)
         else:
             block = self.obj[start:stop]
             if isinstance(block, np.memmap):
-                # materialise here (in the prefetch thread), not lazily in the device transfer
+                # materialise the pages here (possibly in the prefetch thread), not lazily in the transfer
                 return np.array(block, dtype=np.float32, copy=True)
-            block = np.asarray(block, dtype=np.float32)
-        if block.shape != (stop - start, self.dim):
-            raise ValueError(
-                f"store.read({start}, {stop}) returned shape {block.shape}; expected "
-                f"({stop - start}, {self.dim})"
-            )
-        return np.ascontiguousarray(block)
+            return np.ascontiguousarray(np.asarray(block, dtype=np.float32))
 
 
 def _num_devices(mesh) -> int:
@@ -190,11 +200,16 @@ def _auto_mesh(mesh):
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
 
 
-def _resolve_block_rows(block_rows: int | None, n: int, dim: int, mesh, min_rows: int = 1) -> int:
+def _resolve_block_rows(
+    block_rows: int | None, n: int, dim: int, mesh, min_rows: int = 1, chunk_rows=None
+) -> int:
     ndev = _num_devices(mesh)
     if block_rows is None:
         block_rows = _BLOCK_BYTES // (4 * max(dim, 1))
         block_rows = int(min(max(block_rows, _MIN_BLOCK_ROWS), _MAX_BLOCK_ROWS))
+        if isinstance(chunk_rows, (int, np.integer)) and chunk_rows > 0:
+            # whole storage chunks per block: each chunk file is read once
+            block_rows = max(1, round(block_rows / int(chunk_rows))) * int(chunk_rows)
     else:
         block_rows = int(block_rows)
         if block_rows < 1:
@@ -236,52 +251,58 @@ def _pad_rows(x, rows: int):
     return np.pad(x, pad)
 
 
-def _iter_blocks(
-    src: _Source,
-    block_rows: int,
-    placer: _Placer,
-    extra: Sequence[np.ndarray] = (),
-    prefetch: int = 2,
-) -> Iterator[tuple[int, int, jax.Array, tuple]]:
-    """Yield (start, stop, block [block_rows, D] on device, extra row-slices on device).
+def _host_blocks(src: _Source, block_rows: int, prefetch: int | None) -> Iterator[tuple[int, int, Any]]:
+    """Yield (start, stop, rows [stop - start, D]) in order, as read from the source.
 
-    The last block is zero-padded to ``block_rows`` rows (one compiled shape); ``extra`` are [N] arrays
-    sliced and padded alongside.  With ``prefetch > 0`` a background thread reads and transfers up to
-    ``prefetch`` blocks ahead of the consumer.
+    ``prefetch=None`` (default): read in the calling thread; a store's own ``iter_blocks(block_rows)``
+    (which issues the next read before yielding the current block) is used when it has one.
+    ``prefetch=k > 0``: a background thread reads up to ``k`` blocks ahead.  ``0``: plain ``read``.
     """
     n = src.n
     starts = range(0, n, block_rows)
-
-    def load(start):
-        stop = min(start + block_rows, n)
-        block = placer.block(_pad_rows(src.read(start, stop), block_rows))
-        ex = tuple(placer.vector(_pad_rows(np.asarray(e[start:stop], np.float32), block_rows)) for e in extra)
-        return start, stop, block, ex
-
-    if prefetch <= 0 or len(starts) <= 1:
-        for s in starts:
-            yield load(s)
+    if prefetch is None and src.kind == "store" and callable(getattr(src.obj, "iter_blocks", None)):
+        expected = iter(starts)
+        for start, rows in src.obj.iter_blocks(block_rows):
+            want = next(expected, None)
+            stop = min(start + block_rows, n)
+            if start != want or getattr(rows, "shape", None) != (stop - start, src.dim):
+                raise ValueError(
+                    f"store.iter_blocks({block_rows}) yielded rows starting at {start} with shape "
+                    f"{getattr(rows, 'shape', None)}; expected start {want}, shape ({stop - start}, {src.dim}). "
+                    "Pass prefetch=0 to use store.read instead"
+                )
+            yield start, stop, src.convert(rows)
+        if next(expected, None) is not None:
+            raise ValueError(f"store.iter_blocks({block_rows}) stopped before row {n}")
+        return
+    if not prefetch or prefetch <= 0 or len(starts) <= 1:
+        for start in starts:
+            stop = min(start + block_rows, n)
+            yield start, stop, src.read(start, stop)
         return
 
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    q: queue.Queue = queue.Queue(maxsize=int(prefetch))
     stop_evt = threading.Event()
     _END = object()
 
+    def put(item) -> bool:
+        while not stop_evt.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def worker():
         try:
-            for s in starts:
-                if stop_evt.is_set():
+            for start in starts:
+                stop = min(start + block_rows, n)
+                if not put((start, stop, src.read(start, stop))):
                     return
-                item = load(s)
-                while not stop_evt.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-            q.put(_END)
+            put(_END)
         except BaseException as e:  # forwarded to the consumer
-            q.put(e)
+            put(e)
 
     t = threading.Thread(target=worker, name="jaxval-prefetch", daemon=True)
     t.start()
@@ -295,13 +316,26 @@ def _iter_blocks(
             yield item
     finally:
         stop_evt.set()
-        # drain so a blocked put() wakes up, then wait for the thread
-        try:
-            while True:
-                q.get_nowait()
-        except queue.Empty:
-            pass
         t.join(timeout=10)
+
+
+def _iter_blocks(
+    src: _Source,
+    block_rows: int,
+    placer: _Placer,
+    extra: Sequence[np.ndarray] = (),
+    prefetch: int | None = None,
+) -> Iterator[tuple[int, int, jax.Array, tuple]]:
+    """Yield (start, stop, block [block_rows, D] on device, extra row-slices on device).
+
+    The last block is zero-padded to ``block_rows`` rows (one compiled shape); ``extra`` are [N] arrays
+    sliced and padded alongside.  Padding and the transfer to the device happen in the calling thread
+    (allocating and freeing in one thread keeps glibc's per-thread arenas from growing).
+    """
+    for start, stop, rows in _host_blocks(src, block_rows, prefetch):
+        block = placer.block(_pad_rows(rows, block_rows))
+        ex = tuple(placer.vector(_pad_rows(np.asarray(e[start:stop], np.float32), block_rows)) for e in extra)
+        yield start, stop, block, ex
 
 
 def _progress(total: int, progress: bool | None, desc: str):
@@ -323,25 +357,92 @@ def _precision(p):
     return jax.lax.Precision(p) if not isinstance(p, str) else jax.lax.Precision[p.upper()]
 
 
-def _apply_fn(precond) -> Callable | None:
-    """precond.apply, or None for the identity."""
-    if precond is None:
+def _is_array_pytree(obj) -> bool:
+    leaves = jax.tree_util.tree_leaves(obj)
+    return (
+        len(leaves) > 0
+        and not (len(leaves) == 1 and leaves[0] is obj)
+        and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+    )
+
+
+class _Precond:
+    """How a preconditioner enters the jit-compiled kernels.
+
+    ``identity``: ``precond is None``.  ``pytree``: a registered pytree whose leaves are all arrays
+    (e.g. a ``jax.tree_util.register_dataclass``): passed to the kernels as an argument, so compiled
+    kernels are reused across calls and always see its current arrays.  ``closure``: any other object
+    whose ``apply`` jax can trace: closed over (kernels compiled once per call).  ``eager``: ``apply``
+    cannot be traced (e.g. it calls numpy): called outside jit on every block.
+    """
+
+    def __init__(self, precond, dim: int):
+        self.obj = precond
+        if precond is None:
+            self.kind = "identity"
+            return
+        apply = getattr(precond, "apply", None)
+        if apply is None or not callable(apply):
+            raise TypeError(
+                "precond must be None (identity) or an object with .apply(g) -> H⁻¹ g for g of shape "
+                f"[B, D]; got {type(precond).__name__}"
+            )
+        spec = jax.ShapeDtypeStruct((2, dim), jnp.float32)
+        if _is_array_pytree(precond) and self._shape_ok(lambda pc, g: pc.apply(g), precond, spec):
+            self.kind = "pytree"
+        elif self._shape_ok(lambda pc, g: apply(g), None, spec):
+            self.kind = "closure"
+        else:
+            self.kind = "eager"
+
+    @staticmethod
+    def _shape_ok(fn, pc, spec) -> bool:
+        try:
+            out = jax.eval_shape(fn, pc, spec)
+        except Exception:
+            return False
+        return getattr(out, "shape", None) == spec.shape
+
+    @property
+    def arg(self):
+        """What the kernels get as their ``pc`` argument."""
+        return self.obj if self.kind == "pytree" else None
+
+    def fn(self, pc):
+        """The apply function inside a kernel (None: identity, or applied outside for ``eager``)."""
+        if self.kind == "pytree":
+            return pc.apply
+        if self.kind == "closure":
+            return self.obj.apply
         return None
-    apply = getattr(precond, "apply", None)
-    if apply is None or not callable(apply):
-        raise TypeError(
-            "precond must be None (identity) or an object with .apply(g) -> H⁻¹ g for g of shape "
-            f"[B, D]; got {type(precond).__name__}"
-        )
-    return apply
+
+    def eager(self, x):
+        return jnp.asarray(self.obj.apply(x), dtype=jnp.float32)
 
 
-def _traceable(apply, dim: int) -> bool:
-    try:
-        out = jax.eval_shape(apply, jax.ShapeDtypeStruct((2, dim), jnp.float32))
-    except Exception:
-        return False
-    return getattr(out, "shape", None) == (2, dim)
+_KERNELS: "OrderedDict[tuple, Callable]" = OrderedDict()
+_KERNELS_MAX = 64
+
+
+def _sels_key(sels) -> tuple:
+    return tuple(
+        ("s", s.start, s.stop, s.step) if isinstance(s, slice) else ("a", s.size, s.tobytes()) for s in sels
+    )
+
+
+def _kernel(key: tuple, pre: _Precond, build: Callable[[], Callable]) -> Callable:
+    """jax.jit(build()), cached across calls unless it closes over a preconditioner object."""
+    if pre.kind == "closure":
+        return jax.jit(build())
+    key = (pre.kind,) + key
+    fn = _KERNELS.get(key)
+    if fn is None:
+        fn = _KERNELS[key] = jax.jit(build())
+        while len(_KERNELS) > _KERNELS_MAX:
+            _KERNELS.popitem(last=False)
+    else:
+        _KERNELS.move_to_end(key)
+    return fn
 
 
 def _normalize_groups(groups: Mapping[str, Any] | None, dim: int):
@@ -410,27 +511,33 @@ def _check_mode(mode):
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
 
 
-def _prepare_queries(queries, dim, apply, traceable, sels, mode, placer):
-    q = jnp.asarray(queries, dtype=jnp.float32) if not isinstance(queries, jax.Array) else queries.astype(jnp.float32)
+def _prepare_queries(queries, dim, pre: _Precond, sels, mode, placer):
+    q = queries if isinstance(queries, jax.Array) else np.asarray(queries)
     if q.ndim != 2:
         raise ValueError(f"queries must be a 2-D array [Q, D]; got shape {tuple(q.shape)}")
     if q.shape[1] != dim:
         raise ValueError(f"queries have D={q.shape[1]} columns but the training gradients have D={dim}")
-    q = placer.replicated(q)
-    if apply is None:
-        qt = q
-    elif traceable:
-        qt = jax.jit(apply)(q)
+    q = placer.replicated(q.astype(np.float32) if isinstance(q, np.ndarray) else q.astype(jnp.float32))
+    if pre.kind == "eager":
+        qt = placer.replicated(pre.eager(q))
     else:
-        qt = placer.replicated(jnp.asarray(apply(q), dtype=jnp.float32))
-    qt = qt.astype(jnp.float32)
+        def build():
+            def prep(pc, q):
+                apply = pre.fn(pc)
+                qt = q if apply is None else apply(q).astype(jnp.float32)
+                qts = tuple(_cols(qt, s) for s in sels)
+                qself = tuple(
+                    _rowdot(_cols(q, s), t) if mode in _NEEDS_Q_SELF else None for s, t in zip(sels, qts)
+                )
+                return qts, qself
+            return prep
+
+        prep = _kernel(("queries", mode, _sels_key(sels)), pre, build)
+        return prep(pre.arg, q)
     if qt.shape != q.shape:
         raise ValueError(f"precond.apply returned shape {tuple(qt.shape)} for input {tuple(q.shape)}")
     qts = tuple(_cols(qt, s) for s in sels)
-    if mode in _NEEDS_Q_SELF:
-        qself = tuple(_rowdot(_cols(q, s), t) for s, t in zip(sels, qts))
-    else:
-        qself = tuple(None for _ in sels)
+    qself = tuple(_rowdot(_cols(q, s), t) if mode in _NEEDS_Q_SELF else None for s, t in zip(sels, qts))
     return qts, qself
 
 
@@ -469,22 +576,27 @@ def _block_self(z, apply, sels, hz=None):
     return tuple(_rowdot(_cols(z, s), _cols(hz, s)) for s in sels)
 
 
-def _make_score_fn(mode, sels, apply, compute_z_self, precision):
-    """scores(qts, qself, z, zself) -> tuple of [Q, B] per group (zself: tuple or None)."""
+def _scores(apply, qts, qself, z, zself, *, mode, sels, compute_z_self, precision):
+    """Scores of one block: tuple of [Q, B] per group (zself: tuple of [B] or None)."""
+    if mode in _NEEDS_Z_SELF and compute_z_self:
+        zself = _block_self(z, apply, sels)
+    out = []
+    for gi, sel in enumerate(sels):
+        s = jnp.dot(qts[gi], _cols(z, sel).T, precision=precision, preferred_element_type=jnp.float32)
+        out.append(_combine(mode, s, qself[gi], None if zself is None else zself[gi]))
+    return tuple(out)
 
-    def scores(qts, qself, z, zself):
-        if mode in _NEEDS_Z_SELF and compute_z_self:
-            zself = _block_self(z, apply, sels)
-        out = []
-        for gi, sel in enumerate(sels):
-            zg = _cols(z, sel)
-            s = jnp.dot(qts[gi], zg.T, precision=precision, preferred_element_type=jnp.float32)
-            out.append(
-                _combine(mode, s, qself[gi], None if zself is None else zself[gi])
-            )
-        return tuple(out)
 
-    return scores
+def _topk_key(s, n_valid, start, k, largest):
+    """Top-k of one block's [Q, B] scores (rows >= n_valid are padding), global indices."""
+    if not largest:
+        s = -s
+    # XLA's TopK orders by the float total order: make -0.0 equal to +0.0 and rank NaN last
+    s = jnp.where(s == 0, 0.0, s)
+    cols = jnp.arange(s.shape[1], dtype=jnp.int32)
+    s = jnp.where((cols[None, :] < n_valid) & ~jnp.isnan(s), s, -jnp.inf)
+    v, i = jax.lax.top_k(s, k)
+    return v, i + start
 
 
 class _Plan:
@@ -498,28 +610,30 @@ class _Plan:
         if self.n == 0:
             raise ValueError("train has no rows")
         self.placer = _Placer(mesh)
-        self.block_rows = _resolve_block_rows(block_rows, self.n, self.dim, mesh, min_rows)
-        self.names, self.sels = _normalize_groups(groups, self.dim)
-        apply = _apply_fn(precond)
-        self.apply = apply
-        self.traceable = apply is None or _traceable(apply, self.dim)
-        self.precision = _precision(precision)
-        self.qts, self.qself = _prepare_queries(
-            queries, self.dim, apply, self.traceable, self.sels, mode, self.placer
+        self.block_rows = _resolve_block_rows(
+            block_rows, self.n, self.dim, mesh, min_rows, getattr(train, "chunk_rows", None)
         )
+        self.names, self.sels = _normalize_groups(groups, self.dim)
+        self.pre = _Precond(precond, self.dim)
+        self.precision = _precision(precision)
+        self.qts, self.qself = _prepare_queries(queries, self.dim, self.pre, self.sels, mode, self.placer)
         self.nq = int(self.qts[0].shape[0])
         given = _given_self_influence(self_infl, self.names, self.n)
         self.extra = given or []
         needs = mode in _NEEDS_Z_SELF
-        # where the train self-influence comes from: given / inside the jit / eager apply per block
-        self.z_self_source = "none" if not needs else ("given" if given else ("jit" if self.traceable else "eager"))
-        self.score = _make_score_fn(
-            mode, self.sels, apply, self.z_self_source == "jit", self.precision
+        # where the train self-influence comes from: given / inside the kernel / eager apply per block
+        self.z_self_source = (
+            "none" if not needs else ("given" if given else ("eager" if self.pre.kind == "eager" else "jit"))
         )
-        self._eager_self = None
+        self.key = (mode, _sels_key(self.sels), str(self.precision), self.z_self_source)
+        pre, sels = self.pre, self.sels
+        self.score_kw = dict(
+            mode=mode, sels=sels, compute_z_self=self.z_self_source == "jit", precision=self.precision
+        )
         if self.z_self_source == "eager":
-            sels = self.sels
-            self._eager_self = jax.jit(lambda z, hz: _block_self(z, None, sels, hz))
+            self._eager_self = _kernel(
+                ("self", _sels_key(sels)), pre, lambda: lambda pc, z, hz: _block_self(z, None, sels, hz)
+            )
 
     def blocks(self, prefetch):
         return _iter_blocks(self.src, self.block_rows, self.placer, self.extra, prefetch)
@@ -529,8 +643,7 @@ class _Plan:
         if self.z_self_source == "given":
             return tuple(ex)
         if self.z_self_source == "eager":
-            hz = jnp.asarray(self.apply(block), dtype=jnp.float32)
-            return self._eager_self(block, self.placer.block(hz))
+            return self._eager_self(None, block, self.placer.block(self.pre.eager(block)))
         return None
 
     @property
@@ -553,7 +666,7 @@ def influence(
     groups: Mapping[str, Any] | None = None,
     mesh=None,
     precision="highest",
-    prefetch: int = 2,
+    prefetch: int | None = None,
     progress: bool | None = None,
 ):
     """Influence scores of every training row on every query.
@@ -563,22 +676,30 @@ def influence(
       train: ``[N, D]`` array, or a store with ``__len__``, ``.dim``, ``.read(start, stop)``.
       precond: ``None`` (identity) or an object with ``.apply(g [B, D]) -> H⁻¹ g``.
       mode: ``"dot" | "cosine" | "relative" | "l2"`` (see the module docstring for the formulas).
-      block_rows: training rows per streamed block (default: ~32 MiB of float32 per block, clipped to
-        [256, 65536] rows and to N; rounded up to a multiple of the mesh size).
+      block_rows: training rows per streamed block (default: ~16 MiB of float32 per block, clipped to
+        [256, 65536] rows, rounded to whole ``train.chunk_rows`` when the store has them, and to N;
+        always rounded up to a multiple of the mesh size).
       self_influence: optional precomputed ``[N]`` train self-influence ``g_zᵀ H⁻¹ g_z`` (for
         ``cosine``/``relative``/``l2``; with ``groups``, a dict ``{name: [N]}``); skips computing it.
       groups: optional ``{name: slice | index array | bool mask over D}``; returns a dict of ``[Q, N]``.
       mesh: optional ``jax.sharding.Mesh``; block rows are sharded over it, queries replicated.
       precision: ``jax.lax.Precision`` for the GEMMs (default ``"highest"``: true float32 also on
         accelerators whose default float32 matmul is TF32/bf16; ``"default"`` is faster there).
-      prefetch: number of blocks read ahead by a background thread (0: read synchronously).
+      prefetch: ``None`` (default): blocks are read in the calling thread and the reads overlap the
+        previous block's GEMM through jax's asynchronous dispatch (a store's own ``iter_blocks``
+        read-ahead is used when it has one); ``k > 0``: a background thread reads ``k`` blocks ahead
+        (for slow, latency-bound stores); ``0``: plain ``store.read`` in the calling thread.
       progress: show a tqdm bar (default: when there are more than 8 blocks).
 
     Returns:
       ``np.ndarray`` float32 ``[Q, N]`` (or ``{group name: [Q, N]}`` with ``groups``).
     """
     plan = _Plan(queries, train, precond, mode, block_rows, self_influence, groups, mesh, precision)
-    score = jax.jit(plan.score)
+    pre, kw = plan.pre, plan.score_kw
+    score = _kernel(
+        ("influence",) + plan.key, pre,
+        lambda: lambda pc, qts, qself, z, zself: _scores(pre.fn(pc), qts, qself, z, zself, **kw),
+    )
     outs = [np.empty((plan.nq, plan.n), dtype=np.float32) for _ in plan.sels]
     bar = _progress(plan.n_blocks, progress, "influence")
 
@@ -592,7 +713,7 @@ def influence(
     pending = None
     try:
         for start, stop, block, ex in plan.blocks(prefetch):
-            res = score(plan.qts, plan.qself, block, plan.z_self(block, ex))  # async dispatch
+            res = score(pre.arg, plan.qts, plan.qself, block, plan.z_self(block, ex))  # async dispatch
             if pending is not None:
                 collect(pending)  # host copy of the previous block overlaps this block's GEMM
             pending = (start, stop, res)
@@ -604,32 +725,6 @@ def influence(
     if plan.names is None:
         return outs[0]
     return dict(zip(plan.names, outs))
-
-
-def _make_topk_fns(score, k: int, largest: bool):
-    def block_topk(qts, qself, z, zself, n_valid, start):
-        (s,) = score(qts, qself, z, zself)
-        if not largest:
-            s = -s
-        # XLA's TopK orders by the float total order: make -0.0 equal to +0.0 and rank NaN last
-        s = jnp.where(s == 0, 0.0, s)
-        cols = jnp.arange(s.shape[1], dtype=jnp.int32)
-        s = jnp.where((cols[None, :] < n_valid) & ~jnp.isnan(s), s, -jnp.inf)
-        v, i = jax.lax.top_k(s, k)
-        return v, i + start
-
-    def first(qts, qself, z, zself, n_valid, start):
-        return block_topk(qts, qself, z, zself, n_valid, start)
-
-    def merge(vals, idx, qts, qself, z, zself, n_valid, start):
-        bv, bi = block_topk(qts, qself, z, zself, n_valid, start)
-        # running entries (all lower indices) first: top_k keeps the lower position among equal
-        # values, so ties resolve to the lower training index
-        v, pos = jax.lax.top_k(jnp.concatenate([vals, bv], axis=1), k)
-        i = jnp.take_along_axis(jnp.concatenate([idx, bi], axis=1), pos, axis=1)
-        return v, i
-
-    return jax.jit(first), jax.jit(merge)
 
 
 def top_k(
@@ -644,7 +739,7 @@ def top_k(
     *,
     mesh=None,
     precision="highest",
-    prefetch: int = 2,
+    prefetch: int | None = None,
     progress: bool | None = None,
 ):
     """The ``k`` highest (``largest=True``: proponents) or lowest (opponents) scoring training rows per query.
@@ -667,7 +762,28 @@ def top_k(
     plan = _Plan(
         queries, train, precond, mode, block_rows, self_influence, None, mesh, precision, min_rows=k
     )
-    first, merge = _make_topk_fns(plan.score, k, largest)
+    pre, kw = plan.pre, plan.score_kw
+
+    def build_first():
+        def first(pc, qts, qself, z, zself, n_valid, start):
+            (s,) = _scores(pre.fn(pc), qts, qself, z, zself, **kw)
+            return _topk_key(s, n_valid, start, k, largest)
+
+        return first
+
+    def build_merge():
+        def merge(vals, idx, pc, qts, qself, z, zself, n_valid, start):
+            (s,) = _scores(pre.fn(pc), qts, qself, z, zself, **kw)
+            bv, bi = _topk_key(s, n_valid, start, k, largest)
+            # running entries (all lower indices) first: top_k keeps the lower position among equal
+            # values, so ties resolve to the lower training index
+            v, pos = jax.lax.top_k(jnp.concatenate([vals, bv], axis=1), k)
+            return v, jnp.take_along_axis(jnp.concatenate([idx, bi], axis=1), pos, axis=1)
+
+        return merge
+
+    first = _kernel(("topk_first", k, bool(largest)) + plan.key, pre, build_first)
+    merge = _kernel(("topk_merge", k, bool(largest)) + plan.key, pre, build_merge)
     bar = _progress(plan.n_blocks, progress, "top_k")
     vals = idx = None
     inflight: deque = deque()
@@ -677,9 +793,9 @@ def top_k(
             n_valid = np.int32(stop - start)
             st = np.int32(start)
             if vals is None:
-                vals, idx = first(plan.qts, plan.qself, block, zself, n_valid, st)
+                vals, idx = first(pre.arg, plan.qts, plan.qself, block, zself, n_valid, st)
             else:
-                vals, idx = merge(vals, idx, plan.qts, plan.qself, block, zself, n_valid, st)
+                vals, idx = merge(vals, idx, pre.arg, plan.qts, plan.qself, block, zself, n_valid, st)
             # back-pressure: wait for the previous block's merge once this one is queued, so at most
             # two blocks are in flight and memory stays O(Q · (k + block_rows))
             inflight.append(vals)
@@ -703,7 +819,7 @@ def self_influence(
     *,
     groups: Mapping[str, Any] | None = None,
     mesh=None,
-    prefetch: int = 2,
+    prefetch: int | None = None,
     progress: bool | None = None,
 ):
     """Self-influence ``g_zᵀ H⁻¹ g_z`` of every training row, ``np.ndarray`` float32 ``[N]``.
@@ -713,15 +829,16 @@ def self_influence(
     """
     src = _Source(train)
     placer = _Placer(mesh)
-    br = _resolve_block_rows(block_rows, src.n, src.dim, mesh)
+    br = _resolve_block_rows(block_rows, src.n, src.dim, mesh, 1, getattr(train, "chunk_rows", None))
     names, sels = _normalize_groups(groups, src.dim)
-    apply = _apply_fn(precond)
-    traceable = apply is None or _traceable(apply, src.dim)
-    if traceable:
-        fn = jax.jit(lambda z: _block_self(z, apply, sels))
+    pre = _Precond(precond, src.dim)
+    kern = _kernel(
+        ("self", _sels_key(sels)), pre, lambda: lambda pc, z, hz: _block_self(z, pre.fn(pc), sels, hz)
+    )
+    if pre.kind == "eager":
+        fn = lambda z: kern(None, z, placer.block(pre.eager(z)))  # noqa: E731
     else:
-        inner = jax.jit(lambda z, hz: _block_self(z, None, sels, hz))
-        fn = lambda z: inner(z, placer.block(jnp.asarray(apply(z), dtype=jnp.float32)))  # noqa: E731
+        fn = lambda z: kern(pre.arg, z, None)  # noqa: E731
     outs = [np.empty((src.n,), np.float32) for _ in sels]
     bar = _progress(-(-src.n // br), progress, "self_influence")
 
@@ -750,6 +867,28 @@ def self_influence(
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
+def _store_fingerprint(store) -> dict:
+    """What must not change for a cached self-influence to stay valid."""
+    fp = {"num_rows": int(len(store)), "dim": int(store.dim)}
+    manifest = getattr(store, "manifest", None)
+    if isinstance(manifest, Mapping):  # GradientStore: config hash + creation time identify the data
+        blob = json.dumps(manifest, sort_keys=True, default=str).encode("utf-8")
+        fp["manifest_sha256"] = hashlib.sha256(blob).hexdigest()
+    return fp
+
+
+def _atomic_write(file: Path, write: Callable) -> None:
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def cached_self_influence(
     store,
     precond=None,
@@ -760,14 +899,19 @@ def cached_self_influence(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> np.ndarray:
-    """Self-influence of a store's rows, cached beside the store as ``self_influence_<key>.npy``.
+    """Self-influence ``g_zᵀ H⁻¹ g_z`` of a store's rows, cached in the store's folder.
 
-    ``key`` names the preconditioner (e.g. ``"ekfac_d1e-3"``); it is required when ``precond`` is not
-    None (the engine cannot tell two preconditioners apart) and defaults to ``"identity"`` otherwise.
-    If the store has a ``.path`` that is a folder, the cache file lives inside it (a file path: in its
-    folder, named ``<file name>.self_influence_<key>.npy``).  A cached file is reused when its length
-    equals ``len(store)`` (a grown store is recomputed) and ``overwrite`` is False; it is written
-    atomically (temporary file + rename).  Without a ``.path`` the values are just computed.
+    The cache is two files inside the folder ``store.path``: ``self_influence_<key>.npy`` (float32
+    ``[N]``) and ``self_influence_<key>.json`` (the store fingerprint it was computed from: N, D and,
+    for a :class:`~jaxval.store.GradientStore`, a hash of its manifest, so a store overwritten or
+    re-created with other data is never served stale values).  ``key`` names the preconditioner (e.g.
+    ``"ekfac_d1e-3"``); it is required when ``precond`` is not None (the engine cannot tell two
+    preconditioners apart) and defaults to ``"identity"`` otherwise.
+
+    A cached value is reused when its fingerprint matches and ``overwrite`` is False; otherwise it is
+    computed with :func:`self_influence` and written atomically (temporary file + rename, ``.npy`` then
+    ``.json``).  Nothing is cached (just computed) when the store has no ``.path`` naming a local
+    folder (e.g. a ``gs://`` store), or when it reports ``is_complete() == False`` (rows still missing).
     """
     if key is None:
         if precond is not None:
@@ -776,28 +920,32 @@ def cached_self_influence(
                 "that caches of different preconditioners are not mixed up"
             )
         key = "identity"
-    if not _KEY_RE.match(key):
+    if not isinstance(key, str) or not _KEY_RE.match(key):
         raise ValueError(f"key must match {_KEY_RE.pattern} (it becomes part of a file name); got {key!r}")
-    path = getattr(store, "path", None)
-    if path is None:
+
+    def compute():
         return self_influence(store, precond, block_rows, mesh=mesh, progress=progress)
-    path = Path(path)
-    file = path / f"self_influence_{key}.npy" if path.is_dir() else path.with_name(
-        f"{path.name}.self_influence_{key}.npy"
-    )
-    n = len(store)
-    if file.exists() and not overwrite:
-        cached = np.load(file, allow_pickle=False)
-        if cached.shape == (n,):
+
+    path = getattr(store, "path", None)
+    if not isinstance(path, (str, os.PathLike)) or "://" in str(path) or not Path(path).is_dir():
+        return compute()
+    is_complete = getattr(store, "is_complete", None)
+    if callable(is_complete) and not is_complete():
+        return compute()
+    npy = Path(path) / f"self_influence_{key}.npy"
+    meta = Path(path) / f"self_influence_{key}.json"
+    fp = _store_fingerprint(store)
+    if not overwrite and npy.exists() and meta.exists():
+        try:
+            ok = json.loads(meta.read_text()) == fp
+            cached = np.load(npy, allow_pickle=False) if ok else None
+        except (OSError, ValueError):
+            cached = None
+        if cached is not None and cached.shape == (fp["num_rows"],):
             return cached.astype(np.float32, copy=False)
-    values = self_influence(store, precond, block_rows, mesh=mesh, progress=progress)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, values, allow_pickle=False)
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    values = compute()
+    if meta.exists():
+        meta.unlink()  # never leave a fingerprint next to values it does not describe
+    _atomic_write(npy, lambda f: np.save(f, values, allow_pickle=False))
+    _atomic_write(meta, lambda f: f.write(json.dumps(fp, sort_keys=True).encode("utf-8")))
     return values

@@ -43,7 +43,7 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -294,13 +294,18 @@ class _LocalLocation(_Location):
         return created
 
     def nbytes(self) -> int:
+        """Bytes of the store's own files (other files in the folder, e.g. caches, not counted)."""
         total = 0
-        for root, _dirs, files in os.walk(self.local):
-            for fn in files:
-                try:
-                    total += os.lstat(os.path.join(root, fn)).st_size
-                except OSError:
-                    pass
+        for name in _OWN_NAMES:
+            p = os.path.join(self.local, name)
+            if os.path.isfile(p):
+                total += os.lstat(p).st_size
+            for root, _dirs, files in os.walk(p):
+                for fn in files:
+                    try:
+                        total += os.lstat(os.path.join(root, fn)).st_size
+                    except OSError:
+                        pass
         return total
 
 
@@ -768,7 +773,7 @@ class GradientStore:
             s = nxt
 
     def nbytes_on_disk(self) -> int | None:
-        """Total bytes of the store's files (local stores; None for remote kvstores)."""
+        """Total bytes of the store's own files (local stores; None for remote kvstores)."""
         return self._loc.nbytes()
 
     def info(self) -> dict:

@@ -2,7 +2,8 @@
 
 ``loss_fn(model, batch) -> [B]`` (the jaxval contract); the optimised objective is the MEAN over the
 batch. The step is a pure function of ``(params, opt_state, rest, batch)`` built with
-``nnx.split`` / ``nnx.merge`` (no ``nnx.jit`` graph traversal per step); the loop over steps is Python.
+``nnx.split`` / ``nnx.merge`` (no ``nnx.jit`` graph traversal per step); the loop over steps is
+Python.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def _check_data(data: Mapping[str, np.ndarray]) -> int:
         raise ValueError("data must be a non-empty dict of arrays sharing a leading axis N")
     ns = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in data.items()}
     if None in ns.values() or len(set(ns.values())) != 1:
-        raise ValueError(f"all arrays in data must share the leading axis N; got leading sizes {ns}")
+        raise ValueError(
+            f"all arrays in data must share the leading axis N; got leading sizes {ns}"
+        )
     n = next(iter(ns.values()))
     if n == 0:
         raise ValueError("data is empty (N = 0)")
@@ -107,8 +110,8 @@ def train_step_fn(
     """A jitted ``step(state, batch) -> (loss, grads)``: forward + backward of the mean loss.
 
     ``state`` is ``nnx.state(model)`` (or ``nnx.state(model, nnx.Param)`` for a model with only
-    parameters); ``grads`` has the structure of its ``nnx.Param`` part. No update is applied: this is
-    the reference cost of one training step for benchmarks.
+    parameters); ``grads`` has the structure of its ``nnx.Param`` part. No update is applied:
+    this is the reference cost of one training step for benchmarks.
     """
     graphdef = nnx.graphdef(model)
 

@@ -171,6 +171,36 @@ def test_store_and_jax_inputs(data):
     np.testing.assert_array_equal(i, i2)
 
 
+class IterStore(FakeStore):
+    """A store with its own iter_blocks (used by default instead of read)."""
+
+    def __init__(self, data, step=None):
+        super().__init__(data)
+        self.step = step
+        self.iterated = 0
+
+    def iter_blocks(self, block_rows):
+        step = self.step or block_rows
+        for s in range(0, len(self), step):
+            self.iterated += 1
+            yield s, self._data[s:s + step].copy()
+
+
+def test_store_iter_blocks_and_prefetch_thread(data):
+    q, z, H = data
+    pc = SolvePrecond(H)
+    ref = reference(q, z, H, "relative")
+    st = IterStore(z)
+    assert_rel(inf.influence(q, st, precond=pc, mode="relative", block_rows=8), ref)
+    assert st.iterated == 5 and st.reads == []
+    for prefetch in (0, 1, 3):  # 0: plain read; k > 0: background thread
+        st = IterStore(z)
+        assert_rel(inf.influence(q, st, precond=pc, mode="relative", block_rows=8, prefetch=prefetch), ref)
+        assert st.iterated == 0 and len(st.reads) == 5
+    with pytest.raises(ValueError, match="iter_blocks"):
+        inf.influence(q, IterStore(z, step=5), block_rows=8)
+
+
 def test_memmap_input(data, tmp_path):
     q, z, _ = data
     mm = np.memmap(tmp_path / "g.f32", dtype=np.float32, mode="w+", shape=z.shape)
@@ -258,6 +288,23 @@ def test_groups_exact_for_block_diagonal_precond(data):
     assert_rel(out["layer2"], reference(q[:, 5:], z[:, 5:], H2, "l2"))
     with pytest.raises(ValueError, match="dict"):
         inf.influence(q, z, precond=pc, mode="l2", groups=groups, self_influence=si["layer1"])
+
+
+def test_cached_self_influence_fingerprint(data, tmp_path):
+    _, z, H = data
+    pc = SolvePrecond(H)
+    store = FakeStore(z, path=tmp_path)
+    store.manifest = {"created_utc": "a"}
+    a = inf.cached_self_influence(store, pc, key="spd")
+    other = FakeStore(2 * z, path=tmp_path)  # same shape, re-created with other data
+    other.manifest = {"created_utc": "b"}
+    b = inf.cached_self_influence(other, pc, key="spd")
+    assert len(other.reads) > 0
+    np.testing.assert_allclose(b, 4 * a, rtol=1e-5)
+    other.is_complete = lambda: False  # incomplete stores are not cached
+    (tmp_path / "self_influence_spd.npy").unlink()
+    inf.cached_self_influence(other, pc, key="spd")
+    assert not (tmp_path / "self_influence_spd.npy").exists()
 
 
 def test_cached_self_influence(data, tmp_path):
@@ -367,3 +414,17 @@ def test_sharded_equals_single_device():
             assert val, key
         else:
             assert val <= 1e-5, (key, val)
+
+
+def test_with_gradient_store(data, tmp_path):
+    store_mod = pytest.importorskip("jaxval.store")
+    q, z, H = data
+    store = store_mod.GradientStore.create(tmp_path / "s", dim=D, num_rows=N, dtype="float32", chunk_rows=8)
+    store.write(0, z, mark_done=True)
+    pc = SolvePrecond(H)
+    assert_rel(inf.influence(q, store, precond=pc, mode="cosine"), reference(q, z, H, "cosine"))
+    si = inf.cached_self_influence(store, pc, key="spd")
+    assert (tmp_path / "s" / "self_influence_spd.npy").exists()
+    assert_rel(si, np.diag(reference(z, z, H)))
+    reopened = store_mod.GradientStore.open(tmp_path / "s")
+    np.testing.assert_array_equal(inf.cached_self_influence(reopened, pc, key="spd"), si)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 
 import jax
@@ -14,7 +16,14 @@ from jaxval import train as jtrain
 from jaxval.models import cnn, gpt, mlp, token_mlp
 
 TINY = gpt.GPTConfig(vocab_size=11, block_size=8, d_model=16, n_layer=2, n_head=2)
+TINY_TIED = dataclasses.replace(TINY, tie_embeddings=True)
 TRACKED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, nnx.Conv)
+
+
+@functools.cache
+def _gpt(cfg: gpt.GPTConfig = TINY) -> gpt.GPT:
+    """One shared (never mutated) tiny GPT per config: eager init is slow on a loaded 2-core CPU."""
+    return gpt.GPT(cfg, rngs=nnx.Rngs(0))
 
 
 def _tokens(b, t, vocab, seed=0):
@@ -57,7 +66,7 @@ def test_cnn_shapes(hw, c):
 
 
 def test_gpt_and_token_mlp_shapes():
-    m = gpt.GPT(TINY, rngs=nnx.Rngs(0))
+    m = _gpt()
     tok = _tokens(3, 6, TINY.vocab_size)
     assert gpt.logits(m, tok).shape == (3, 6, TINY.vocab_size)
     batch = {"tokens": tok, "mask": np.ones((3, 6), np.float32)}
@@ -71,7 +80,7 @@ def test_gpt_and_token_mlp_shapes():
 
 
 def test_gpt_rejects_too_long_sequence():
-    m = gpt.GPT(TINY, rngs=nnx.Rngs(0))
+    m = _gpt()
     with pytest.raises(ValueError, match="block_size"):
         m(_tokens(1, TINY.block_size + 1, TINY.vocab_size))
     with pytest.raises(ValueError, match="divisible"):
@@ -82,7 +91,7 @@ def test_gpt_rejects_too_long_sequence():
 
 
 def test_gpt_causality():
-    m = gpt.GPT(TINY, rngs=nnx.Rngs(1))
+    m = _gpt()
     tok = _tokens(2, 8, TINY.vocab_size, seed=1)
     base = np.asarray(gpt.logits(m, tok))
     for j in (0, 3, 7):
@@ -96,9 +105,8 @@ def test_gpt_causality():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_gpt_loss_matches_numpy_reference(tie):
-    cfg = gpt.GPTConfig(vocab_size=11, block_size=8, d_model=16, n_layer=2, n_head=2,
-                        tie_embeddings=tie)
-    m = gpt.GPT(cfg, rngs=nnx.Rngs(2))
+    cfg = TINY_TIED if tie else TINY
+    m = _gpt(cfg)
     tok = _tokens(3, 9, cfg.vocab_size, seed=2)
     mask = np.ones((3, 9), np.float32)
     mask[1, 6:] = 0  # right padding
@@ -111,7 +119,7 @@ def test_gpt_loss_matches_numpy_reference(tie):
 
 
 def test_gpt_padding_does_not_change_loss():
-    m = gpt.GPT(TINY, rngs=nnx.Rngs(3))
+    m = _gpt()
     tok = _tokens(2, 5, TINY.vocab_size, seed=3)
     mask = np.ones((2, 5), np.float32)
     mask[1, 3:] = 0
@@ -129,9 +137,7 @@ def test_gpt_padding_does_not_change_loss():
 
 
 def test_gpt_tied_and_untied_heads():
-    untied = gpt.GPT(TINY, rngs=nnx.Rngs(0))
-    tied_cfg = gpt.GPTConfig(**{**TINY.__dict__, "tie_embeddings": True})
-    tied = gpt.GPT(tied_cfg, rngs=nnx.Rngs(0))
+    untied, tied = _gpt(TINY), _gpt(TINY_TIED)
     assert tied.lm_head is None and untied.lm_head is not None
     d, v = TINY.d_model, TINY.vocab_size
     assert gpt.param_count(untied) - gpt.param_count(tied) == d * v + v
@@ -140,9 +146,10 @@ def test_gpt_tied_and_untied_heads():
         losses = np.asarray(gpt.loss_fn(m, batch))
         assert losses.shape == (2,) and np.all(np.isfinite(losses))
     # the tied head reuses the token embedding: its gradient gets a head contribution
-    g = nnx.grad(lambda m: gpt.loss_fn(m, batch).sum())(tied)
+    g = nnx.jit(nnx.grad(lambda m, b: gpt.loss_fn(m, b).sum()))(tied, batch)
     rows_unused = np.setdiff1d(np.arange(v), batch["tokens"][:, :-1])
-    assert rows_unused.size and np.abs(np.asarray(g["wte"]["embedding"][...])[rows_unused]).sum() > 0
+    g_wte = np.asarray(g["wte"]["embedding"][...])
+    assert rows_unused.size and np.abs(g_wte[rows_unused]).sum() > 0
 
 
 def test_token_mlp_loss_matches_reference_and_param_count():
@@ -159,26 +166,27 @@ def test_token_mlp_loss_matches_reference_and_param_count():
     assert b["tokens"].shape == (4, 16) and b["tokens"].max() < 1000
 
 
-def _models_and_batches():
-    x = np.zeros((3, 8, 8, 1), np.float32)
-    tok = _tokens(3, 6, 11)
-    lm = {"tokens": tok, "mask": np.ones((3, 6), np.float32)}
-    tied_cfg = gpt.GPTConfig(**{**TINY.__dict__, "tie_embeddings": True})
-    return [
-        (mlp.MLP((4, 5, 3), rngs=nnx.Rngs(0)), mlp.loss_fn,
-         {"x": np.zeros((3, 4), np.float32), "y": np.zeros(3, np.int32)}),
-        (cnn.CNN(rngs=nnx.Rngs(0)), cnn.loss_fn, {"x": x, "y": np.zeros(3, np.int32)}),
-        (gpt.GPT(TINY, rngs=nnx.Rngs(0)), gpt.loss_fn, lm),
-        (gpt.GPT(tied_cfg, rngs=nnx.Rngs(0)), gpt.loss_fn, lm),
-        (token_mlp.TokenMLP(11, 8, 2, 16, rngs=nnx.Rngs(0)), token_mlp.loss_fn, lm),
-    ]
+def _model_and_batch(case: int):
+    lm = {"tokens": _tokens(3, 6, 11), "mask": np.ones((3, 6), np.float32)}
+    y = np.zeros(3, np.int32)
+    if case == 0:
+        x = np.zeros((3, 4), np.float32)
+        return mlp.MLP((4, 5, 3), rngs=nnx.Rngs(0)), mlp.loss_fn, {"x": x, "y": y}
+    if case == 1:
+        x = np.zeros((3, 8, 8, 1), np.float32)
+        return cnn.CNN(rngs=nnx.Rngs(0)), cnn.loss_fn, {"x": x, "y": y}
+    if case == 2:
+        return _gpt(TINY), gpt.loss_fn, lm
+    if case == 3:
+        return _gpt(TINY_TIED), gpt.loss_fn, lm
+    return token_mlp.TokenMLP(11, 8, 2, 16, rngs=nnx.Rngs(0)), token_mlp.loss_fn, lm
 
 
 @pytest.mark.parametrize("case", range(5))
 def test_every_layer_is_called_with_a_batch_axis(case, monkeypatch):
     """Contract for jaxval's capture: each tracked layer is used via __call__ (or Embed.attend),
     and its output keeps the leading batch axis B."""
-    model, loss_fn, batch = _models_and_batches()[case]
+    model, loss_fn, batch = _model_and_batch(case)
     seen: dict[int, list] = {}
 
     def wrap(cls, name):
@@ -186,7 +194,7 @@ def test_every_layer_is_called_with_a_batch_axis(case, monkeypatch):
 
         def f(self, *a, **k):
             out = orig(self, *a, **k)
-            seen.setdefault(id(self), []).append(out.shape)
+            seen.setdefault(id(self), []).append((name, out.shape))
             return out
 
         monkeypatch.setattr(cls, name, f)
@@ -199,7 +207,9 @@ def test_every_layer_is_called_with_a_batch_axis(case, monkeypatch):
     assert layers
     for layer in layers:
         assert id(layer) in seen, f"{type(layer).__name__} was not applied through __call__"
-        assert all(s[0] == 3 for s in seen[id(layer)]), seen[id(layer)]
+        assert all(shape[0] == 3 for _, shape in seen[id(layer)]), seen[id(layer)]
+    if case == 3:  # tied head: the token embedding is used as the LM head through Embed.attend
+        assert [n for n, _ in seen[id(model.wte)]] == ["__call__", "attend"]
 
 
 # ----------------------------------------------------------------------------- presets
@@ -260,11 +270,12 @@ def test_train_is_deterministic_and_checks_loss_shape():
 
 
 def test_train_step_fn_matches_direct_gradient():
-    model = gpt.GPT(TINY, rngs=nnx.Rngs(5))
+    model = _gpt()
     batch = {"tokens": _tokens(3, 7, TINY.vocab_size, seed=5), "mask": np.ones((3, 7), np.float32)}
     step = jtrain.train_step_fn(model, gpt.loss_fn)
     loss, grads = step(nnx.state(model), batch)
-    ref_loss, ref_grads = nnx.value_and_grad(lambda m: gpt.loss_fn(m, batch).mean())(model)
+    ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(lambda m, b: gpt.loss_fn(m, b).mean()))(
+        model, batch)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -3,8 +3,10 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import ml_dtypes
@@ -291,21 +293,39 @@ def test_missing_manifest_but_arrays_present(tmp_path):
     assert _tree_digest(p) == before
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores permissions")
-def test_create_in_read_only_dir(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    (ro / "keep.txt").write_text("x")
-    before = _tree_digest(ro)
-    os.chmod(ro, 0o555)
+_RO_CHECK = textwrap.dedent("""
+    import os, sys
+    from jaxval.store import GradientStore, StoreError
+    if os.geteuid() == 0:                 # root ignores permissions: drop to 'nobody' after importing
+        os.setgid(65534)
+        os.setuid(65534)
+    for p in sys.argv[1:]:
+        try:
+            GradientStore.create(p, dim=3, num_rows=4)
+        except StoreError as e:
+            assert "cannot be written" in str(e), e
+        else:
+            raise SystemExit("no error for " + p)
+""")
+
+
+def test_create_in_read_only_dir():
+    base = tempfile.mkdtemp(prefix="jaxval-ro-")   # not under pytest's 0700 tmp: 'nobody' must reach it
     try:
-        with pytest.raises(StoreError, match="cannot be written"):
-            GradientStore.create(ro / "s", dim=3, num_rows=4)
-        with pytest.raises(StoreError, match="cannot be written"):
-            GradientStore.create(ro, dim=3, num_rows=4)
+        os.chmod(base, 0o755)
+        ro = os.path.join(base, "ro")
+        os.mkdir(ro)
+        with open(os.path.join(ro, "keep.txt"), "w") as f:
+            f.write("x")
+        os.chmod(ro, 0o555)
+        before = _tree_digest(base)
+        r = subprocess.run([sys.executable, "-c", _RO_CHECK, os.path.join(ro, "s"), ro,
+                            os.path.join(ro, "a", "b")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert _tree_digest(base) == before
     finally:
-        os.chmod(ro, 0o755)
-    assert _tree_digest(ro) == before
+        os.chmod(os.path.join(base, "ro"), 0o755)
+        shutil.rmtree(base)
 
 
 def test_create_under_a_file_is_a_clear_error(tmp_path):

@@ -2,7 +2,8 @@
 
 Batch format (all LM models in jaxval): ``{"tokens": int32 [B, T], "mask": float32 [B, T]}``,
 padding on the right. The model reads ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``; the
-per-example loss is the SUM of token cross-entropies over target positions where ``mask[:, 1:]`` is 1.
+per-example loss is the SUM of token cross-entropies over target positions where ``mask[:, 1:]``
+is 1.
 Attention is causal, so right padding cannot change the logits of earlier (real) positions.
 
 Every parametrised layer is applied through its ``__call__`` (or ``wte.attend`` for a tied head),
@@ -104,7 +105,10 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """GPT language model. ``__call__``: tokens int [B, T] (T <= block_size) -> logits [B, T, vocab]."""
+    """GPT language model.
+
+    ``__call__``: tokens int [B, T] (T <= block_size) -> logits [B, T, vocab].
+    """
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg

@@ -5,7 +5,8 @@ Linear hidden->d) -> final LayerNorm -> Linear(d, vocab). There is no mixing acr
 each token predicts the next one from itself. With the defaults (vocab 1000, d 256, 4 blocks,
 hidden 1024 = 4*d) the model has 2,617,832 parameters (≈2.6M, matching NOTES.md).
 
-Batch and loss are those of :mod:`jaxval.models.gpt`: ``{"tokens": int [B, T], "mask": float [B, T]}``,
+Batch and loss are those of :mod:`jaxval.models.gpt`:
+``{"tokens": int [B, T], "mask": float [B, T]}``,
 per-example SUM of next-token cross-entropies over target positions with ``mask[:, 1:] == 1``.
 """
 

@@ -1,0 +1,48 @@
+"""Orbax checkpoints of pytrees of arrays plus a JSON sidecar, behind one small module.
+
+Everything jaxval checkpoints (preconditioners, trained models, students) goes through ``save`` and
+``load``, so a move to another orbax API is a change to this file only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def save(path: str, arrays: dict[str, Any], meta: dict | None = None, overwrite: bool = False) -> str:
+    """Write ``arrays`` (a pytree of arrays) and ``meta`` (JSON-able) to the folder ``path``.
+
+    Writes into ``path + '.tmp'`` first and renames, so a failed save never leaves a half checkpoint
+    where a good one was."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"checkpoint {path} exists; pass overwrite=True to replace it")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(tmp, "arrays"), {k: np.asarray(v) for k, v in arrays.items()} if isinstance(arrays, dict) else arrays)
+    ckpt.wait_until_finished()
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta or {}, f, indent=1, sort_keys=True)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: str) -> tuple[dict[str, Any], dict]:
+    """``(arrays, meta)`` as written by ``save``."""
+    path = os.path.abspath(path)
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        raise FileNotFoundError(f"{path} is not a jaxval checkpoint (no meta.json)")
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    arrays = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"))
+    return arrays, meta
