@@ -50,7 +50,7 @@ def plot(images_test, images_train, y_test, y_train, queries, top, bottom, score
     import matplotlib.pyplot as plt
 
     k = top.shape[1]
-    fig, axes = plt.subplots(len(queries), 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.6 * len(queries)))
+    fig, axes = plt.subplots(len(queries), 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.9 * len(queries)))
     for r, q in enumerate(queries):
         ax = axes[r, 0]
         ax.imshow(images_test[q], cmap="gray_r")

@@ -408,13 +408,20 @@ class _Precond:
         """What the kernels get as their ``pc`` argument."""
         return self.obj if self.kind == "pytree" else None
 
-    def fn(self, pc):
-        """The apply function inside a kernel (None: identity, or applied outside for ``eager``)."""
-        if self.kind == "pytree":
-            return pc.apply
-        if self.kind == "closure":
-            return self.obj.apply
-        return None
+    def getter(self) -> Callable:
+        """``get(pc)`` -> the apply function inside a kernel (None: identity, or applied outside for
+        ``eager``).  Holds the preconditioner object only for ``closure`` (whose kernels are not
+        cached), so cached kernels never keep a preconditioner alive."""
+        kind, obj = self.kind, (self.obj if self.kind == "closure" else None)
+
+        def get(pc):
+            if kind == "pytree":
+                return pc.apply
+            if kind == "closure":
+                return obj.apply
+            return None
+
+        return get
 
     def eager(self, x):
         return jnp.asarray(self.obj.apply(x), dtype=jnp.float32)
@@ -521,9 +528,11 @@ def _prepare_queries(queries, dim, pre: _Precond, sels, mode, placer):
     if pre.kind == "eager":
         qt = placer.replicated(pre.eager(q))
     else:
+        get = pre.getter()
+
         def build():
             def prep(pc, q):
-                apply = pre.fn(pc)
+                apply = get(pc)
                 qt = q if apply is None else apply(q).astype(jnp.float32)
                 qts = tuple(_cols(qt, s) for s in sels)
                 qself = tuple(
@@ -626,13 +635,14 @@ class _Plan:
             "none" if not needs else ("given" if given else ("eager" if self.pre.kind == "eager" else "jit"))
         )
         self.key = (mode, _sels_key(self.sels), str(self.precision), self.z_self_source)
-        pre, sels = self.pre, self.sels
+        sels = self.sels
+        self.get = self.pre.getter()
         self.score_kw = dict(
             mode=mode, sels=sels, compute_z_self=self.z_self_source == "jit", precision=self.precision
         )
         if self.z_self_source == "eager":
             self._eager_self = _kernel(
-                ("self", _sels_key(sels)), pre, lambda: lambda pc, z, hz: _block_self(z, None, sels, hz)
+                ("self", _sels_key(sels)), self.pre, lambda: lambda pc, z, hz: _block_self(z, None, sels, hz)
             )
 
     def blocks(self, prefetch):
@@ -695,10 +705,10 @@ def influence(
       ``np.ndarray`` float32 ``[Q, N]`` (or ``{group name: [Q, N]}`` with ``groups``).
     """
     plan = _Plan(queries, train, precond, mode, block_rows, self_influence, groups, mesh, precision)
-    pre, kw = plan.pre, plan.score_kw
+    pre, get, kw = plan.pre, plan.get, plan.score_kw
     score = _kernel(
         ("influence",) + plan.key, pre,
-        lambda: lambda pc, qts, qself, z, zself: _scores(pre.fn(pc), qts, qself, z, zself, **kw),
+        lambda: lambda pc, qts, qself, z, zself: _scores(get(pc), qts, qself, z, zself, **kw),
     )
     outs = [np.empty((plan.nq, plan.n), dtype=np.float32) for _ in plan.sels]
     bar = _progress(plan.n_blocks, progress, "influence")
@@ -762,18 +772,18 @@ def top_k(
     plan = _Plan(
         queries, train, precond, mode, block_rows, self_influence, None, mesh, precision, min_rows=k
     )
-    pre, kw = plan.pre, plan.score_kw
+    pre, get, kw = plan.pre, plan.get, plan.score_kw
 
     def build_first():
         def first(pc, qts, qself, z, zself, n_valid, start):
-            (s,) = _scores(pre.fn(pc), qts, qself, z, zself, **kw)
+            (s,) = _scores(get(pc), qts, qself, z, zself, **kw)
             return _topk_key(s, n_valid, start, k, largest)
 
         return first
 
     def build_merge():
         def merge(vals, idx, pc, qts, qself, z, zself, n_valid, start):
-            (s,) = _scores(pre.fn(pc), qts, qself, z, zself, **kw)
+            (s,) = _scores(get(pc), qts, qself, z, zself, **kw)
             bv, bi = _topk_key(s, n_valid, start, k, largest)
             # running entries (all lower indices) first: top_k keeps the lower position among equal
             # values, so ties resolve to the lower training index
@@ -832,9 +842,8 @@ def self_influence(
     br = _resolve_block_rows(block_rows, src.n, src.dim, mesh, 1, getattr(train, "chunk_rows", None))
     names, sels = _normalize_groups(groups, src.dim)
     pre = _Precond(precond, src.dim)
-    kern = _kernel(
-        ("self", _sels_key(sels)), pre, lambda: lambda pc, z, hz: _block_self(z, pre.fn(pc), sels, hz)
-    )
+    get = pre.getter()
+    kern = _kernel(("self", _sels_key(sels)), pre, lambda: lambda pc, z, hz: _block_self(z, get(pc), sels, hz))
     if pre.kind == "eager":
         fn = lambda z: kern(None, z, placer.block(pre.eager(z)))  # noqa: E731
     else:

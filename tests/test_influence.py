@@ -1,5 +1,6 @@
 """Tests of the scoring engine (jaxval.influence) against float64 numpy references."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -107,6 +108,32 @@ def test_non_traceable_precond_eager_path(data):
     for mode in ("dot", "cosine", "l2"):
         assert_rel(inf.influence(q, z, precond=pc, mode=mode, block_rows=10), reference(q, z, H, mode))
     assert_rel(inf.self_influence(z, pc, block_rows=10), np.diag(reference(z, z, H)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PytreePrecond:
+    """A preconditioner that is a pytree of arrays: passed to cached kernels as an argument."""
+
+    Hinv: jax.Array
+
+    def apply(self, g):
+        return g @ self.Hinv.T
+
+
+def test_pytree_precond_kernels_cached_not_stale(data):
+    q, z, H = data
+    H2 = _spd(D, 7)
+    for h in (H, H2):  # same structure, other arrays: reuses the compiled kernels, sees the new H
+        pc = PytreePrecond(jnp.asarray(np.linalg.inv(h), jnp.float32))
+        for mode in ("dot", "cosine"):
+            assert_rel(inf.influence(q, z, precond=pc, mode=mode, block_rows=16), reference(q, z, h, mode))
+        v, i = inf.top_k(q, z, 3, precond=pc, mode="l2", block_rows=16)
+        np.testing.assert_array_equal(i, np.argsort(-reference(q, z, h, "l2"), axis=1, kind="stable")[:, :3])
+        np.testing.assert_allclose(inf.self_influence(z, pc), np.diag(reference(z, z, h)), rtol=1e-5)
+        if h is H:
+            n_kernels = len(inf._KERNELS)
+    assert len(inf._KERNELS) == n_kernels
 
 
 def test_cosine_bounded_and_zero_rows(data):

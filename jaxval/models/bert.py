@@ -119,13 +119,15 @@ class Layer(nnx.Module):
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
         self.attn = SelfAttention(cfg, rngs=rngs)
-        self.attn_norm = nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dt, param_dtype=dt, rngs=rngs)
+        norm = partial(nnx.LayerNorm, cfg.d_model, epsilon=cfg.norm_eps, dtype=dt, param_dtype=dt, rngs=rngs)
+        # (norm names contain neither "attn" nor "mlp", so that layers=r"mlp" selects only MLP layers)
+        self.attention_norm = norm()
         self.mlp = FeedForward(cfg, rngs=rngs)
-        self.mlp_norm = nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.ffn_norm = norm()
 
     def __call__(self, x, key_mask):
-        x = self.attn_norm(x + self.attn(x, key_mask))
-        return self.mlp_norm(x + self.mlp(x))
+        x = self.attention_norm(x + self.attn(x, key_mask))
+        return self.ffn_norm(x + self.mlp(x))
 
 
 class BertEncoder(nnx.Module):
@@ -289,10 +291,10 @@ def from_hf_state_dict(cfg: BertConfig, sd: dict[str, np.ndarray]) -> BertEncode
         for n in ("query", "key", "value"):
             lin(f"layers/{i}/attn/{n}", f"{p}.attention.self.{n}")
         lin(f"layers/{i}/attn/out", f"{p}.attention.output.dense")
-        ln(f"layers/{i}/attn_norm", f"{p}.attention.output.LayerNorm")
+        ln(f"layers/{i}/attention_norm", f"{p}.attention.output.LayerNorm")
         lin(f"layers/{i}/mlp/inter", f"{p}.intermediate.dense")
         lin(f"layers/{i}/mlp/out", f"{p}.output.dense")
-        ln(f"layers/{i}/mlp_norm", f"{p}.output.LayerNorm")
+        ln(f"layers/{i}/ffn_norm", f"{p}.output.LayerNorm")
     return from_weights(cfg, w)
 
 

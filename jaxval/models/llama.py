@@ -182,19 +182,21 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-RMSNorm block: ``x + attn(attn_norm(x))``, then ``x + mlp(mlp_norm(x))``."""
+    """Pre-RMSNorm block: ``x + attn(input_layernorm(x))``, then ``x + mlp(post_attention_layernorm(x))``."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
-        self.attn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dt, param_dtype=dt, rngs=rngs)
+        norm = partial(nnx.RMSNorm, cfg.d_model, epsilon=cfg.norm_eps, dtype=dt, param_dtype=dt, rngs=rngs)
+        # (norm names contain neither "attn" nor "mlp", so that layers=r"mlp" selects only MLP layers)
+        self.input_layernorm = norm()
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, cos, sin, cache=None, pos=None):
-        a, new_cache = self.attn(self.attn_norm(x), cos, sin, cache, pos)
+        a, new_cache = self.attn(self.input_layernorm(x), cos, sin, cache, pos)
         x = x + a
-        return x + self.mlp(self.mlp_norm(x)), new_cache
+        return x + self.mlp(self.post_attention_layernorm(x)), new_cache
 
 
 class Llama(nnx.Module):
@@ -501,7 +503,7 @@ def weights_from_gguf(reader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     lin = {"attn_q": "attn/q_proj", "attn_k": "attn/k_proj", "attn_v": "attn/v_proj",
            "attn_output": "attn/o_proj", "ffn_gate": "mlp/gate_proj", "ffn_up": "mlp/up_proj",
            "ffn_down": "mlp/down_proj"}
-    norms = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm"}
+    norms = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
     for t in reader.tensors:
         w = deq(t)
         name = t.name
@@ -560,7 +562,7 @@ def from_weights(cfg: LlamaConfig, weights: dict[str, np.ndarray]) -> Llama:
     return nnx.merge(graphdef, state)
 
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def _tokenizer_meta(tok: LlamaTokenizer) -> dict:
@@ -596,8 +598,11 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", cache_dir: str | 
         hit = wcache.load_entry(entry)
         if hit is not None:
             weights, meta = hit
-            cfg = dataclasses.replace(LlamaConfig(**meta["config"]), dtype=dtype)
-            return from_weights(cfg, weights), _tokenizer_from_meta(meta["tokenizer"])
+            try:
+                cfg = dataclasses.replace(LlamaConfig(**meta["config"]), dtype=dtype)
+                return from_weights(cfg, weights), _tokenizer_from_meta(meta["tokenizer"])
+            except (KeyError, ValueError, TypeError):
+                entry = None  # stale entry (older layout): convert again, leave it alone
     import gguf
 
     reader = gguf.GGUFReader(str(path))
