@@ -33,7 +33,7 @@ from jaxval.projection import INITS, Rank, init_projections, resolve_rank
 LossFn = Callable[[nnx.Module, Any], jax.Array]
 Projections = Mapping[str, tuple[jax.Array, jax.Array]]
 
-_HI = jax.lax.Precision.HIGHEST
+_HI = None  # default precision: exact float32 on CPU; see README for GPU
 
 
 # ----------------------------------------------------------------------------- batch checks
@@ -408,8 +408,9 @@ class LoGra:
     def grads_and_losses(self, model: nnx.Module, batch) -> tuple[jax.Array, jax.Array]:
         """``([B, D] float32 projected gradients, [B] losses)``."""
         batch_size(batch)
-        check_independent_examples(model)
         graphdef, state = nnx.split(model)
+        if graphdef not in self._compiled:  # BatchNorm's mode is static: part of the graphdef
+            check_independent_examples(model)
         return self._step(graphdef)(state, batch, self.projections)
 
     def grads(self, model: nnx.Module, batch) -> jax.Array:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from jaxval.grads import LoGra, batch_size, blocks_from_pairs, check_independent_examples, projected_pairs
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
-_HI = jax.lax.Precision.HIGHEST
+_HI = None  # default precision: exact float32 on CPU; see README for GPU
 
 
 # ----------------------------------------------------------------------------- statistics
