@@ -6,14 +6,20 @@ What it measures, in one run (the machine is shared and noisy: compare the ratio
    memory (the same shapes as the whole scoring problem), and the same GEMM done block by block.
 2. ``influence(queries, store, mode=...)`` reading a store on disk (a ``jaxval.store.GradientStore``
    when that module exists, else a raw ``np.memmap`` file: the JSON says which), in multiply-adds/s
-   (``Q·D·N / seconds``), with the background prefetch thread (``prefetch=2``) and without
-   (``prefetch=0``), ``cosine`` (adds the train self-influence), ``top_k``, an in-memory numpy array,
-   and a read-only pass over the store.  All cases run once per round, ``--repeats`` interleaved
+   (``Q·D·N / seconds``): the default (reads in the calling thread overlapped with the GEMMs by
+   jax's async dispatch, through the store's own ``iter_blocks`` read-ahead when it has one),
+   ``prefetch=0`` (plain ``store.read``), ``prefetch=2`` (a background reader thread), ``cosine``
+   (adds the train self-influence), ``top_k``, an in-memory numpy array, and a read-only pass.  All cases run once per round, ``--repeats`` interleaved
    rounds; a case's ratio to the GEMM is the median over rounds of the within-round ratio.
-3. Peak memory of ``top_k`` for two training sizes, each in a fresh subprocess: the peak of the
-   process's resident *anonymous* memory (RSS minus file-backed pages, sampled every 2 ms) above the
-   level after warm-up, and ``tracemalloc``'s peak of Python/numpy allocations.  It should not grow with
-   N (the ``[Q, N]`` score matrix, shown for comparison, is never formed).
+3. Peak memory of ``top_k`` for two training sizes (default N/4 and 4N; rows beyond N re-read the
+   store cyclically), each in a fresh subprocess after a warm-up pass over the store (the same for
+   both sizes): the peak of the process's
+   resident *anonymous* memory (RSS minus file-backed pages, sampled every 2 ms) above the level
+   before the call, the peak bytes of live jax buffers, and ``tracemalloc``'s peak of Python/numpy
+   allocations; with glibc's default malloc arenas and with ``MALLOC_ARENA_MAX=2`` (tensorstore's
+   reader threads allocate, the main thread frees: with many arenas RSS creeps up until the arenas
+   are warm, which is allocator retention, not live data).  None should grow with N (the ``[Q, N]``
+   score matrix, shown for comparison, is never formed).
 
 Usage::
 
@@ -70,17 +76,23 @@ class MemmapStore:
 
 
 class RowView:
-    """The first n rows of a store (for the top-k memory runs)."""
+    """n rows of a store, wrapping around it when n > len(store) (a bigger N without more disk)."""
 
     def __init__(self, store, n):
         self.store, self.n, self.dim = store, n, store.dim
-        self.chunk_rows = getattr(store, "chunk_rows", None)
 
     def __len__(self):
         return self.n
 
     def read(self, start, stop):
-        return self.store.read(start, stop)
+        m = len(self.store)
+        parts, s = [], start
+        while s < stop:
+            a = s % m
+            b = min(m, a + (stop - s))
+            parts.append(self.store.read(a, b))
+            s += b - a
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def make_store(path: Path, n: int, dim: int, dtype: str, seed: int):
@@ -125,26 +137,44 @@ def anon_rss() -> int:
     return int(m.rss - getattr(m, "shared", 0))
 
 
+def live_jax_bytes() -> int:
+    import jax
+
+    total = 0
+    for a in jax.live_arrays():
+        try:
+            total += a.nbytes
+        except Exception:  # deleted meanwhile
+            pass
+    return total
+
+
 class PeakSampler:
+    """Peaks of anonymous RSS and of live jax buffer bytes, sampled every 2 ms in a thread."""
+
     def __init__(self, interval=0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self._stop = interval, threading.Event()
 
     def __enter__(self):
-        self.base = anon_rss()
-        self.peak = self.base
+        self.base, self.jax_base = anon_rss(), live_jax_bytes()
+        self.peak, self.jax_peak = self.base, self.jax_base
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
         return self
 
+    def _sample(self):
+        self.peak = max(self.peak, anon_rss())
+        self.jax_peak = max(self.jax_peak, live_jax_bytes())
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, anon_rss())
+            self._sample()
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, anon_rss())
+        self._sample()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,36 +185,42 @@ def topk_memory_child(args) -> None:
     from jaxval import influence as inf
 
     store = open_store(Path(args.workdir) / "store", args.rows, args.dim)
-    view = RowView(store, args.child_rows)
     rng = np.random.default_rng(1)
     q = rng.standard_normal((args.queries, args.dim), dtype=np.float32)
     br = args.block_rows
-    # warm-up on two blocks: compiles the same kernels (same block shape), fills allocator pools
-    inf.top_k(q, RowView(store, min(2 * br, args.child_rows)), args.k, block_rows=br, progress=False)
+    # warm-up, the same for every measured size: one pass over the whole store (compiles the same
+    # kernels, same block shape; brings glibc's arenas to their working size)
+    inf.top_k(q, RowView(store, args.rows), args.k, block_rows=br, progress=False)
     gc.collect()
     tracemalloc.start()
     t0 = time.perf_counter()
     with PeakSampler() as ps:
-        v, i = inf.top_k(q, view, args.k, block_rows=br, progress=False)
+        inf.top_k(q, RowView(store, args.child_rows), args.k, block_rows=br, progress=False)
     seconds = time.perf_counter() - t0
     _, tm_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     print("RESULT" + json.dumps({
         "rows": args.child_rows,
+        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "default"),
         "seconds": seconds,
         "peak_anon_rss_delta_bytes": ps.peak - ps.base,
+        "peak_live_jax_bytes": ps.jax_peak,
         "tracemalloc_peak_bytes": tm_peak,
         "score_matrix_bytes": args.queries * args.child_rows * 4,
         "block_bytes": br * args.dim * 4,
     }))
 
 
-def topk_memory(args, rows: int) -> dict:
+def topk_memory(args, rows: int, arena_max: str | None) -> dict:
     cmd = [sys.executable, __file__, "--child-topk", "--child-rows", str(rows)] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
         if k in ("queries", "dim", "rows", "block_rows", "k", "workdir")
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ)
+    env.pop("MALLOC_ARENA_MAX", None)
+    if arena_max:
+        env["MALLOC_ARENA_MAX"] = arena_max
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-3000:])
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1]
@@ -203,7 +239,7 @@ def main(argv=None):
     ap.add_argument("--block-rows", type=int, default=None, help="default: the library default")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--topk-rows", default=None, help="two N for the top-k memory runs (default N/4,N)")
+    ap.add_argument("--topk-rows", default=None, help="two N for the top-k memory runs (default N/4,4N)")
     ap.add_argument("--workdir", default=None, help="where the store is written (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the store afterwards")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scoring_throughput.json"))
@@ -255,10 +291,12 @@ def main(argv=None):
             "GEMM [Q,D]x[D,N], in memory": lambda: gemm(qa, za).block_until_ready(),
             "GEMM [Q,D]x[D,block], x blocks": lambda: [gemm(qa, zb).block_until_ready() for _ in range(0, N, B)],
             "store read only (no scoring)": read_all,
-            "influence dot, store, prefetch=2":
+            "influence dot, store (default)":
                 lambda: inf.influence(q, store, mode="dot", block_rows=B, progress=False),
             "influence dot, store, prefetch=0":
                 lambda: inf.influence(q, store, mode="dot", block_rows=B, prefetch=0, progress=False),
+            "influence dot, store, prefetch=2 (thread)":
+                lambda: inf.influence(q, store, mode="dot", block_rows=B, prefetch=2, progress=False),
             "influence cosine, store (+self-infl.)":
                 lambda: inf.influence(q, store, mode="cosine", block_rows=B, progress=False),
             "top_k dot k=%d, store" % args.k:
@@ -290,10 +328,10 @@ def main(argv=None):
         results["gemm_madds_per_s"] = float(madds / np.median(gemm_t))
         results["read_only_bytes_per_s"] = float(N * D * 4 / np.median(times["store read only (no scoring)"]))
         results["target_ratio"] = 0.5
-        results["ratio_influence_store"] = rows[3]["ratio_to_gemm"]
+        results["ratio_influence_store"] = next(r for r in rows if r["case"] == "influence dot, store (default)")["ratio_to_gemm"]
 
-        ns = ([int(x) for x in args.topk_rows.split(",")] if args.topk_rows else [max(4 * B, N // 4), N])
-        results["topk_memory"] = [topk_memory(args, n) for n in ns]
+        ns = ([int(x) for x in args.topk_rows.split(",")] if args.topk_rows else [max(4 * B, N // 4), 4 * N])
+        results["topk_memory"] = [topk_memory(args, n, am) for am in (None, "2") for n in ns]
     finally:
         if own_tmp and not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -307,10 +345,12 @@ def main(argv=None):
     for r in results["scoring"]:
         rate = "" if r["madds_per_s"] is None else f"{r['madds_per_s'] / 1e9:9.1f}"
         print(f"{r['case']:42s} {r['seconds']:8.3f} {rate:>9s} {r['ratio_to_gemm']:14.2f}")
-    print(f"\n{'top_k rows':>10s} {'seconds':>8s} {'peak anon RSS Δ MiB':>20s} {'tracemalloc MiB':>16s} "
-          f"{'[Q,N] MiB':>10s} {'block MiB':>10s}")
+    print("\ntop_k memory (fresh process per row; rows > N re-read the store cyclically):")
+    print(f"{'rows':>7s} {'MALLOC_ARENA_MAX':>16s} {'seconds':>8s} {'peak anon RSS Δ MiB':>20s} "
+          f"{'peak live jax MiB':>18s} {'tracemalloc MiB':>16s} {'[Q,N] MiB':>10s} {'block MiB':>10s}")
     for m in results["topk_memory"]:
-        print(f"{m['rows']:10d} {m['seconds']:8.2f} {m['peak_anon_rss_delta_bytes'] / 2**20:20.1f} "
+        print(f"{m['rows']:7d} {m['malloc_arena_max']:>16s} {m['seconds']:8.2f} "
+              f"{m['peak_anon_rss_delta_bytes'] / 2**20:20.1f} {m['peak_live_jax_bytes'] / 2**20:18.1f} "
               f"{m['tracemalloc_peak_bytes'] / 2**20:16.1f} {m['score_matrix_bytes'] / 2**20:10.1f} "
               f"{m['block_bytes'] / 2**20:10.1f}")
     out = Path(args.out)

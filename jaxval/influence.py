@@ -627,9 +627,10 @@ class _Plan:
         self.precision = _precision(precision)
         self.qts, self.qself = _prepare_queries(queries, self.dim, self.pre, self.sels, mode, self.placer)
         self.nq = int(self.qts[0].shape[0])
-        given = _given_self_influence(self_infl, self.names, self.n)
-        self.extra = given or []
         needs = mode in _NEEDS_Z_SELF
+        given = _given_self_influence(self_infl, self.names, self.n)  # validated even when unused
+        given = given if needs else None
+        self.extra = given or []
         # where the train self-influence comes from: given / inside the kernel / eager apply per block
         self.z_self_source = (
             "none" if not needs else ("given" if given else ("eager" if self.pre.kind == "eager" else "jit"))

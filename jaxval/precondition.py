@@ -105,7 +105,11 @@ def statistics_step(logra: LoGra, model: nnx.Module, kind: str, basis=None,
         g = blocks_from_pairs(layers, pairs)
         return g, losses, batch_statistics(logra, kind, g, pairs, basis)
 
-    return lambda state, batch, keys=None: step(state, batch, logra.projections, keys, basis)
+    def run(state, batch, keys=None):
+        return step(state, batch, logra.projections, keys, basis)
+
+    run.jitted = step  # (state, batch, projections, keys, basis): for callers that place inputs themselves
+    return run
 
 
 # ----------------------------------------------------------------------------- the preconditioner

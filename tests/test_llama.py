@@ -258,7 +258,8 @@ def _numpy_reference_logits(ids: list[int]) -> np.ndarray:
 @needs_weights
 def test_smollm2_logits_match_numpy_reference(smollm2):
     model, tok = smollm2
-    ids = tok.encode("Influence functions estimate how training data shape a model's predictions.")
+    ids = tok.encode("The capital of France is Paris. The capital of Germany is Berlin. "
+                     "The capital of Italy is Rome.")
     ref = _numpy_reference_logits(ids)                             # [T, V] float64
     got = np.asarray(model(jnp.asarray([ids])))[0]
     # float32 vs float64 through 30 blocks: stated tolerance 2e-3 absolute on logits of magnitude ~10-30
@@ -266,10 +267,12 @@ def test_smollm2_logits_match_numpy_reference(smollm2):
     assert err <= 2e-3, err
     assert np.all(np.argmax(got, -1) == np.argmax(ref, -1))
     assert np.ptp(ref[-1]) > 5                                     # a non-degenerate reference
-    # and the model is a language model: low loss on ordinary English
+    rome = ids.index(tok.encode(" Rome")[0])
+    assert int(np.argmax(ref[rome - 1])) == ids[rome]               # the reference itself knows Rome
+    # and the model is a language model: low loss on ordinary English (mean nats per token)
     loss = float(llama.loss_fn(model, {"tokens": jnp.asarray([ids]),
                                        "mask": jnp.ones((1, len(ids)))})[0]) / (len(ids) - 1)
-    assert loss < 4.5, loss
+    assert loss < 3.0, loss
 
 
 @pytest.mark.slow
@@ -287,7 +290,11 @@ def test_smollm2_logra_equals_explicit_on_real_layers(smollm2):
     lg = jv.LoGra(model, llama.loss_fn, rank=16, layers=r"blocks/7/mlp/")
     assert len(lg.layers) == 3
     g = lg.grads(model, batch)
-    ref = jv.explicit_grads(model, llama.loss_fn, lg.projections, batch)
+    # the reference forms per-example gradients of all 135M parameters; jit it (eager vmap is slow)
+    graphdef, state = nnx.split(model)
+    ref = jax.jit(lambda st, b, p: jv.explicit_grads(nnx.merge(graphdef, st), llama.loss_fn, p, b))(
+        state, batch, lg.projections)
+    assert float(jnp.max(jnp.abs(ref))) > 0
     assert rel_err(g, ref) <= 1e-4, rel_err(g, ref)
 
 

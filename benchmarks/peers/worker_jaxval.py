@@ -1,0 +1,130 @@
+"""jaxval side of the peer benchmark (run under jaxval's venv; driven by run.py over stdin/stdout)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import jaxval as jv  # noqa: E402
+from jaxval.store import GradientStore  # noqa: E402
+from jaxval.influence import influence as jv_influence  # noqa: E402
+from jaxval.models import mlp, token_mlp  # noqa: E402
+from jaxval.train import train_step_fn  # noqa: E402
+
+import common  # noqa: E402
+
+S: dict = {}
+
+
+def _block(x):
+    return jax.block_until_ready(x)
+
+
+def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0):
+    w = common.WORKLOADS[workload]
+    if w["kind"] == "token":
+        model = token_mlp.TokenMLP(w["vocab"], w["d"], w["n_block"], w["hidden"], rngs=nnx.Rngs(seed))
+        loss_fn = token_mlp.loss_fn
+    else:
+        model = mlp.MLP(w["sizes"], rngs=nnx.Rngs(seed))
+        loss_fn = mlp.loss_fn
+    flat = {"/".join(str(p) for p in path): np.asarray(v.value)
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    np.savez(weights, **flat)
+    logra = jv.LoGra(model, loss_fn, rank=rank, types=(nnx.Linear,))
+    graphdef, state = nnx.split(model)
+    step = logra._step(graphdef)
+    train = train_step_fn(model, loss_fn)
+    log_b = [jax.tree.map(jnp.asarray, b) for b in common.batches(workload, n_log, seed=1)]
+    score_b = [jax.tree.map(jnp.asarray, b) for b in common.batches(workload, n_score, seed=2)]
+    q_b = [jax.tree.map(jnp.asarray, b) for b in common.batches(workload, q, seed=3, split="test")]
+    S.update(workload=workload, model=model, loss_fn=loss_fn, logra=logra, state=state, step=step,
+             train=train, tstate=nnx.state(model), log_b=log_b, score_b=score_b, q_b=q_b)
+    t0 = time.perf_counter()
+    g, losses = _block(step(state, log_b[0], logra.projections))
+    t_compile = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _block(train(S["tstate"], log_b[0]))
+    t_compile_train = time.perf_counter() - t0
+    return {"dim": logra.dim, "params": int(sum(x.size for x in flat.values())),
+            "layers": [l.name for l in logra.layers], "loss0": float(jnp.sum(losses)),
+            "compile_logra_s": t_compile, "compile_train_s": t_compile_train,
+            "jax": jax.__version__, "devices": str(jax.devices())}
+
+
+def train(n=4):
+    ts = []
+    for i in range(n):
+        b = S["log_b"][i % len(S["log_b"])]
+        t0 = time.perf_counter()
+        _block(S["train"](S["tstate"], b))
+        ts.append(time.perf_counter() - t0)
+    return {"times": ts}
+
+
+def grads(n=4):
+    ts = []
+    for i in range(n):
+        b = S["log_b"][i % len(S["log_b"])]
+        t0 = time.perf_counter()
+        _block(S["step"](S["state"], b, S["logra"].projections))
+        ts.append(time.perf_counter() - t0)
+    return {"times": ts}
+
+
+def _log(batches, path, dtype="bfloat16"):
+    n = sum(int(next(iter(b.values())).shape[0]) for b in batches)
+    logra = S["logra"]
+    store = GradientStore.create(path, logra.dim, n, dtype=dtype, config=logra.config(), overwrite=True)
+    start = 0
+    pending = None
+    for b in batches:
+        g, _ = S["step"](S["state"], b, logra.projections)
+        if pending is not None:            # write the previous block while this one computes
+            store.write(pending[0], np.asarray(pending[1]), mark_done=True)
+        pending = (start, g)
+        start += int(g.shape[0])
+    store.write(pending[0], np.asarray(pending[1]), mark_done=True)
+    return store, n
+
+
+def log(path, dtype="bfloat16"):
+    shutil.rmtree(path, ignore_errors=True)
+    t0 = time.perf_counter()
+    store, n = _log(S["log_b"], path, dtype)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "n": n, "examples_per_s": n / dt, "disk_bytes": common.du(path),
+            "apparent_bytes": common.apparent(path), "bytes_per_example": common.du(path) / n}
+
+
+def score_prep(path, dtype="bfloat16"):
+    shutil.rmtree(path, ignore_errors=True)
+    t0 = time.perf_counter()
+    store, n = _log(S["score_b"], path, dtype)
+    dt = time.perf_counter() - t0
+    gq = jnp.concatenate([S["step"](S["state"], b, S["logra"].projections)[0] for b in S["q_b"]])
+    S["gq"], S["store_path"] = _block(gq), path
+    return {"seconds": dt, "n": n, "examples_per_s": n / dt, "bytes_per_example": common.du(path) / n}
+
+
+def score(mode="dot"):
+    store = GradientStore.open(S["store_path"])
+    t0 = time.perf_counter()
+    s = np.asarray(jv_influence(S["gq"], store, mode=mode, progress=False))
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "shape": list(s.shape), "checksum": float(np.abs(s).sum())}
+
+
+if __name__ == "__main__":
+    common.serve(dict(setup=setup, train=train, grads=grads, log=log, score_prep=score_prep, score=score))

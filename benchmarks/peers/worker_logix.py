@@ -1,0 +1,146 @@
+"""LogIX (logix-ai 0.1.1, PyTorch CPU) side of the peer benchmark; run under the peers' venv with
+TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1; driven by run.py over stdin/stdout.
+
+LoGra as LogIX does it: add_lora (rank 64, its default kaiming init) on every nn.Linear, the gradient of
+the zero bottleneck logged per example ({"grad": ["log"]}), loss = SUM over examples and tokens."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import torch_models  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("PEERS_TORCH_THREADS", os.cpu_count() or 1)))
+S: dict = {}
+
+
+def _t(b):
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in b.items()}
+
+
+def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0, root="/tmp/peers_logix"):
+    import logix
+    logging.getLogger("LogIX").setLevel(logging.WARNING)
+    model, loss_fn = torch_models.build(workload, weights)
+    ref, _ = torch_models.build(workload, weights)     # plain copy for the training-step reference
+    log_b = [_t(b) for b in common.batches(workload, n_log, seed=1)]
+    score_b = [_t(b) for b in common.batches(workload, n_score, seed=2)]
+    q_b = [_t(b) for b in common.batches(workload, q, seed=3, split="test")]
+    with torch.no_grad():
+        loss0 = float(loss_fn(ref, log_b[0]).sum())
+    S.update(model=model, ref=ref, loss_fn=loss_fn, log_b=log_b, score_b=score_b, q_b=q_b, root=root,
+             rank=rank, logix=logix, n_runs=0)
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root, exist_ok=True)
+    cfg = os.path.join(root, "config.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"root_dir: {root}\nlogging:\n  flush_threshold: 1000000000\n  num_workers: 1\n"
+                f"lora:\n  init: random\n  rank: {rank}\n")
+    S["cfg"] = cfg
+    run = _new_run("warm")             # adds the LoRA branches to `model` once, warms up
+    _log_batches(run, log_b[:1])
+    S["lora_dim"] = int(sum(m.logix_lora_B.weight.numel() for m in model.modules()
+                            if hasattr(m, "logix_lora_B")))
+    return {"loss0": loss0, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "dim": S["lora_dim"], "params": int(sum(p.numel() for p in ref.parameters()))}
+
+
+def _new_run(name):
+    logix = S["logix"]
+    S["n_runs"] += 1
+    project = f"{name}_{S['n_runs']}"
+    shutil.rmtree(os.path.join(S["root"], project), ignore_errors=True)
+    run = logix.LogIX(project, config=S["cfg"])
+    run.watch(S["model"])
+    if not S.get("lora_added"):
+        run.add_lora()
+        S["lora_added"] = True
+    run.setup({"grad": ["log"]})
+    run.save(True)
+    return run
+
+
+def _log_batches(run, batches, offset=0):
+    model, loss_fn = S["model"], S["loss_fn"]
+    i = offset
+    for b in batches:
+        n = int(next(iter(b.values())).shape[0])
+        ids = [f"ex{j}" for j in range(i, i + n)]
+        i += n
+        with run(data_id=ids):
+            model.zero_grad()
+            loss = loss_fn(model, b).sum()
+            loss.backward()
+    run.finalize()
+    return i - offset
+
+
+def train(n=4):
+    ref, loss_fn = S["ref"], S["loss_fn"]
+    ts = []
+    for i in range(n):
+        b = S["log_b"][i % len(S["log_b"])]
+        t0 = time.perf_counter()
+        ref.zero_grad()
+        loss_fn(ref, b).mean().backward()
+        ts.append(time.perf_counter() - t0)
+    return {"times": ts}
+
+
+def log(path=None):
+    t0 = time.perf_counter()
+    run = _new_run("log")
+    n = _log_batches(run, S["log_b"])
+    dt = time.perf_counter() - t0
+    d = run.log_dir
+    out = {"seconds": dt, "n": n, "examples_per_s": n / dt, "disk_bytes": common.du(d),
+           "apparent_bytes": common.apparent(d), "bytes_per_example": common.du(d) / n}
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def score_prep(path=None):
+    t0 = time.perf_counter()
+    run = _new_run("score")
+    n = _log_batches(run, S["score_b"])
+    dt = time.perf_counter() - t0
+    S["score_run"] = run
+    out = {"seconds": dt, "n": n, "examples_per_s": n / dt, "bytes_per_example": common.du(run.log_dir) / n}
+    # query gradients: a non-saving pass over the queries, as LogIX's examples do
+    run.initialize_from_log()
+    run.eval()
+    model, loss_fn = S["model"], S["loss_fn"]
+    qb = {k: torch.cat([b[k] for b in S["q_b"]]) for k in S["q_b"][0]}
+    with run(data_id=[f"q{j}" for j in range(len(next(iter(qb.values()))))]):
+        model.zero_grad()
+        loss_fn(model, qb).sum().backward()
+    S["q_log"] = run.get_log(copy=True)
+    return out
+
+
+def score(mode="dot", batch_size=64):
+    run = S["score_run"]
+    run.log_dataloader = None
+    run.log_dataset = None
+    loader = run.build_log_dataloader(batch_size=batch_size)
+    t0 = time.perf_counter()
+    res = run.compute_influence_all(S["q_log"], loader, mode=mode, precondition=False)
+    dt = time.perf_counter() - t0
+    s = res["influence"]
+    return {"seconds": dt, "shape": list(s.shape), "checksum": float(s.abs().sum())}
+
+
+if __name__ == "__main__":
+    common.serve(dict(setup=setup, train=train, log=log, score_prep=score_prep, score=score))

