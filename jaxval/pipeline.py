@@ -31,8 +31,9 @@ How it works
   ``jax.distributed`` (the defaults ``jax.process_index() / jax.process_count()``) the processes also
   meet at a barrier after creation and at the end, so every process returns a complete store and
   ``overwrite=True`` is safe. With explicit ``process_index/process_count`` and no ``jax.distributed``,
-  each process returns when *its* blocks are done (check ``store.is_complete()``), and only process 0
-  may pass ``overwrite=True``.
+  each process returns when *its* blocks are done (check ``store.is_complete()``); there overwriting is
+  racy (another process may already have opened the old store), so ``overwrite=True`` is refused in
+  processes other than 0: remove an old store before starting several processes.
 * **Ids.** One unique id per row (integers or strings), default the row numbers; duplicate ids raise
   before anything is written (the store's policy). A resume must pass the same ids.
 * **Statistics in the same pass** (``stats="kfac" | "raw"``): the compiled step also accumulates the
@@ -445,27 +446,22 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
         raise ValueError(f"num_rows={num_rows} but the data / ids give {n} rows")
 
     config = store_config(logra, model, dtype, extra_config, fingerprint)
-    store = None
-    if coordinated and pi != 0:
-        _barrier(f"jaxval.log_gradients.create:{path}")
-    if pi == 0 or coordinated:
-        err = None
-        try:
-            store = _create_or_open(path, dim=logra.dim, n=n, dtype=dtype, chunk_rows=chunk_rows, config=config,
-                                    ids=ids, overwrite=overwrite, creator=pi == 0, batch=batch_size,
-                                    open_timeout=open_timeout)
-        except Exception as e:  # noqa: BLE001 - process 0 still meets the others at the barrier
-            if not (coordinated and pi == 0):
-                raise
-            err = e
-        if coordinated and pi == 0:
-            _barrier(f"jaxval.log_gradients.create:{path}")
-            if err is not None:
-                raise err
-    else:
+    creator = pi == 0
+    if coordinated and not creator:
+        _barrier(f"jaxval.log_gradients.create:{path}")   # wait for process 0 to create / validate
+    err = None
+    try:
         store = _create_or_open(path, dim=logra.dim, n=n, dtype=dtype, chunk_rows=chunk_rows, config=config,
-                                ids=ids, overwrite=False, creator=False, batch=batch_size,
+                                ids=ids, overwrite=overwrite and creator, creator=creator, batch=batch_size,
                                 open_timeout=open_timeout)
+    except Exception as e:  # noqa: BLE001
+        if not (coordinated and creator):
+            raise
+        err = e  # process 0 still meets the others at the barrier (they then fail to open / validate)
+    if coordinated and creator:
+        _barrier(f"jaxval.log_gradients.create:{path}")
+        if err is not None:
+            raise err
 
     # ---- the plan: owned blocks, pending ones written
     cr = store.chunk_rows
