@@ -2,12 +2,17 @@
 
 from jaxval.grads import LoGra, explicit_grads, model_fingerprint
 from jaxval.layers import Layer, discover
+from jaxval.pipeline import log_gradients
 from jaxval.precondition import Preconditioner, fit_preconditioner, pca_projections
+from jaxval.store import GradientStore, StoreError
 from jaxval.projection import init_projections, layer_key, projection_matrix
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradientStore",
+    "StoreError",
+    "log_gradients",
     "LoGra",
     "Layer",
     "Preconditioner",
