@@ -3,12 +3,15 @@
     jaxval demo [--out out/demo]                 influence of training digits on test digits
     jaxval log --config configs/digits_mlp.yaml  log a dataset's LoGra gradients into a store (resumable)
     jaxval info STORE [--json]                   a store's manifest, rows done / total, bytes on disk
+    jaxval fit --config configs/digits_mlp.yaml  fit a preconditioner; checkpoint beside the store
+    jaxval score --store S --queries Q [--precond P] [--mode cosine] [--top-k 10] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -36,9 +39,15 @@ def _log(args):
     cfg = C.load_config(args.config)
     if args.output:
         cfg["log"]["output"] = args.output
+    elif getattr(args, "split", None) and args.split != cfg["data"]["split"]:
+        cfg["log"]["output"] = cfg["score"]["queries_output"]
     lo = cfg["log"]
     t0 = time.perf_counter()
-    model, _loss_fn, data, ids, logra = C.prepare(cfg, progress=not args.no_progress)
+    split = getattr(args, "split", None)
+    model, _loss_fn, data, ids, logra = C.prepare(cfg, progress=not args.no_progress, split=split)
+    extra = C.store_extra(cfg)
+    if split:
+        extra["data"] = dict(extra["data"], split=split)
     t1 = time.perf_counter()
     n = len(ids)
     print(f"{cfg.get('name', args.config)}: {n} examples, LoGra {len(logra.layers)} layers, D = {logra.dim}, "
@@ -46,7 +55,7 @@ def _log(args):
     store = log_gradients(logra, model, data, lo["output"], batch_size=int(lo["batch_size"]), dtype=lo["dtype"],
                           ids=ids, chunk_rows=lo.get("chunk_rows"), overwrite=args.overwrite,
                           process_index=args.process_index, process_count=args.process_count,
-                          progress=not args.no_progress, extra_config=C.store_extra(cfg))
+                          progress=not args.no_progress, extra_config=extra)
     t2 = time.perf_counter()
     info = store.info()
     print(f"rows done {info['rows_done']}/{info['rows_total']}, {_human(info['bytes_on_disk'])} on disk; "
@@ -92,6 +101,106 @@ def _info(args):
     return 0
 
 
+def _classification_sampler(model, batch, keys):
+    import jax
+
+    logits = model(batch["x"])
+    return dict(batch, y=jax.vmap(jax.random.categorical)(keys, logits).astype(batch["y"].dtype))
+
+
+def _fit(args):
+    from jaxval import config as C
+    from jaxval.precondition import fit_preconditioner
+
+    cfg = C.load_config(args.config)
+    ft = cfg["fit"]
+    for key in ("kind", "damping", "relative_damping", "output", "fisher", "num_samples"):
+        v = getattr(args, key, None)
+        if v is not None:
+            ft[key] = v
+    if args.damping is not None:
+        ft["relative_damping"] = None
+    if args.kind and not args.output:
+        ft["output"] = f"{cfg['log']['output'].rstrip('/')}.{ft['kind']}.precond"
+    t0 = time.perf_counter()
+    model, _loss_fn, data, _ids, logra = C.prepare(cfg, progress=not args.no_progress)
+    sample_fn = None
+    if ft["fisher"] == "sampled":
+        if cfg["model"]["kind"] not in ("mlp", "cnn"):
+            raise C.ConfigError("fit.fisher: sampled is built in for classifiers (mlp, cnn) only; use the "
+                                "Python API with your own sample_fn for other models")
+        sample_fn = _classification_sampler
+    pc = fit_preconditioner(logra, model, data, kind=ft["kind"], damping=ft["damping"],
+                            relative_damping=ft["relative_damping"], batch_size=int(ft["batch_size"]),
+                            fisher=ft["fisher"], sample_fn=sample_fn, num_samples=int(ft["num_samples"]),
+                            seed=int(cfg["seed"]), progress=not args.no_progress)
+    pc.save(ft["output"], overwrite=True)
+    lam = sorted(pc.damping.values())
+    print(f"{ft['kind']} preconditioner over {len(_ids)} examples, {len(pc.names)} layers, damping "
+          f"{lam[0]:.3g}..{lam[-1]:.3g} -> {ft['output']} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _score(args):
+    import numpy as np
+
+    from jaxval import config as C
+    from jaxval.influence import influence, top_k
+    from jaxval.precondition import Preconditioner
+    from jaxval.report import render_examples, write_report
+    from jaxval.store import GradientStore, StoreError
+
+    train = GradientStore.open(args.store)
+    queries = GradientStore.open(args.queries)
+    for s in (train, queries):
+        if not s.is_complete():
+            raise StoreError(f"store {s.path} is incomplete ({s.num_done()}/{len(s)} rows): finish `jaxval log` first")
+    t_cfg, q_cfg = train.config.get("logra", {}), queries.config.get("logra", {})
+    if t_cfg.get("projection_sha256") != q_cfg.get("projection_sha256") or train.dim != queries.dim:
+        raise StoreError("the query store was logged with another LoGra configuration than the training store")
+    if train.config.get("model_fingerprint") != queries.config.get("model_fingerprint"):
+        raise StoreError("the query and training stores come from different model weights")
+    pc = Preconditioner.load(args.precond) if args.precond else None
+    if pc is not None:
+        pc.check_config(t_cfg)
+    q = queries.read(0, len(queries))
+    os.makedirs(args.out, exist_ok=True)
+    k = min(args.top_k, len(train))
+    t0 = time.perf_counter()
+    if len(q) * len(train) <= args.max_matrix:
+        s = influence(q, train, precond=pc, mode=args.mode, progress=not args.no_progress)
+        np.save(os.path.join(args.out, "scores.npy"), s)
+        order = np.argsort(-s, axis=1, kind="stable")
+        top_i, bot_i = order[:, :k], order[:, ::-1][:, :k]
+        top_v, bot_v = np.take_along_axis(s, top_i, 1), np.take_along_axis(s, bot_i, 1)
+    else:
+        top_v, top_i = top_k(q, train, k, precond=pc, mode=args.mode, largest=True, progress=not args.no_progress)
+        bot_v, bot_i = top_k(q, train, k, precond=pc, mode=args.mode, largest=False, progress=not args.no_progress)
+    elapsed = time.perf_counter() - t0
+    t_ids, q_ids = np.asarray(train.ids), np.asarray(queries.ids)
+    with open(os.path.join(args.out, "top_k.json"), "w") as f:
+        json.dump({"mode": args.mode, "precond": args.precond, "queries": [str(i) for i in q_ids],
+                   "proponents": [[str(t_ids[i]) for i in row] for row in np.asarray(top_i)],
+                   "proponent_scores": np.asarray(top_v).tolist(),
+                   "opponents": [[str(t_ids[i]) for i in row] for row in np.asarray(bot_i)],
+                   "opponent_scores": np.asarray(bot_v).tolist()}, f)
+    renders = []
+    for st in (queries, train):
+        dspec = (st.config.get("extra") or {}).get("data")
+        try:
+            data, ids, _ = C.build_data(dspec, for_model=None) if dspec else (None, None, None)
+            tok = C.build_tokenizer(dspec) if dspec else None
+        except Exception:  # noqa: BLE001 - the report then shows ids only
+            data, ids, tok = None, None, None
+        row_of = {str(v): r for r, v in enumerate(ids)} if ids is not None else {}
+        renders.append((render_examples(data, tok), (lambda i, m=row_of: m.get(str(i)))))
+    path = write_report(args.out, q_ids, t_ids, np.asarray(top_v), np.asarray(top_i), np.asarray(bot_v),
+                        np.asarray(bot_i), mode=args.mode, query_render=renders[0][0], query_row_of_id=renders[0][1],
+                        train_render=renders[1][0], train_row_of_id=renders[1][1])
+    print(f"scored {len(q)} queries x {len(train)} training rows ({args.mode}) in {elapsed:.2f} s -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxval", description="Data valuation for large models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,12 +221,38 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--process-index", type=int, default=None, help="this process's index (default: JAX's)")
     lg.add_argument("--process-count", type=int, default=None, help="number of processes (default: JAX's)")
     lg.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lg.add_argument("--split", default=None, choices=["train", "test", "all"],
+                    help="log this split instead of data.split (the model still trains on data.split); "
+                         "default output: score.queries_output")
     lg.set_defaults(func=_log)
 
     i = sub.add_parser("info", help="describe a gradient store: manifest, rows done / total, bytes on disk")
     i.add_argument("store", help="store path (folder or gs:// URL)")
     i.add_argument("--json", action="store_true", help="print the info as JSON")
     i.set_defaults(func=_info)
+
+    f = sub.add_parser("fit", help="fit a preconditioner (identity | raw | kfac | ekfac) from a config")
+    f.add_argument("--config", required=True)
+    f.add_argument("--kind", choices=["identity", "raw", "kfac", "ekfac"], default=None)
+    f.add_argument("--damping", type=float, default=None, help="absolute λ (default: relative 0.1)")
+    f.add_argument("--relative-damping", type=float, default=None)
+    f.add_argument("--fisher", choices=["empirical", "sampled"], default=None)
+    f.add_argument("--num-samples", type=int, default=None)
+    f.add_argument("--output", default=None, help="checkpoint folder (default: beside the store)")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=_fit)
+
+    s = sub.add_parser("score", help="score query gradients against a training store; writes a report")
+    s.add_argument("--store", required=True, help="training gradient store")
+    s.add_argument("--queries", required=True, help="query gradient store (e.g. `jaxval log --split test`)")
+    s.add_argument("--precond", default=None, help="preconditioner checkpoint from `jaxval fit`")
+    s.add_argument("--mode", default="cosine", choices=["dot", "cosine", "relative", "l2"])
+    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--out", default="out/scores")
+    s.add_argument("--max-matrix", type=int, default=50_000_000,
+                   help="write the full [Q, N] matrix when Q·N is at most this; else stream top-k only")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_score)
     return p
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-SECTIONS = ("name", "seed", "model", "data", "logra", "log")
+SECTIONS = ("name", "seed", "model", "data", "logra", "log", "fit", "score")
 MODEL_KINDS = ("mlp", "cnn", "gpt", "token_mlp")
 DATA_KINDS = ("digits", "mnist", "fashion-mnist", "text")
 
@@ -90,6 +90,22 @@ def normalize_config(cfg: Any, where: str = "config") -> dict:
     lo.setdefault("dtype", "bfloat16")
     lo.setdefault("batch_size", 64)
     lo.setdefault("chunk_rows", None)
+    ft = cfg.setdefault("fit", {}) or {}
+    cfg["fit"] = ft
+    ft.setdefault("kind", "ekfac")
+    ft.setdefault("damping", None)
+    ft.setdefault("relative_damping", None if ft.get("damping") is not None else 0.1)
+    ft.setdefault("fisher", "empirical")
+    ft.setdefault("num_samples", 1)
+    ft.setdefault("batch_size", lo["batch_size"])
+    ft.setdefault("output", f"{lo['output'].rstrip('/')}.{ft['kind']}.precond")
+    sc = cfg.setdefault("score", {}) or {}
+    cfg["score"] = sc
+    sc.setdefault("split", "test")
+    sc.setdefault("queries_output", os.path.join(os.path.dirname(lo["output"].rstrip("/")) or ".", "queries.store"))
+    sc.setdefault("mode", "cosine")
+    sc.setdefault("top_k", 10)
+    sc.setdefault("output", os.path.join(os.path.dirname(lo["output"].rstrip("/")) or ".", "scores"))
     return cfg
 
 
@@ -225,13 +241,18 @@ def load_model(model, path: str):
     return model
 
 
-def prepare(cfg: dict, progress: bool = True):
+def prepare(cfg: dict, progress: bool = True, split: str | None = None):
     """``(model, loss_fn, data, ids, logra)`` for a normalised config: builds the data and the model, loads
-    its checkpoint or trains it (deterministically), and builds the LoGra."""
+    its checkpoint or trains it (deterministically, on ``data.split``), and builds the LoGra. ``split``
+    (e.g. ``"test"`` for query gradients) returns that split's data instead of ``data.split``'s."""
     from jaxval.grads import LoGra
 
     mcfg, dcfg, lcfg = cfg["model"], cfg["data"], cfg["logra"]
     data, ids, info = build_data(dcfg, for_model=mcfg["kind"])
+    if split is not None and split != dcfg.get("split", "train"):
+        out_data, out_ids, _ = build_data(dict(dcfg, split=split), for_model=mcfg["kind"])
+    else:
+        out_data, out_ids = data, ids
     model, loss_fn = build_model(mcfg, info)
     if mcfg.get("checkpoint"):
         load_model(model, mcfg["checkpoint"])
@@ -257,7 +278,19 @@ def prepare(cfg: dict, progress: bool = True):
         warnings.filterwarnings("ignore", message="jaxval: parameters")
         logra = LoGra(model, loss_fn, rank=rank, init=lcfg.get("init", "gaussian"), seed=int(lcfg.get("seed", 0)),
                       layers=lcfg.get("layers"))
-    return model, loss_fn, data, ids, logra
+    return model, loss_fn, out_data, out_ids, logra
+
+
+def build_tokenizer(dcfg: dict):
+    """The tokenizer ``build_data`` used for a text data spec (None for other kinds)."""
+    if dcfg.get("kind") != "text":
+        return None
+    from jaxval.data.text import CharTokenizer, WordTokenizer, load_text
+
+    text = load_text(dcfg["corpus"], data_dir=dcfg.get("data_dir"))
+    if dcfg.get("tokenizer", "char") == "word":
+        return WordTokenizer.from_text(text, vocab_size=dcfg.get("vocab_size"))
+    return CharTokenizer.from_text(text)
 
 
 def store_extra(cfg: dict) -> dict:
