@@ -1,6 +1,7 @@
 """jaxval: data valuation for large models in JAX (LoGra influence functions, LinFiK / ALinFiK)."""
 
 from jaxval.grads import LoGra, explicit_grads, model_fingerprint
+from jaxval.influence import cached_self_influence, influence, self_influence, top_k
 from jaxval.layers import Layer, discover
 from jaxval.pipeline import log_gradients
 from jaxval.precondition import Preconditioner, fit_preconditioner, pca_projections
@@ -20,7 +21,11 @@ __all__ = [
     "fit_preconditioner",
     "pca_projections",
     "explicit_grads",
+    "cached_self_influence",
+    "influence",
     "init_projections",
+    "self_influence",
+    "top_k",
     "layer_key",
     "model_fingerprint",
     "projection_matrix",
