@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,3 +22,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out
+
+.venv-peers:
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install -q torch==2.13.0
+	.venv-peers/bin/pip install -q --no-deps --ignore-requires-python logix-ai==0.1.1
+	.venv-peers/bin/pip install -q numpy einops pyyaml tqdm psutil
+
+bench-peers: $(STAMP) .venv-peers
+	$(PY) benchmarks/peers/run.py --workloads token fmnist --rounds 4

@@ -182,7 +182,7 @@ class PeakSampler:
 
 
 def topk_memory_child(args) -> None:
-    from jaxval import influence as inf
+    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
 
     store = open_store(Path(args.workdir) / "store", args.rows, args.dim)
     rng = np.random.default_rng(1)
@@ -251,7 +251,7 @@ def main(argv=None):
 
     import jax
 
-    from jaxval import influence as inf
+    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
 
     Q, D, N, B = args.queries, args.dim, args.rows, args.block_rows
     madds = Q * D * N

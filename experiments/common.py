@@ -127,10 +127,14 @@ def run(cfg, *, model, make_model, loss_fn, train, queries, retrain_cfg, eval_fn
             res["loo"][mname] = {k: r[k] for k in ("pearson_mean", "pearson_min", "spearman_mean")}
 
     # ---------------------------------------------------------------- brittleness
+    pts = np.zeros(0, int)
     if cfg.get("brittleness"):
         bc = cfg["brittleness"]
         correct = np.asarray(eval_fn(model, {k: jax.numpy.asarray(v) for k, v in queries.items()})["correct"])
         pts = np.flatnonzero(correct)[: bc["points"]]
+        if len(pts) == 0:
+            print("brittleness skipped: no query is classified correctly", file=sys.stderr)
+    if len(pts):
         sub = {k: v[pts] for k, v in queries.items()}
         chosen = {m: scores[m][pts] for m in bc["methods"] if m in scores}
         b_cfg = ev.RetrainConfig(**{**retrain_cfg.__dict__, **bc.get("retrain", {})})

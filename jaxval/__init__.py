@@ -1,6 +1,8 @@
 """jaxval: data valuation for large models in JAX (LoGra influence functions, LinFiK / ALinFiK)."""
 
 from jaxval.grads import LoGra, explicit_grads, model_fingerprint
+from jaxval import alinfik
+from jaxval.linfik import gradient_stability, linfik, plot_stability
 from jaxval.influence import cached_self_influence, influence, self_influence, top_k
 from jaxval.layers import Layer, discover
 from jaxval.pipeline import log_gradients
@@ -21,7 +23,11 @@ __all__ = [
     "fit_preconditioner",
     "pca_projections",
     "explicit_grads",
+    "alinfik",
     "cached_self_influence",
+    "gradient_stability",
+    "linfik",
+    "plot_stability",
     "influence",
     "init_projections",
     "self_influence",

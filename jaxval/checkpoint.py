@@ -15,6 +15,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+def _checkpointer():
+    """This process alone writes or reads (under jax.distributed the other processes are not involved: callers
+    write from process 0 only, see ``jaxval.distributed.write_once``)."""
+    import jax
+
+    me = jax.process_index()
+    opts = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                              barrier_sync_key_prefix=f"jaxval-p{me}")
+    return ocp.StandardCheckpointer(multiprocessing_options=opts)
+
+
 def save(path: str, arrays: dict[str, Any], meta: dict | None = None, overwrite: bool = False) -> str:
     """Write ``arrays`` (a pytree of arrays) and ``meta`` (JSON-able) to the folder ``path``.
 
@@ -26,7 +37,7 @@ def save(path: str, arrays: dict[str, Any], meta: dict | None = None, overwrite:
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    ckpt = ocp.StandardCheckpointer()
+    ckpt = _checkpointer()
     ckpt.save(os.path.join(tmp, "arrays"), {k: np.asarray(v) for k, v in arrays.items()} if isinstance(arrays, dict) else arrays)
     ckpt.wait_until_finished()
     with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -44,5 +55,5 @@ def load(path: str) -> tuple[dict[str, Any], dict]:
         raise FileNotFoundError(f"{path} is not a jaxval checkpoint (no meta.json)")
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    arrays = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"))
+    arrays = _checkpointer().restore(os.path.join(path, "arrays"))
     return arrays, meta

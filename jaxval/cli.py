@@ -130,11 +130,16 @@ def _fit(args):
             raise C.ConfigError("fit.fisher: sampled is built in for classifiers (mlp, cnn) only; use the "
                                 "Python API with your own sample_fn for other models")
         sample_fn = _classification_sampler
-    pc = fit_preconditioner(logra, model, data, kind=ft["kind"], damping=ft["damping"],
+    import jax
+
+    from jaxval import distributed
+
+    fit = distributed.fit_preconditioner if jax.process_count() > 1 else fit_preconditioner
+    pc = fit(logra, model, data, kind=ft["kind"], damping=ft["damping"],
                             relative_damping=ft["relative_damping"], batch_size=int(ft["batch_size"]),
                             fisher=ft["fisher"], sample_fn=sample_fn, num_samples=int(ft["num_samples"]),
                             seed=int(cfg["seed"]), progress=not args.no_progress)
-    pc.save(ft["output"], overwrite=True)
+    distributed.write_once(ft["output"], lambda path: pc.save(path, overwrite=True))
     lam = sorted(pc.damping.values())
     print(f"{ft['kind']} preconditioner over {len(_ids)} examples, {len(pc.names)} layers, damping "
           f"{lam[0]:.3g}..{lam[-1]:.3g} -> {ft['output']} ({time.perf_counter() - t0:.1f} s)")
@@ -167,6 +172,14 @@ def _score(args):
     os.makedirs(args.out, exist_ok=True)
     k = min(args.top_k, len(train))
     t0 = time.perf_counter()
+    import jax
+
+    from jaxval import distributed
+
+    if jax.process_count() > 1:  # rows split across processes, results gathered on every process
+        align = getattr(train, "chunk_rows", 1)
+        influence = lambda q_, t_, **kw: distributed.score(q_, t_, align=align, **kw)  # noqa: E731
+        top_k = lambda q_, t_, k_, **kw: distributed.top_k(q_, t_, k_, align=align, **kw)  # noqa: E731
     if len(q) * len(train) <= args.max_matrix:
         s = influence(q, train, precond=pc, mode=args.mode, progress=not args.no_progress)
         np.save(os.path.join(args.out, "scores.npy"), s)
@@ -177,6 +190,9 @@ def _score(args):
         top_v, top_i = top_k(q, train, k, precond=pc, mode=args.mode, largest=True, progress=not args.no_progress)
         bot_v, bot_i = top_k(q, train, k, precond=pc, mode=args.mode, largest=False, progress=not args.no_progress)
     elapsed = time.perf_counter() - t0
+    if jax.process_index() != 0:
+        distributed.barrier("jaxval-score-report")
+        return 0
     t_ids, q_ids = np.asarray(train.ids), np.asarray(queries.ids)
     with open(os.path.join(args.out, "top_k.json"), "w") as f:
         json.dump({"mode": args.mode, "precond": args.precond, "queries": [str(i) for i in q_ids],
@@ -198,6 +214,8 @@ def _score(args):
                         np.asarray(bot_i), mode=args.mode, query_render=renders[0][0], query_row_of_id=renders[0][1],
                         train_render=renders[1][0], train_row_of_id=renders[1][1])
     print(f"scored {len(q)} queries x {len(train)} training rows ({args.mode}) in {elapsed:.2f} s -> {path}")
+    if jax.process_count() > 1:
+        distributed.barrier("jaxval-score-report")
     return 0
 
 
@@ -253,11 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the full [Q, N] matrix when Q·N is at most this; else stream top-k only")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_score)
+
+    import importlib
+
+    from jaxval import alinfik, distributed
+
+    importlib.import_module("jaxval.linfik").add_linfik_parser(sub)  # jaxval.linfik is also the function
+    alinfik.add_alinfik_parser(sub)
+    distributed.add_parser(sub)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("log", "fit", "score"):
+        from jaxval import distributed
+
+        distributed.initialize()  # no-op for one process; jax.distributed under `jaxval launch` or on a pod
     from jaxval.config import ConfigError
     from jaxval.store import StoreError
 

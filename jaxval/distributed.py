@@ -471,7 +471,7 @@ def score(queries, train, precond=None, mode: str = "dot", *, mesh=None, align: 
     ``align`` so each process reads whole chunks) on its local devices (``mesh``: a mesh of local
     devices, or None), then the column blocks are gathered in process order.
     """
-    from jaxval import influence as inf
+    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
 
     n = len(train)
     s, e = owned_range(n, align=align)
@@ -485,7 +485,7 @@ def top_k(queries, train, k: int = 10, precond=None, mode: str = "dot", *, large
           align: int = 1, **kw) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over training rows split across processes: local top-k per process, then a merge of the
     ``P·k`` candidates (ties: lower training index first, as :func:`jaxval.influence.top_k`)."""
-    from jaxval import influence as inf
+    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
 
     n = len(train)
     s, e = owned_range(n, align=align)

@@ -89,7 +89,7 @@ WORKER = textwrap.dedent('''
 
 def reference(tmp):
     """The one-process, one-device run with the plain library (in this pytest process)."""
-    from jaxval import influence as inf, precondition as pcm
+    import importlib; from jaxval import precondition as pcm; inf = importlib.import_module("jaxval.influence")
 
     ns = {}
     exec(SETUP, ns)

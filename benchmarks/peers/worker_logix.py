@@ -84,6 +84,7 @@ def _log_batches(run, batches, offset=0):
             loss = loss_fn(model, b).sum()
             loss.backward()
     run.finalize()
+    run.logger.clear(hook=True, module=False, buffer=False)   # else its hooks stay on the shared model
     return i - offset
 
 
@@ -119,14 +120,15 @@ def score_prep(path=None):
     S["score_run"] = run
     out = {"seconds": dt, "n": n, "examples_per_s": n / dt, "bytes_per_example": common.du(run.log_dir) / n}
     # query gradients: a non-saving pass over the queries, as LogIX's examples do
-    run.initialize_from_log()
-    run.eval()
+    qrun = _new_run("query")           # a fresh instance (reusing the logging one accumulates stale logs)
+    qrun.save(False)
     model, loss_fn = S["model"], S["loss_fn"]
     qb = {k: torch.cat([b[k] for b in S["q_b"]]) for k in S["q_b"][0]}
-    with run(data_id=[f"q{j}" for j in range(len(next(iter(qb.values()))))]):
+    with qrun(data_id=[f"q{j}" for j in range(len(next(iter(qb.values()))))]):
         model.zero_grad()
         loss_fn(model, qb).sum().backward()
-    S["q_log"] = run.get_log(copy=True)
+    S["q_log"] = qrun.get_log(copy=True)
+    qrun.logger.clear(hook=True, module=False, buffer=False)
     return out
 
 
