@@ -179,6 +179,7 @@ def main():
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                     help="torch intra-op threads for the peers (1 is faster on an oversubscribed machine)")
     ap.add_argument("--tmp", default="/tmp/jaxval_peers")
+    ap.add_argument("--tag", default="", help="suffix of the JSON name: peers_<workload><tag>.json")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
@@ -189,9 +190,11 @@ def main():
         R = bench(wl, args)
         R["meta"] = {**meta, "loadavg_end": os.getloadavg(), "wall_s": time.time() - t0}
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.out) / f"peers_{wl}.json", "w") as f:
+        with open(Path(args.out) / f"peers_{wl}{args.tag}.json", "w") as f:
             json.dump(R, f, indent=1)
-        md.append(table(R))
+        md.append(table(R) + f"\n\n{R['meta']['date']}, load start {tuple(round(x, 2) for x in R['meta']['loadavg_start'])}, "
+                  f"end {tuple(round(x, 2) for x in R['meta']['loadavg_end'])}, wall {R['meta']['wall_s']:.0f} s, "
+                  f"torch threads {args.torch_threads}")
         print(md[-1], flush=True)
     print(f"\n{meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, load {meta['loadavg_start']}")
 
