@@ -1,7 +1,9 @@
 """jaxval: data valuation for large models in JAX (LoGra influence functions, LinFiK / ALinFiK)."""
 
 from jaxval.grads import LoGra, explicit_grads, model_fingerprint
-from jaxval import alinfik
+from jaxval import alinfik, baselines, evaluate
+from jaxval.evaluate import (RetrainConfig, brittleness, fit, lds, lds_masks, leave_one_out, loo_correlation,
+                             retrain)
 from jaxval.linfik import gradient_stability, linfik, plot_stability
 from jaxval.influence import cached_self_influence, influence, self_influence, top_k
 from jaxval.layers import Layer, discover
@@ -23,7 +25,17 @@ __all__ = [
     "fit_preconditioner",
     "pca_projections",
     "explicit_grads",
+    "RetrainConfig",
     "alinfik",
+    "baselines",
+    "brittleness",
+    "evaluate",
+    "fit",
+    "lds",
+    "lds_masks",
+    "leave_one_out",
+    "loo_correlation",
+    "retrain",
     "cached_self_influence",
     "gradient_stability",
     "linfik",

@@ -162,6 +162,25 @@ def test_from_weights_rejects_wrong_shapes():
         llama.from_weights(cfg, {k: v for k, v in w.items() if k != "norm/scale"})
 
 
+def test_weight_cache_roundtrip(tmp_path):
+    from jaxval.models import weights
+
+    w = {"blocks/0/mlp/up_proj/kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
+         "embed/embedding": np.ones((4, 2), np.float32)}
+    entry = tmp_path / "entry"
+    assert weights.load_entry(entry) is None
+    assert weights.save_entry(entry, w, {"config": {"a": 1}})
+    got, meta = weights.load_entry(entry)
+    assert meta == {"config": {"a": 1}} and set(got) == set(w)
+    for k in w:
+        np.testing.assert_array_equal(got[k], w[k])
+    assert weights.save_entry(entry, {"x": np.zeros(1)}, {})       # an existing entry is kept as it is
+    assert set(weights.load_entry(entry)[0]) == set(w)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary left behind
+    (entry / "meta.json").write_text("{broken")
+    assert weights.load_entry(entry) is None                        # damaged: ignored, rebuilt by the caller
+
+
 # ----------------------------------------------------------------------------- SmolLM2-135M (real weights)
 
 def _have_smollm2():
