@@ -31,4 +31,4 @@ clean:
 	.venv-peers/bin/pip install -q numpy einops pyyaml tqdm psutil
 
 bench-peers: $(STAMP) .venv-peers
-	$(PY) benchmarks/peers/run.py --workloads token fmnist --rounds 4
+	$(PY) benchmarks/peers/run.py --workloads token fmnist smollm2 --rounds 4

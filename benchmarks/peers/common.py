@@ -16,9 +16,14 @@ HERE = Path(__file__).resolve().parent
 RESULT = "@@RESULT "
 
 WORKLOADS = {
-    # name: description; the model shapes are fixed in each framework's model definition
-    "token": dict(kind="token", vocab=1000, d=256, n_block=4, hidden=1024, batch=16, seq=128),
-    "fmnist": dict(kind="mlp", sizes=(784, 512, 256, 10), batch=256),
+    # name: description; the model shapes are fixed in each framework's model definition. n_log, n_score,
+    # q: default sizes (examples logged per round, logged for scoring, queries); layers: LoGra on the
+    # Linear layers whose name contains it (default every Linear)
+    "token": dict(kind="token", vocab=1000, d=256, n_block=4, hidden=1024, batch=16, seq=128,
+                  n_log=128, n_score=1024, q=64),
+    "fmnist": dict(kind="mlp", sizes=(784, 512, 256, 10), batch=256, n_log=2048, n_score=8192, q=64),
+    # SmolLM2-135M-Instruct (real weights), the 90 MLP projections as in the LoGra paper; random tokens
+    "smollm2": dict(kind="llama", vocab=49152, batch=4, seq=128, layers="mlp", n_log=32, n_score=32, q=8),
 }
 
 
@@ -45,7 +50,7 @@ def batches(workload: str, n: int, seed: int, split: str = "train"):
     w = WORKLOADS[workload]
     b = w["batch"]
     out = []
-    if w["kind"] == "token":
+    if w["kind"] in ("token", "llama"):
         rng = np.random.default_rng(seed)
         tok = rng.integers(0, w["vocab"], size=(n, w["seq"]), dtype=np.int32)
         for s in range(0, n, b):

@@ -1,6 +1,6 @@
 """Side-by-side benchmark: jaxval vs LogIX on the same models, weights, data and machine, one run.
 
-    python benchmarks/peers/run.py [--workloads token fmnist] [--rounds 5] [--out benchmarks/results]
+    python benchmarks/peers/run.py [--workloads token fmnist smollm2] [--rounds 5] [--out benchmarks/results]
 
 Each framework runs in its own long-lived worker process (jaxval under JAXVAL_PY, LogIX under PEERS_PY with
 the CPU torch); the driver sends the same command to one, then the other, alternating which goes first
@@ -76,8 +76,8 @@ def bench(workload, args):
     lx = Worker("logix", args.peers_py, "worker_logix.py", {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
                                                              "PEERS_TORCH_THREADS": str(args.torch_threads)})
     w = common.WORKLOADS[workload]
-    kw = dict(rank=args.rank, n_log=args.n_log or (128 if w["kind"] == "token" else 2048),
-              n_score=args.n_score or (1024 if w["kind"] == "token" else 8192), q=args.q)
+    kw = dict(rank=args.rank, n_log=args.n_log or w["n_log"], n_score=args.n_score or w["n_score"],
+              q=args.q or w["q"])
     R = {"workload": workload, "config": {**w, **kw, "torch_threads": args.torch_threads}, "rounds": args.rounds}
     try:
         R["setup"] = {"jaxval": jx("setup", workload=workload, weights=weights, **kw)}
@@ -125,7 +125,7 @@ def bench(workload, args):
                 S[name].append(res["seconds"])
                 R.setdefault("score_shape", res["shape"])
                 last[name] = res
-        R["scoring"] = {"Q": args.q, "N": sp["jaxval"]["n"], "times_s": S,
+        R["scoring"] = {"Q": kw["q"], "N": sp["jaxval"]["n"], "times_s": S,
                         "jaxval_s": med(S["jaxval"]), "logix_s": med(S["logix"]),
                         "ratio_per_pair": pairs(S["jaxval"], S["logix"]),
                         "ratio_median": med(pairs(S["jaxval"], S["logix"])),
@@ -171,9 +171,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--n-log", type=int, default=None)
-    ap.add_argument("--n-score", type=int, default=None)
-    ap.add_argument("--q", type=int, default=64)
+    # sizes: default each workload's n_log / n_score / q in common.WORKLOADS
+    ap.add_argument("--n-log", type=int, default=None, help="examples logged per round")
+    ap.add_argument("--n-score", type=int, default=None, help="examples logged for scoring (N)")
+    ap.add_argument("--q", type=int, default=None, help="query examples (Q)")
     ap.add_argument("--jaxval-py", default=str(ROOT / ".venv/bin/python"))
     ap.add_argument("--peers-py", default=str(ROOT / ".venv-peers/bin/python"))
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count(),

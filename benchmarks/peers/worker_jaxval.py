@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -19,7 +21,7 @@ from flax import nnx  # noqa: E402
 import jaxval as jv  # noqa: E402
 from jaxval.store import GradientStore  # noqa: E402
 from jaxval.influence import influence as jv_influence  # noqa: E402
-from jaxval.models import mlp, token_mlp  # noqa: E402
+from jaxval.models import llama, mlp, token_mlp  # noqa: E402
 from jaxval.train import train_step_fn  # noqa: E402
 
 import common  # noqa: E402
@@ -36,13 +38,18 @@ def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0):
     if w["kind"] == "token":
         model = token_mlp.TokenMLP(w["vocab"], w["d"], w["n_block"], w["hidden"], rngs=nnx.Rngs(seed))
         loss_fn = token_mlp.loss_fn
+    elif w["kind"] == "llama":
+        model, _ = llama.load_smollm2()
+        loss_fn = llama.loss_fn
+        with open(weights + ".json", "w") as f:       # architecture for the torch twin
+            json.dump(dataclasses.asdict(model.cfg), f)
     else:
         model = mlp.MLP(w["sizes"], rngs=nnx.Rngs(seed))
         loss_fn = mlp.loss_fn
     flat = {"/".join(str(p) for p in path): np.asarray(v.value)
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     np.savez(weights, **flat)
-    logra = jv.LoGra(model, loss_fn, rank=rank, types=(nnx.Linear,))
+    logra = jv.LoGra(model, loss_fn, rank=rank, layers=w.get("layers"), types=(nnx.Linear,))
     graphdef, state = nnx.split(model)
     step = logra._step(graphdef)
     train = train_step_fn(model, loss_fn)

@@ -1,7 +1,8 @@
 """LogIX (logix-ai 0.1.1, PyTorch CPU) side of the peer benchmark; run under the peers' venv with
 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1; driven by run.py over stdin/stdout.
 
-LoGra as LogIX does it: add_lora (rank 64, its default kaiming init) on every nn.Linear, the gradient of
+LoGra as LogIX does it: add_lora (rank 64, its default kaiming init) on every nn.Linear (or, where the
+workload names ``layers``, those whose name contains it: LogIX's name_filter), the gradient of
 the zero bottleneck logged per example ({"grad": ["log"]}), loss = SUM over examples and tokens."""
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0, roo
     q_b = [_t(b) for b in common.batches(workload, q, seed=3, split="test")]
     with torch.no_grad():
         loss0 = float(loss_fn(ref, log_b[0]).sum())
+    layers = common.WORKLOADS[workload].get("layers")
     S.update(model=model, ref=ref, loss_fn=loss_fn, log_b=log_b, score_b=score_b, q_b=q_b, root=root,
-             rank=rank, logix=logix, n_runs=0)
+             rank=rank, logix=logix, n_runs=0, name_filter=[layers] if layers else None)
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root, exist_ok=True)
     cfg = os.path.join(root, "config.yaml")
@@ -63,7 +65,7 @@ def _new_run(name):
     project = f"{name}_{S['n_runs']}"
     shutil.rmtree(os.path.join(S["root"], project), ignore_errors=True)
     run = logix.LogIX(project, config=S["cfg"])
-    run.watch(S["model"])
+    run.watch(S["model"], name_filter=S["name_filter"])
     if not S.get("lora_added"):
         run.add_lora()
         S["lora_added"] = True
