@@ -7,6 +7,8 @@ In each child: the token model (``TokenMLP`` 1000/256/4/1024, 2.6M params), LoGr
 ``nnx.Linear`` (9 layers, as in ``benchmarks/peers``), and three jitted programs on the same batch:
 
 - ``forward``: mean LM loss only (no backward),
+- ``act_backward``: forward + backward through the activations only (gradient w.r.t. the embedding table:
+  every layer's output cotangent, no weight-gradient products, no projections): LoGra's floor,
 - ``logra``: ``LoGra._step(graphdef)(state, batch, projections)`` -> ([B, D] float32, [B] losses),
 - ``train``: ``jaxval.train.train_step_fn`` -> (loss, weight gradients).
 
@@ -59,9 +61,18 @@ def child(batch: int, reps: int) -> dict:
     def forward(state, batch):
         return jnp.mean(loss_fn(nnx.merge(graphdef, state), batch))
 
+    # backward through the activations only: the gradient w.r.t. the embedding table (a scatter-add, no
+    # weight-gradient matrix products) needs every layer's input cotangent, as LoGra does, but no projections
+    emb_state, rest = nnx.state(model, nnx.PathContains("embed"), ...)
+
+    @jax.jit
+    def act_backward(emb_state, rest, batch):
+        return jax.grad(lambda e: jnp.mean(loss_fn(nnx.merge(graphdef, e, rest), batch)))(emb_state)
+
     logra_step = logra._step(graphdef)
     train = train_step_fn(model, loss_fn)
-    progs = {"forward": (forward, (state, b)), "logra": (logra_step, (state, b, logra.projections)),
+    progs = {"forward": (forward, (state, b)), "act_backward": (act_backward, (emb_state, rest, b)),
+             "logra": (logra_step, (state, b, logra.projections)),
              "train": (train, (state, b))}
     out = {"batch": batch, "tokens": batch * 128, "dim": logra.dim, "jax": jax.__version__,
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "cost": {}, "compile_s": {}, "times_s": {}}
@@ -113,7 +124,7 @@ def main():
         r["wall_s"], r["loadavg"] = time.time() - t0, os.getloadavg()
         rows[name] = r
         m = r["median_ms"]
-        print(f"{name:24s} B={batch:2d} fwd {m['forward']:7.1f} ms  logra {m['logra']:7.1f} ms  "
+        print(f"{name:24s} B={batch:2d} fwd {m['forward']:7.1f} ms  act-bwd {m['act_backward']:7.1f} ms  logra {m['logra']:7.1f} ms  "
               f"train {m['train']:7.1f} ms  logra/train {m['logra'] / m['train']:.2f}  "
               f"load {r['loadavg'][0]:.2f}", flush=True)
     meta["loadavg_end"] = os.getloadavg()
@@ -126,19 +137,21 @@ def main():
         print("\ncost analysis (baseline, B=16):")
         print("| program | GFLOP | GB accessed | transcendentals (M) | median ms | GFLOP/s |")
         print("|---|---|---|---|---|---|")
-        for k in ("forward", "logra", "train"):
+        for k in ("forward", "act_backward", "logra", "train"):
             c = base["cost"][k]
             print(f"| {k} | {c.get('flops', 0) / 1e9:.2f} | {c.get('bytes accessed', 0) / 1e9:.3f} | "
                   f"{c.get('transcendentals', 0) / 1e6:.2f} | {base['median_ms'][k]:.1f} | "
                   f"{c.get('flops', 0) / 1e6 / base['median_ms'][k]:.1f} |")
-    print("\n| config | XLA_FLAGS | B | forward ms | LoGra ms | train ms | LoGra/train | LoGra examples/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| config | XLA_FLAGS | B | forward ms | act-backward ms | LoGra ms | train ms | LoGra/train | "
+          "LoGra examples/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "error" in r:
-            print(f"| {name} | `{r['xla_flags']}` | {r['batch']} | failed: {r['error'][:80]} | | | | |")
+            print(f"| {name} | `{r['xla_flags']}` | {r['batch']} | failed: {r['error'][:80]} | | | | | |")
             continue
         m = r["median_ms"]
-        print(f"| {name} | `{r['xla_flags'] or '(none)'}` | {r['batch']} | {m['forward']:.1f} | {m['logra']:.1f} | "
+        print(f"| {name} | `{r['xla_flags'] or '(none)'}` | {r['batch']} | {m['forward']:.1f} | "
+              f"{m['act_backward']:.1f} | {m['logra']:.1f} | "
               f"{m['train']:.1f} | {m['logra'] / m['train']:.2f} | {r['batch'] / m['logra'] * 1e3:.1f} |")
 
 

@@ -148,6 +148,24 @@ def run(cfg, *, model, make_model, loss_fn, train, queries, retrain_cfg, eval_fn
         ev.plot_brittleness(curves, bc["ks"], png, title=title or name)
         res["brittleness"]["plot"] = os.path.basename(png)
 
+    # ------------------------------------------------- removal test (brittleness for language models)
+    if cfg.get("removal"):
+        rc = cfg["removal"]
+        sub = {k: v[: rc["points"]] for k, v in queries.items()}
+        chosen = {m: scores[m][: rc["points"]] for m in rc["methods"] if m in scores}
+        r_cfg = ev.RetrainConfig(**{**retrain_cfg.__dict__, **rc.get("retrain", {})})
+        with ev.Cost() as c:
+            curves = ev.removal_effect(make_model, loss_fn, train, sub, chosen, rc["ks"], rc["seeds"], r_cfg, eval_fn,
+                                       cache_dir=cache)
+        res["removal_retrain_seconds"] = round(c.seconds, 1)
+        res["removal"] = {"ks": list(rc["ks"]), "points": int(jax.tree.leaves(sub)[0].shape[0]),
+                          "seeds": len(rc["seeds"]),
+                          "curves": {m: [float(v) for v in ys] for m, ys in curves.items()}}
+        png = os.path.join(out, f"{name}_removal.png")
+        ev.plot_brittleness(curves, rc["ks"], png, title=title or name,
+                            ylabel="mean increase of the query loss (nats)")
+        res["removal"]["plot"] = os.path.basename(png)
+
     res["total_seconds"] = round(time.perf_counter() - t_all, 1)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -189,4 +207,13 @@ def markdown(res, title="") -> str:
                   "|---|" + "---|" * len(b["ks"])]
         for m, ys in b["curves"].items():
             lines.append(f"| {m} | " + " | ".join(f"{y:.2f}" for y in ys) + " |")
+    if "removal" in res:
+        r = res["removal"]
+        lines += ["", f"Removal test ({r['points']} queries × {r['seeds']} seeds; mean increase of each query's own "
+                      f"loss, in nats, after removing its top-k proponents and retraining, relative to training on "
+                      f"all data with the same seed; random = k random blocks) — ![]({r['plot']})", "",
+                  "| method | " + " | ".join(f"k={k}" for k in r["ks"]) + " |",
+                  "|---|" + "---|" * len(r["ks"])]
+        for m, ys in r["curves"].items():
+            lines.append(f"| {m} | " + " | ".join(f"{y:+.4f}" for y in ys) + " |")
     return "\n".join(lines) + "\n"

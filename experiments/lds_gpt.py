@@ -3,7 +3,8 @@
     python experiments/lds_gpt.py --config configs/lds_gpt.yaml [--tiny] [--out DIR]
 
 Blocks of ``block_len`` characters; the query loss is the summed next-token loss of a held-out block.
-No brittleness test (no single prediction to flip). Character tokenizer fitted on the corpus.
+No flip-based brittleness test (no single prediction to flip): the removal test instead (the query's loss
+increase after removing its top-k proponents vs k random blocks). Character tokenizer fitted on the corpus.
 """
 
 import os

@@ -3,7 +3,7 @@
 from jaxval.grads import LoGra, explicit_grads, model_fingerprint
 from jaxval import alinfik, baselines, evaluate
 from jaxval.evaluate import (RetrainConfig, brittleness, fit, lds, lds_masks, leave_one_out, loo_correlation,
-                             retrain)
+                             removal_effect, retrain)
 from jaxval.linfik import gradient_stability, linfik, plot_stability
 from jaxval.influence import cached_self_influence, influence, self_influence, top_k
 from jaxval.layers import Layer, discover
@@ -35,6 +35,7 @@ __all__ = [
     "lds_masks",
     "leave_one_out",
     "loo_correlation",
+    "removal_effect",
     "retrain",
     "cached_self_influence",
     "gradient_stability",

@@ -42,7 +42,7 @@ from jaxval.grads import model_fingerprint
 
 __all__ = [
     "RetrainConfig", "retrain", "lds_masks", "lds", "LDSResult", "spearman", "pearson",
-    "leave_one_out", "loo_correlation", "brittleness_masks", "brittleness", "subset_seeds",
+    "leave_one_out", "loo_correlation", "brittleness_masks", "brittleness", "removal_effect", "subset_seeds",
 ]
 
 
@@ -345,6 +345,33 @@ def brittleness(make_model, loss_fn, train, test_points, methods: Mapping[str, n
     return out
 
 
+def removal_effect(make_model, loss_fn, train, test_points, methods: Mapping[str, np.ndarray], ks, seeds,
+                   config: RetrainConfig, eval_fn=None, *, key: str = "loss", cache_dir=None, random_seed: int = 0,
+                   progress=True) -> dict:
+    """The brittleness test for models without a single prediction to flip (language models): the mean
+    increase of each test point's own ``eval_fn(...)[key]`` (its loss) when its top-``k`` proponents
+    under each method (or ``k`` random points, ``"random"``) are removed and the model retrained, relative
+    to the model trained on all data with the same seed. Averaged over points and seeds.
+
+    methods: ``{name: scores [Q, N]}``. Returns ``{name: [K] mean increase}``."""
+    ks = list(ks)
+    seeds = np.asarray(seeds)
+    eval_fn = eval_fn or _default_eval(loss_fn)
+    q = jax.tree.leaves(test_points)[0].shape[0]
+    n = masks_n(train)
+    base = retrain(make_model, loss_fn, train, np.ones((len(seeds), n), bool), seeds, config, test_points, eval_fn,
+                   cache_dir=cache_dir, tag="removal-base", progress=progress)[key]  # [S, Q]
+    out = {}
+    for name, sc in {**methods, "random": None}.items():
+        m = brittleness_masks(np.zeros((q, n)) if sc is None else sc, ks, seed=random_seed, random=sc is None)
+        rows = np.repeat(m.reshape(q * len(ks), -1), len(seeds), 0)
+        res = retrain(make_model, loss_fn, train, rows, np.tile(seeds, q * len(ks)), config, test_points, eval_fn,
+                      cache_dir=cache_dir, tag=f"removal-{name}", progress=progress)[key]
+        own = res.reshape(q, len(ks), len(seeds), q)[np.arange(q), :, :, np.arange(q)]  # [Q, K, S]
+        out[name] = (own - base.T[:, None, :]).mean((0, 2))
+    return out
+
+
 def masks_n(train) -> int:
     return jax.tree.leaves(train)[0].shape[0]
 
@@ -412,8 +439,9 @@ def fit(make_model, loss_fn, train, config: RetrainConfig, seed: int = 0, warm_s
     return out
 
 
-def plot_brittleness(curves: Mapping[str, np.ndarray], ks, path: str, title: str = "") -> str:
-    """Flip rate vs k, one line per method (``random`` dashed)."""
+def plot_brittleness(curves: Mapping[str, np.ndarray], ks, path: str, title: str = "",
+                     ylabel: str = "fraction of test predictions flipped") -> str:
+    """Flip rate (or ``ylabel``) vs k, one line per method (``random`` dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -424,7 +452,7 @@ def plot_brittleness(curves: Mapping[str, np.ndarray], ks, path: str, title: str
         ax.plot(list(ks), np.asarray(ys), "--" if name == "random" else "-o", label=name, ms=4,
                 color="gray" if name == "random" else None)
     ax.set_xlabel("k = training points removed")
-    ax.set_ylabel("fraction of test predictions flipped")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "brittleness")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -154,6 +154,29 @@ def test_brittleness_runs_and_random_flips_less(toy):
     assert res["same-label"][1] >= res["random"][1]
 
 
+def test_removal_effect_matches_direct_retraining(toy):
+    train, test = toy
+    cfg = ev.RetrainConfig(steps=60, lr=0.1, batch_size=None, optimizer="adam", chunk=64)
+    pts = {k: v[:3] for k, v in test.items()}
+    sc = (pts["y"][:, None] == train["y"][None]).astype(np.float32)
+    res = ev.removal_effect(Lin, ce, train, pts, {"same-label": sc}, [0, 20], [0, 1], cfg, progress=False)
+    assert set(res) == {"same-label", "random"}
+    np.testing.assert_allclose(res["random"][0], 0.0, atol=1e-6)  # k = 0 removes nothing
+    # reference: retrain by hand without point 1's top-20 proponents (stable order of its scores)
+    n = len(train["y"])
+    deltas = []
+    for q in range(3):
+        keep = np.ones(n, bool)
+        keep[np.argsort(-sc[q], kind="stable")[:20]] = False
+        for seed in (0, 1):
+            full = ev.retrain(Lin, ce, train, np.ones((1, n), bool), [seed], cfg, pts, progress=False)["loss"][0, q]
+            cut = ev.retrain(Lin, ce, train, keep[None], [seed], cfg, pts, progress=False)["loss"][0, q]
+            deltas.append(cut - full)
+    np.testing.assert_allclose(res["same-label"][1], np.mean(deltas), rtol=1e-4, atol=1e-6)
+    # removing the points of the query's own label raises its loss more than removing random points
+    assert res["same-label"][1] > res["random"][1]
+
+
 def test_dense_projection_is_blockwise_consistent():
     g = jax.random.normal(jax.random.key(0), (3, 1000))
     key = jax.random.key(7)
