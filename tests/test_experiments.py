@@ -59,7 +59,7 @@ def test_linfik_howdy_tiny(tmp_path):
     assert "[pool]" not in r2.stdout
 
 
-def test_sharegpt_parser_truncated():
+def test_linfik_howdy_sharegpt_parser():
     """The item-by-item parser keeps every complete conversation of a truncated JSON list."""
     import importlib.util
 
