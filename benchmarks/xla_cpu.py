@@ -37,6 +37,8 @@ CONFIGS = {
     "onednn": ("--xla_cpu_use_onednn=true", 16),
     "no_multi_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", 16),
     "fast_math": ("--xla_cpu_enable_fast_math=true", 16),
+    "xnn_fusion": ("--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce", 16),
+    "onednn_fusion": ("--xla_cpu_experimental_onednn_fusion_type=dot,eltwise", 16),
     "batch8": ("", 8),
     "batch32": ("", 32),
 }

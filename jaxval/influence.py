@@ -233,7 +233,12 @@ class _Placer:
             self.repl = NamedSharding(mesh, P())
 
     def block(self, x):
-        return jax.device_put(x, self.rows2) if self.mesh is not None else jax.device_put(x)
+        if self.mesh is not None:
+            return jax.device_put(x, self.rows2)
+        # a block read from a store is a fresh, aligned, never-mutated host buffer: on CPU the device
+        # array can alias it instead of copying it (elsewhere this is an ordinary transfer)
+        aliasable = isinstance(x, np.ndarray) and x.flags.c_contiguous and x.ctypes.data % 64 == 0
+        return jax.device_put(x, may_alias=True) if aliasable else jax.device_put(x)
 
     def vector(self, x):
         return jax.device_put(x, self.rows1) if self.mesh is not None else jax.device_put(x)

@@ -399,6 +399,21 @@ def _parse_manifest(raw: bytes, where: str) -> dict:
     return m
 
 
+def aligned_f32(arr) -> np.ndarray:
+    """``arr`` as float32 in a fresh 64-byte-aligned buffer (one conversion pass).
+
+    XLA:CPU takes such arrays without a copy (``jax.device_put(x, may_alias=True)``); an unaligned
+    array is copied, at ~1.3 GB/s (measured: 120 ms for a 150 MB block, vs 0.1 ms aligned)."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.float32 and arr.ctypes.data % 64 == 0:
+        return arr
+    buf = np.empty(arr.size * 4 + 64, np.uint8)
+    off = -buf.ctypes.data % 64
+    out = buf[off:off + arr.size * 4].view(np.float32).reshape(arr.shape)
+    np.copyto(out, arr, casting="unsafe")
+    return out
+
+
 class GradientStore:
     """An [N, D] matrix of per-example gradients on disk; see the module docstring for the layout.
 
@@ -687,7 +702,7 @@ class GradientStore:
         return start, stop
 
     def _to_f32(self, arr) -> np.ndarray:
-        return np.asarray(arr).astype(np.float32, copy=False)
+        return aligned_f32(arr)
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as float32 [stop - start, dim]."""
