@@ -1,7 +1,7 @@
 """Plot LoGra vs explicit full per-example gradients (speed-up) against parameter count.
 
     .venv/bin/python benchmarks/peers/plot_logra_vs_full.py  # reads benchmarks/results/grads_throughput.json
-                                                             # writes benchmarks/results/logra_vs_full.png
+                                                             # writes benchmarks/results/logra_vs_full_mlp_gpt.png
 """
 import json
 from pathlib import Path
@@ -32,6 +32,6 @@ ax.set_title(f"LoGra rank 64 vs full per-example gradients, CPU ({m['date']})", 
 ax.legend(fontsize=8)
 fig.text(0.01, 0.01, m["command"], fontsize=6, color="grey")
 fig.tight_layout()
-out = ROOT / "benchmarks/results/logra_vs_full.png"
+out = ROOT / "benchmarks/results/logra_vs_full_mlp_gpt.png"
 fig.savefig(out, dpi=120)
 print(out)
