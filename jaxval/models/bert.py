@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxval.models._weights import module_from_weights
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -300,32 +302,7 @@ def from_hf_state_dict(cfg: BertConfig, sd: dict[str, np.ndarray]) -> BertEncode
 
 def from_weights(cfg: BertConfig, weights: dict[str, np.ndarray]) -> BertEncoder:
     """A :class:`BertEncoder` holding ``weights`` (nnx path -> array), every parameter with its exact shape."""
-    abstract = nnx.eval_shape(lambda: BertEncoder(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(state)
-    dt = jnp.dtype(cfg.dtype)
-    seen = set()
-
-    def fill(tree, prefix):
-        for k, v in tree.items():
-            name = f"{prefix}/{k}" if prefix else str(k)
-            if isinstance(v, dict):
-                fill(v, name)
-                continue
-            if name not in weights:
-                raise KeyError(f"no weight given for parameter {name!r}")
-            a = np.asarray(weights[name])
-            if tuple(a.shape) != tuple(v.shape):
-                raise ValueError(f"weight {name!r} has shape {a.shape}, the model expects {tuple(v.shape)}")
-            tree[k] = jnp.asarray(a, dt)
-            seen.add(name)
-
-    fill(pure, "")
-    extra = sorted(set(weights) - seen)
-    if extra:
-        raise ValueError(f"weights not used by the model: {extra[:5]}")
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    return module_from_weights(lambda: BertEncoder(cfg, rngs=nnx.Rngs(0)), weights, cfg.dtype)
 
 
 def minilm_path() -> Path:

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxval.models._weights import module_from_weights
+
 from jaxval.models.gpt import lm_loss_fn, param_count, sequence_loss  # noqa: F401 (re-exported)
 
 
@@ -535,32 +537,7 @@ def weights_from_gguf(reader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
 def from_weights(cfg: LlamaConfig, weights: dict[str, np.ndarray]) -> Llama:
     """A :class:`Llama` holding ``weights`` (nnx path -> array); every parameter must be given with its
     exact shape. Built without random initialisation."""
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(state)
-    dt = jnp.dtype(cfg.dtype)
-    seen = set()
-
-    def fill(tree, prefix):
-        for k, v in tree.items():
-            name = f"{prefix}/{k}" if prefix else str(k)
-            if isinstance(v, dict):
-                fill(v, name)
-                continue
-            if name not in weights:
-                raise KeyError(f"no weight given for parameter {name!r}")
-            w = np.asarray(weights[name])
-            if tuple(w.shape) != tuple(v.shape):
-                raise ValueError(f"weight {name!r} has shape {w.shape}, the model expects {tuple(v.shape)}")
-            tree[k] = jnp.asarray(w, dt)
-            seen.add(name)
-
-    fill(pure, "")
-    extra = sorted(set(weights) - seen)
-    if extra:
-        raise ValueError(f"weights not used by the model: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    return module_from_weights(lambda: Llama(cfg, rngs=nnx.Rngs(0)), weights, cfg.dtype)
 
 
 _CACHE_VERSION = 2
