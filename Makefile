@@ -29,6 +29,7 @@ clean:
 	.venv-peers/bin/pip install -q torch==2.13.0
 	.venv-peers/bin/pip install -q --no-deps --ignore-requires-python logix-ai==0.1.1
 	.venv-peers/bin/pip install -q numpy einops pyyaml tqdm psutil
+	.venv-peers/bin/pip install -q --no-deps kronfluence==1.0.1 accelerate==1.15.0 safetensors==0.8.0 opt_einsum==3.4.0 einconv==0.1.0 packaging
 
 bench-peers: $(STAMP) .venv-peers
 	$(PY) benchmarks/peers/run.py --workloads token fmnist smollm2 --rounds 4

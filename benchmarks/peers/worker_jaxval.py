@@ -21,6 +21,8 @@ from flax import nnx  # noqa: E402
 import jaxval as jv  # noqa: E402
 from jaxval.store import GradientStore  # noqa: E402
 from jaxval.influence import influence as jv_influence  # noqa: E402
+from jaxval.baselines import streamed_scores  # noqa: E402
+from jaxval.precondition import fit_preconditioner  # noqa: E402
 from jaxval.models import llama, mlp, token_mlp  # noqa: E402
 from jaxval.train import train_step_fn  # noqa: E402
 
@@ -133,5 +135,56 @@ def score(mode="dot"):
     return {"seconds": dt, "shape": list(s.shape), "checksum": float(np.abs(s).sum())}
 
 
+# ----------------------------------------------------------------------------- un-projected EK-FAC
+# (the Kronfluence comparison, run_kronfluence.py): jaxval.baselines.ekfac_scores split into its timed parts
+
+def ekfac_prep(n=2048, q=64):
+    """Identity "projections" (rank None: exact per-layer factors) on every Linear; N training examples
+    (seed 1: the Kronfluence worker's), Q test queries (seed 3)."""
+    w = common.WORKLOADS[S["workload"]]
+    lg = jv.LoGra(S["model"], S["loss_fn"], rank=None, init="identity", layers=w.get("layers"), types=(nnx.Linear,))
+    train_b = [jax.tree.map(jnp.asarray, b) for b in common.batches(S["workload"], n, seed=1)]
+    q_b = [jax.tree.map(jnp.asarray, b) for b in common.batches(S["workload"], q, seed=3, split="test")]
+    S.update(ek_logra=lg, ek_train=train_b, ek_q=q_b, ek_batch=w["batch"])
+    loss0 = float(jnp.sum(S["loss_fn"](S["model"], train_b[0])))
+    return {"dim": lg.dim, "n": sum(int(b["y"].shape[0]) for b in train_b),
+            "q": sum(int(b["y"].shape[0]) for b in q_b), "loss0": loss0,
+            "layers": [[l.name, l.k_in, l.k_out] for l in lg.layers]}
+
+
+def ekfac_fit(relative_damping=0.1, damping=None, fisher="empirical", warm=False):
+    """``warm``: on the first training batch only (compiles what the full fit needs: same shapes)."""
+    data = S["ek_train"][:1] if warm else S["ek_train"]
+    t0 = time.perf_counter()
+    pc = fit_preconditioner(S["ek_logra"], S["model"], data, kind="ekfac", damping=damping,
+                            relative_damping=None if damping is not None else relative_damping,
+                            batch_size=S["ek_batch"], fisher=fisher, progress=False)
+    _block(pc.factors)
+    dt = time.perf_counter() - t0
+    S["ek_pc"] = pc
+    return {"seconds": dt, "damping": {k: float(v) for k, v in pc.damping.items()},
+            "mean_eigenvalue": {n: float(jnp.mean(pc.factors[n]["L"])) for n in pc.names}}
+
+
+def ekfac_score(out, relative_damping=None, damping=None, warm=False):
+    """Scores [Q, N] -> ``out`` (.npy): query gradients, H⁻¹ per layer, training gradients streamed in
+    batches (``[N, D]`` never stored). ``damping`` / ``relative_damping``: re-damp the fitted factors
+    (untimed) instead of the fit's damping. ``warm``: score against the first training batch only."""
+    pc, lg, model = S["ek_pc"], S["ek_logra"], S["model"]
+    if damping is not None or relative_damping is not None:
+        pc = pc.with_damping(damping=damping, relative_damping=None if damping is not None else relative_damping)
+    t0 = time.perf_counter()
+    gq = jnp.concatenate([lg.grads(model, b) for b in S["ek_q"]])
+    hq = pc.apply(gq)
+    train = S["ek_train"][:1] if warm else S["ek_train"]
+    s = _block(jnp.asarray(streamed_scores(lg, model, hq, train, S["ek_batch"])))
+    dt = time.perf_counter() - t0
+    s = np.asarray(s)
+    np.save(out, s)
+    return {"seconds": dt, "shape": list(s.shape), "path": out,
+            "damping": {k: float(v) for k, v in pc.damping.items()}}
+
+
 if __name__ == "__main__":
-    common.serve(dict(setup=setup, train=train, grads=grads, log=log, score_prep=score_prep, score=score))
+    common.serve(dict(setup=setup, train=train, grads=grads, log=log, score_prep=score_prep, score=score,
+                      ekfac_prep=ekfac_prep, ekfac_fit=ekfac_fit, ekfac_score=ekfac_score))
