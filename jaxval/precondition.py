@@ -82,18 +82,28 @@ def batch_statistics(logra: LoGra, kind: str, g: jax.Array, pairs, basis=None) -
             out[l.name] = {"A": a_sum, "S": s_sum, "tokens": tokens}
         elif kind == "ekfac":
             qa, qs = basis[l.name]
-            gb = g[:, slice(*offs[l.name])].reshape(-1, l.k_in, l.k_out)
-            rot = jnp.einsum("ki,bkl,lj->bij", qa, gb, qs, precision=_HI)
+            calls = pairs[l.name] if pairs is not None else None
+            t = sum(a.shape[1] for a, _, _ in calls) if calls else None
+            if t is not None and t * (l.k_in ** 2 + l.k_out ** 2) < l.k_in * l.k_out * (l.k_in + l.k_out):
+                # few tokens: rotate the factors, then contract: Q_Aᵀ (Σ_t a_t s_tᵀ) Q_S = Σ_t (Q_Aᵀa_t)(Q_Sᵀs_t)ᵀ
+                # costs T·(k_in² + k_out² + k_in·k_out) per example instead of k_in·k_out·(T + k_in + k_out)
+                rot = sum(jnp.einsum("bti,btj->bij", jnp.einsum("btk,ki->bti", a, qa, precision=_HI),
+                                     jnp.einsum("btl,lj->btj", c, qs, precision=_HI), precision=_HI)
+                          for a, c, _ in calls)
+            else:
+                gb = g[:, slice(*offs[l.name])].reshape(-1, l.k_in, l.k_out)
+                rot = jnp.einsum("ki,bkl,lj->bij", qa, gb, qs, precision=_HI)
             out[l.name] = {"L": jnp.sum(rot * rot, axis=0)}
     return out
 
 
 def statistics_step(logra: LoGra, model: nnx.Module, kind: str, basis=None,
-                    sample_fn: Callable | None = None) -> Callable:
+                    sample_fn: Callable | None = None, return_grads: bool = True) -> Callable:
     """A jitted ``step(state, batch, projections, keys) -> (g [B, D], losses [B], stats)``.
 
     With ``sample_fn`` the statistics (and ``g``) are those of ``sample_fn(model, batch, keys)``, a batch
-    whose labels were drawn from the model (``keys``: one PRNG key per example)."""
+    whose labels were drawn from the model (``keys``: one PRNG key per example). ``return_grads=False``:
+    ``g`` is None, and the per-example gradients are formed only where a statistic needs them."""
     graphdef, _ = nnx.split(model)
     layers, loss_fn = logra.layers, logra.loss_fn
 
@@ -102,8 +112,9 @@ def statistics_step(logra: LoGra, model: nnx.Module, kind: str, basis=None,
         if sample_fn is not None:
             batch = sample_fn(nnx.merge(graphdef, state), batch, keys)
         losses, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch)
-        g = blocks_from_pairs(layers, pairs)
-        return g, losses, batch_statistics(logra, kind, g, pairs, basis)
+        g = blocks_from_pairs(layers, pairs)  # dead code for XLA where nothing below reads it
+        stats = batch_statistics(logra, kind, g, pairs, basis)
+        return (g if return_grads else None), losses, stats
 
     def run(state, batch, keys=None):
         return step(state, batch, logra.projections, keys, basis)
@@ -349,7 +360,8 @@ def accumulate(logra: LoGra, model: nnx.Module, data, kind: str, batch_size: int
                          "from the model (keys: one PRNG key per example)")
     check_independent_examples(model)
     state_model = nnx.state(model)
-    step = statistics_step(logra, model, kind, basis, sample_fn if fisher == "sampled" else None)
+    step = statistics_step(logra, model, kind, basis, sample_fn if fisher == "sampled" else None,
+                           return_grads=False)
     state = init(logra, kind, basis)
     n = _num_examples(data)
     samples = num_samples if fisher == "sampled" else 1

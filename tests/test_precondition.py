@@ -335,3 +335,39 @@ def test_error_unknown_kind(tiny):
     m, data, lg, _, _ = tiny
     with pytest.raises(ValueError, match="unknown preconditioner kind"):
         jv.fit_preconditioner(lg, m, data, kind="kfca", progress=False)
+
+
+@pytest.mark.parametrize("seq", [2, 40])
+def test_ekfac_refit_from_factors_equals_refit_from_gradients(seq):
+    """The eigenvalue re-fit rotates the projected factors when an example has few tokens (seq 2) and the
+    per-example gradients otherwise (seq 40); both equal the rotation of explicit per-example gradients."""
+    from jaxval.grads import blocks_from_pairs, projected_pairs
+    from jaxval.models.token_mlp import TokenMLP, loss_fn
+
+    model = TokenMLP(vocab_size=11, d_model=6, n_block=1, hidden=9, rngs=nnx.Rngs(0))
+    lg = jv.LoGra(model, loss_fn, rank=None, init="identity", types=(nnx.Linear,))
+    tokens = jax.random.randint(jax.random.key(1), (5, seq), 0, 11)
+    batch = {"tokens": tokens, "mask": jnp.ones((5, seq), jnp.float32).at[0, seq // 2:].set(0.0)}
+    graphdef, state = nnx.split(model)
+    keys = jax.random.split(jax.random.key(2), 2 * len(lg.layers))
+    basis = {}
+    for i, l in enumerate(lg.layers):
+        qa = jnp.linalg.qr(jax.random.normal(keys[2 * i], (l.k_in, l.k_in)))[0]
+        qs = jnp.linalg.qr(jax.random.normal(keys[2 * i + 1], (l.k_out, l.k_out)))[0]
+        basis[l.name] = (qa, qs)
+
+    @jax.jit
+    def both(state):
+        _, pairs = projected_pairs(graphdef, state, loss_fn, lg.layers, lg.projections, batch)
+        g = blocks_from_pairs(lg.layers, pairs)
+        return g, pcm.batch_statistics(lg, "ekfac", g, pairs, basis)
+
+    g, stats = both(state)
+    explicit = np.asarray(jv.explicit_grads(model, loss_fn, lg.projections, batch), np.float64)
+    np.testing.assert_allclose(np.asarray(g), explicit, rtol=1e-4, atol=1e-5)
+    offs = lg.offsets()
+    for l in lg.layers:
+        qa, qs = (np.asarray(x, np.float64) for x in basis[l.name])
+        gb = explicit[:, slice(*offs[l.name])].reshape(-1, l.k_in, l.k_out)
+        ref = (np.einsum("ki,bkl,lj->bij", qa, gb, qs) ** 2).sum(0)
+        assert rel_err(np.asarray(stats[l.name]["L"]), ref) <= 1e-4
