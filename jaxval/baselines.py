@@ -14,6 +14,7 @@ sign convention (positive = the training example lowers the query's loss).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxval.grads import LoGra
+from jaxval.grads import LoGra, projected_pairs
 from jaxval.precondition import fit_preconditioner, iterate_batches, pca_projections
 
 _HI = jax.lax.Precision.HIGHEST
@@ -41,13 +42,39 @@ def streamed_scores(logra: LoGra, model, hq, train, batch_size: int = 64, normal
     ``normalize``: divide each column by ``‖g_z‖`` (for cosine)."""
     hq = jnp.asarray(hq)
     out = []
+    if normalize:
+        for _, b in iterate_batches(train, batch_size):
+            out.append(np.asarray(_block_scores(hq, logra.grads(model, b), normalize)))
+        return np.concatenate(out, axis=1)
+    graphdef, state = nnx.split(model)
+    layers, offs, loss_fn = logra.layers, logra.offsets(), logra.loss_fn
+
+    @jax.jit
+    def step(state, batch, projections, hq):
+        _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch)
+        total = 0.0
+        for l in layers:
+            hql = hq[:, slice(*offs[l.name])].reshape(-1, l.k_in, l.k_out)
+            calls = pairs[l.name]
+            if sum(a.shape[1] for a, _, _ in calls) <= 2:
+                # few tokens per example: Σ_t a_tᵀ (H⁻¹g_q) s_t straight from the layer's projected inputs and
+                # cotangents; the [B, k_in·k_out] gradient block is never written to memory
+                total += sum(jnp.einsum("btk,qkl,btl->qb", a, hql, c, precision=_HI) for a, c, _ in calls)
+            else:
+                blk = sum(jnp.einsum("btk,btl->bkl", a, c, precision=_HI) for a, c, _ in calls)
+                total += jnp.einsum("qkl,bkl->qb", hql, blk, precision=_HI)
+        return total
+
     for _, b in iterate_batches(train, batch_size):
-        g = logra.grads(model, b)
-        s = jnp.matmul(hq, g.T, precision=_HI)
-        if normalize:
-            s = s / jnp.maximum(jnp.linalg.norm(g, axis=1), 1e-30)
-        out.append(np.asarray(s))
+        out.append(np.asarray(step(state, b, logra.projections, hq)))
     return np.concatenate(out, axis=1)
+
+
+@partial(jax.jit, static_argnames="normalize")
+def _block_scores(hq, g, normalize: bool):
+    # one compiled contraction over D (no transposed copy of the [B, D] block, no eager dispatch)
+    s = jax.lax.dot_general(hq, g, (((1,), (1,)), ((), ())), precision=_HI)
+    return s / jnp.maximum(jnp.linalg.norm(g, axis=1), 1e-30) if normalize else s
 
 
 def logra_scores(model, loss_fn, train, queries, *, rank=64, init: str = "gaussian", kind: str = "ekfac",

@@ -212,3 +212,23 @@ def test_baselines_shapes_and_agreement(toy):
     assert np.mean(ev.pearson(ek, raw, axis=1)) > 0.8  # EK-FAC: an approximation of the Fisher
     rep = bl.representation_scores(lambda m, b: b["x"], model, train, test)
     assert rep.shape == (10, 50) and np.abs(rep).max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("seq", [None, 2, 5])
+def test_streamed_scores_equal_stored_scores(toy, seq):
+    """The streamed path (training gradients never stored; for <= 2 tokens per example contracted straight
+    from the layers' inputs and cotangents) equals scoring against the stored per-example gradients."""
+    if seq is None:
+        train, test = toy
+        model, loss = Lin(nnx.Rngs(0)), ce
+    else:
+        from jaxval.models.token_mlp import TokenMLP, loss_fn as loss
+
+        model = TokenMLP(vocab_size=13, d_model=8, n_block=1, hidden=12, rngs=nnx.Rngs(0))
+        tok = np.asarray(jax.random.randint(jax.random.key(3), (30, seq), 0, 13))
+        train = {"tokens": tok[:24], "mask": np.ones((24, seq), np.float32)}
+        test = {"tokens": tok[24:], "mask": np.ones((6, seq), np.float32)}
+    kw = dict(rank=None, init="identity", kind="ekfac", precond_kw={"damping": 1e-3}, batch_size=7)
+    stored = bl.logra_scores(model, loss, train, test, store_train=True, **kw)
+    streamed = bl.logra_scores(model, loss, train, test, store_train=False, **kw)
+    np.testing.assert_allclose(streamed, stored, rtol=1e-4, atol=1e-6 * np.abs(stored).max())
