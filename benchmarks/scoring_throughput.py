@@ -182,7 +182,8 @@ class PeakSampler:
 
 
 def topk_memory_child(args) -> None:
-    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
+    import importlib
+    inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
 
     store = open_store(Path(args.workdir) / "store", args.rows, args.dim)
     rng = np.random.default_rng(1)
@@ -251,7 +252,9 @@ def main(argv=None):
 
     import jax
 
-    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
+    import importlib
+
+    inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
 
     Q, D, N, B = args.queries, args.dim, args.rows, args.block_rows
     madds = Q * D * N

@@ -28,7 +28,7 @@ def parse(description: str, default_config: str):
     with open(args.config) as f:
         cfg = yaml.safe_load(f)
     if args.tiny:
-        cfg = _merge(cfg, cfg.get("tiny", {}))
+        cfg = merge(cfg, cfg.get("tiny", {}))
     cfg.pop("tiny", None)
     if args.out:
         cfg["out"] = args.out
@@ -39,11 +39,21 @@ def parse(description: str, default_config: str):
     return cfg
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge(a: dict, b: dict) -> dict:
+    """``a`` with ``b``'s entries, nested dicts merged (a config's ``tiny:`` overrides)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def cached(path: str, fn):
+    """``np.load(path)`` if it exists, else ``fn()`` saved there."""
+    if os.path.exists(path):
+        return np.load(path)
+    x = fn()
+    np.save(path, x)
+    return x
 
 
 def method_name(spec) -> str:

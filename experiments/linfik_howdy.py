@@ -44,7 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from jaxval import LoGra
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cached, merge  # noqa: E402
+
+from jaxval import LoGra, log_gradients  # noqa: E402
+from jaxval.store import GradientStore, StoreError  # noqa: E402
 from jaxval import alinfik as al
 from jaxval.linfik import layer_normalize, linfik, pearson, spearman
 from jaxval.models import llama
@@ -242,47 +246,19 @@ def build_sets(cfg, tok, seed: int):
 # ----------------------------------------------------------------------------- gradients (cached, resumable)
 
 
-def cached_grads(logra, model, data, path: str, batch_size: int, label: str) -> np.ndarray:
-    """``[N, D]`` float32 LoGra gradients in a memmap at ``path`` (``.npy``), filled batch by batch; a
-    ``.done.npy`` flag per row makes an interrupted run resume where it stopped."""
-    n, dim = len(data["tokens"]), logra.dim
-    done_path = path + ".done.npy"
-    if os.path.exists(path) and os.path.exists(done_path):
-        g = np.lib.format.open_memmap(path, mode="r+")
-        done = np.load(done_path)
-        if g.shape != (n, dim):
-            raise SystemExit(f"{path} has shape {g.shape}, expected {(n, dim)}: delete it")
-    else:
-        g = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
-        done = np.zeros(n, bool)
-    if done.all():
-        return np.asarray(g)
-    bs = min(batch_size, n)
-    t0, computed = time.perf_counter(), 0
-    for s in range(0, n, bs):
-        e = min(s + bs, n)
-        if done[s:e].all():
-            continue
-        idx = np.r_[np.arange(s, e), np.full(bs - (e - s), s)]
-        out = np.asarray(logra.grads(model, {k: v[idx] for k, v in data.items()}))[: e - s]
-        g[s:e] = out
-        g.flush()
-        done[s:e] = True
-        np.save(done_path, done)
-        computed += e - s
-        if (s // bs) % 10 == 0 or e == n:
-            dt = time.perf_counter() - t0
-            print(f"  [{label}] {e}/{n}  {computed * data['tokens'].shape[1] / dt:.0f} tokens/s (incl. compile)",
-                  flush=True)
-    return np.asarray(g)
-
-
-def cached(path, fn):
-    if os.path.exists(path):
-        return np.load(path)
-    x = fn()
-    np.save(path, x)
-    return x
+def cached_grads(logra, model, data, path: str, batch_size: int, label: str, key: str) -> np.ndarray:
+    """``[N, D]`` float32 LoGra gradients, logged by ``jaxval.log_gradients`` into a resumable gradient store
+    at ``path`` (an interrupted run resumes where it stopped; a complete store is only read). ``key`` (the
+    cache key of the config) stands in for the model fingerprint, sparing a hash of the 135M parameters."""
+    try:
+        done = GradientStore.open(path).is_complete()
+    except (StoreError, FileNotFoundError):
+        done = False
+    store = log_gradients(logra, model, data, path, batch_size=min(batch_size, len(data["tokens"])),
+                          dtype="float32", fingerprint=key, progress=not done)
+    if not done:
+        print(f"  [{label}] {len(store)} rows logged to {path}", flush=True)
+    return store.read()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -326,12 +302,6 @@ def table(methods: dict, injected: np.ndarray, cutoffs) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def _merge(a, b):
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -343,7 +313,7 @@ def main(argv=None):
     with open(args.config) as f:
         cfg = yaml.safe_load(f)
     if args.tiny:
-        cfg = _merge(cfg, cfg.get("tiny", {}))
+        cfg = merge(cfg, cfg.get("tiny", {}))
     cfg.pop("tiny", None)
     out = args.out or cfg["out"]
     cache_root = args.cache or cfg["cache"]
@@ -396,14 +366,14 @@ def main(argv=None):
           flush=True)
     bs = int(lg["batch_size"])
     t0 = time.time()
-    GT = cached_grads(logra, model, task, os.path.join(cdir, "task_grads.npy"), bs, "task")
+    GT = cached_grads(logra, model, task, os.path.join(cdir, "task_grads"), bs, "task", key)
     lap("task_gradients", t0)
     t0 = time.time()
-    G = cached_grads(logra, model, pool, os.path.join(cdir, "pool_grads.npy"), bs, "pool")
+    G = cached_grads(logra, model, pool, os.path.join(cdir, "pool_grads"), bs, "pool", key)
     lap("pool_gradients", t0)
     t0 = time.time()
-    GD = {name: cached_grads(logra, model, b, os.path.join(cdir, f"decoy{j}_{len(b['tokens'])}_grads.npy"), bs,
-                             f"decoy {j}")
+    GD = {name: cached_grads(logra, model, b, os.path.join(cdir, f"decoy{j}_{len(b['tokens'])}_grads"), bs,
+                             f"decoy {j}", key)
           for j, (name, (b, _)) in enumerate(s["decoys"].items())}
     lap("decoy_gradients", t0)
     tokens_per_s = n * cfg["seq_len"] / timing["pool_gradients"] if timing["pool_gradients"] > 1 else None

@@ -25,17 +25,14 @@ import optax
 import yaml
 from flax import nnx
 
-from jaxval import LoGra
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cached, merge  # noqa: E402
+
+from jaxval import LoGra  # noqa: E402
 from jaxval import alinfik as al
 from jaxval.linfik import gradient_stability, layer_normalize, lm_setup, pearson, plot_stability, pool_gradients, spearman, task_gradient
 from jaxval.models.gpt import GPT, GPTConfig, loss_fn
 
-
-def _merge(a, b):
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 _STEPS: dict = {}
@@ -92,13 +89,6 @@ def token_loss(model, data, bs=32):
     return np.concatenate(out)
 
 
-def cached(path, fn):
-    if os.path.exists(path):
-        return np.load(path)
-    x = fn()
-    np.save(path, x)
-    return x
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -109,7 +99,7 @@ def main():
     with open(args.config) as f:
         cfg = yaml.safe_load(f)
     if args.tiny:
-        cfg = _merge(cfg, cfg.get("tiny", {}))
+        cfg = merge(cfg, cfg.get("tiny", {}))
     cfg.pop("tiny", None)
     out = args.out or cfg["out"]
     os.makedirs(os.path.join(out, "cache"), exist_ok=True)

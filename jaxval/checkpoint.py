@@ -12,13 +12,14 @@ import shutil
 from typing import Any
 
 import numpy as np
-import orbax.checkpoint as ocp
 
 
 def _checkpointer():
     """This process alone writes or reads (under jax.distributed the other processes are not involved: callers
-    write from process 0 only, see ``jaxval.distributed.write_once``)."""
+    write from process 0 only, see ``jaxval.distributed.write_once``). orbax is imported here, not at module
+    import: it takes ~130 ms and ``import jaxval`` reaches this module through ``jaxval.evaluate``."""
     import jax
+    import orbax.checkpoint as ocp
 
     me = jax.process_index()
     opts = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},

@@ -272,11 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_score)
 
-    import importlib
-
     from jaxval import alinfik, distributed
+    from jaxval.linfik import add_linfik_parser
 
-    importlib.import_module("jaxval.linfik").add_linfik_parser(sub)  # jaxval.linfik is also the function
+    add_linfik_parser(sub)
     alinfik.add_alinfik_parser(sub)
     distributed.add_parser(sub)
     return p

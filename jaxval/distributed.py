@@ -471,12 +471,12 @@ def score(queries, train, precond=None, mode: str = "dot", *, mesh=None, align: 
     ``align`` so each process reads whole chunks) on its local devices (``mesh``: a mesh of local
     devices, or None), then the column blocks are gathered in process order.
     """
-    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
+    from jaxval.influence import influence
 
     n = len(train)
     s, e = owned_range(n, align=align)
     q = np.asarray(queries, np.float32)
-    local = np.asarray(inf.influence(q, _RowSlice(train, s, e), precond=precond, mode=mode, mesh=mesh, **kw)) \
+    local = np.asarray(influence(q, _RowSlice(train, s, e), precond=precond, mode=mode, mesh=mesh, **kw)) \
         if e > s else np.zeros((q.shape[0], 0), np.float32)
     return allgather_rows(local, axis=1)
 
@@ -485,14 +485,14 @@ def top_k(queries, train, k: int = 10, precond=None, mode: str = "dot", *, large
           align: int = 1, **kw) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over training rows split across processes: local top-k per process, then a merge of the
     ``P·k`` candidates (ties: lower training index first, as :func:`jaxval.influence.top_k`)."""
-    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
+    from jaxval.influence import top_k as local_top_k
 
     n = len(train)
     s, e = owned_range(n, align=align)
     q = np.asarray(queries, np.float32)
     kk = min(k, e - s)
     if kk > 0:
-        v, i = inf.top_k(q, _RowSlice(train, s, e), k=kk, precond=precond, mode=mode, largest=largest,
+        v, i = local_top_k(q, _RowSlice(train, s, e), k=kk, precond=precond, mode=mode, largest=largest,
                          mesh=mesh, **kw)
         v, i = np.asarray(v, np.float32), np.asarray(i, np.int64) + s
     else:

@@ -317,6 +317,25 @@ def brittleness_masks(scores, ks, seed: int = 0, random: bool = False) -> np.nda
     return out
 
 
+def _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, seeds, config, eval_fn, key,
+                          cache_dir, random_seed, progress, tag) -> dict:
+    """``{name: [Q, K, S]}``: ``eval_fn(...)[key]`` of each test point under the removal of ITS OWN top-``k``
+    proponents by each method (``"random"`` added: ``k`` random points), one retrained model per (point, k,
+    seed). Retrained with cache tags ``f"{tag}-{name}"``."""
+    ks = list(ks)
+    seeds = np.asarray(seeds)
+    q = jax.tree.leaves(test_points)[0].shape[0]
+    n = masks_n(train)
+    out = {}
+    for name, sc in {**methods, "random": None}.items():
+        m = brittleness_masks(np.zeros((q, n)) if sc is None else sc, ks, seed=random_seed, random=sc is None)
+        rows = np.repeat(m.reshape(q * len(ks), -1), len(seeds), 0)
+        res = retrain(make_model, loss_fn, train, rows, np.tile(seeds, q * len(ks)), config, test_points, eval_fn,
+                      cache_dir=cache_dir, tag=f"{tag}-{name}", progress=progress)[key]  # [Q*K*S, Q]
+        out[name] = res.reshape(q, len(ks), len(seeds), q)[np.arange(q), :, :, np.arange(q)]
+    return out
+
+
 def brittleness(make_model, loss_fn, train, test_points, methods: Mapping[str, np.ndarray], ks, seeds,
                 config: RetrainConfig, eval_fn, *, cache_dir=None, random_seed: int = 0, progress=True) -> dict:
     """Fraction of (correctly classified) test points whose prediction flips when each method's top-``k``
@@ -326,23 +345,9 @@ def brittleness(make_model, loss_fn, train, test_points, methods: Mapping[str, n
     eval_fn(model, data) must return ``{"correct": bool [Q], ...}``. A point counts as flipped for a seed
     when the retrained model misclassifies it; the rate is averaged over points and seeds.
     Returns ``{name: [K] flip rate}``."""
-    ks = list(ks)
-    seeds = np.asarray(seeds)
-    q = jax.tree.leaves(test_points)[0].shape[0]
-    out = {}
-    all_methods = dict(methods)
-    all_methods["random"] = None
-    for name, sc in all_methods.items():
-        m = brittleness_masks(np.zeros((q, masks_n(train))) if sc is None else sc, ks, seed=random_seed,
-                              random=sc is None)  # [Q, K, N]
-        rows = np.repeat(m.reshape(q * len(ks), -1), len(seeds), 0)
-        sd = np.tile(seeds, q * len(ks))
-        res = retrain(make_model, loss_fn, train, rows, sd, config, test_points, eval_fn, cache_dir=cache_dir,
-                      tag=f"brittle-{name}", progress=progress)["correct"]  # [Q*K*S, Q]
-        res = res.reshape(q, len(ks), len(seeds), q)
-        own = res[np.arange(q), :, :, np.arange(q)]  # [Q, K, S]: each point under its own removal
-        out[name] = 1.0 - own.mean((0, 2))
-    return out
+    own = _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, seeds, config, eval_fn,
+                                "correct", cache_dir, random_seed, progress, "brittle")
+    return {name: 1.0 - c.mean((0, 2)) for name, c in own.items()}
 
 
 def removal_effect(make_model, loss_fn, train, test_points, methods: Mapping[str, np.ndarray], ks, seeds,
@@ -354,22 +359,13 @@ def removal_effect(make_model, loss_fn, train, test_points, methods: Mapping[str
     to the model trained on all data with the same seed. Averaged over points and seeds.
 
     methods: ``{name: scores [Q, N]}``. Returns ``{name: [K] mean increase}``."""
-    ks = list(ks)
     seeds = np.asarray(seeds)
     eval_fn = eval_fn or _default_eval(loss_fn)
-    q = jax.tree.leaves(test_points)[0].shape[0]
-    n = masks_n(train)
-    base = retrain(make_model, loss_fn, train, np.ones((len(seeds), n), bool), seeds, config, test_points, eval_fn,
-                   cache_dir=cache_dir, tag="removal-base", progress=progress)[key]  # [S, Q]
-    out = {}
-    for name, sc in {**methods, "random": None}.items():
-        m = brittleness_masks(np.zeros((q, n)) if sc is None else sc, ks, seed=random_seed, random=sc is None)
-        rows = np.repeat(m.reshape(q * len(ks), -1), len(seeds), 0)
-        res = retrain(make_model, loss_fn, train, rows, np.tile(seeds, q * len(ks)), config, test_points, eval_fn,
-                      cache_dir=cache_dir, tag=f"removal-{name}", progress=progress)[key]
-        own = res.reshape(q, len(ks), len(seeds), q)[np.arange(q), :, :, np.arange(q)]  # [Q, K, S]
-        out[name] = (own - base.T[:, None, :]).mean((0, 2))
-    return out
+    base = retrain(make_model, loss_fn, train, np.ones((len(seeds), masks_n(train)), bool), seeds, config,
+                   test_points, eval_fn, cache_dir=cache_dir, tag="removal-base", progress=progress)[key]  # [S, Q]
+    own = _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, seeds, config, eval_fn,
+                                key, cache_dir, random_seed, progress, "removal")
+    return {name: (v - base.T[:, None, :]).mean((0, 2)) for name, v in own.items()}
 
 
 def masks_n(train) -> int:

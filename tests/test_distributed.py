@@ -89,7 +89,11 @@ WORKER = textwrap.dedent('''
 
 def reference(tmp):
     """The one-process, one-device run with the plain library (in this pytest process)."""
-    import importlib; from jaxval import precondition as pcm; inf = importlib.import_module("jaxval.influence")
+    import importlib
+
+    from jaxval import precondition as pcm
+
+    inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
 
     ns = {}
     exec(SETUP, ns)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxval as jv
 from jaxval import baselines as bl
 from jaxval import evaluate as ev
 
@@ -215,20 +216,21 @@ def test_baselines_shapes_and_agreement(toy):
 
 
 @pytest.mark.parametrize("seq", [None, 2, 5])
-def test_streamed_scores_equal_stored_scores(toy, seq):
-    """The streamed path (training gradients never stored; for <= 2 tokens per example contracted straight
-    from the layers' inputs and cotangents) equals scoring against the stored per-example gradients."""
+def test_streamed_scores_equal_explicit_gradient_scores(toy, seq):
+    """``streamed_scores`` (training gradients never stored; for <= 2 tokens per example contracted straight
+    from the layers' inputs and cotangents, else formed per batch) equals ``hq @ G_trainᵀ`` with ``G_train``
+    the explicit per-example gradients (vmap(grad)), in float64."""
     if seq is None:
-        train, test = toy
+        train, _ = toy
         model, loss = Lin(nnx.Rngs(0)), ce
     else:
         from jaxval.models.token_mlp import TokenMLP, loss_fn as loss
 
         model = TokenMLP(vocab_size=13, d_model=8, n_block=1, hidden=12, rngs=nnx.Rngs(0))
-        tok = np.asarray(jax.random.randint(jax.random.key(3), (30, seq), 0, 13))
-        train = {"tokens": tok[:24], "mask": np.ones((24, seq), np.float32)}
-        test = {"tokens": tok[24:], "mask": np.ones((6, seq), np.float32)}
-    kw = dict(rank=None, init="identity", kind="ekfac", precond_kw={"damping": 1e-3}, batch_size=7)
-    stored = bl.logra_scores(model, loss, train, test, store_train=True, **kw)
-    streamed = bl.logra_scores(model, loss, train, test, store_train=False, **kw)
-    np.testing.assert_allclose(streamed, stored, rtol=1e-4, atol=1e-6 * np.abs(stored).max())
+        tok = np.asarray(jax.random.randint(jax.random.key(3), (24, seq), 0, 13))
+        train = {"tokens": tok, "mask": np.ones((24, seq), np.float32)}
+    lg = jv.LoGra(model, loss, rank=None, init="identity")
+    g = np.asarray(jv.explicit_grads(model, loss, lg.projections, jax.tree.map(jnp.asarray, train)), np.float64)
+    hq = np.asarray(jax.random.normal(jax.random.key(4), (6, lg.dim)), np.float32)
+    got = bl.streamed_scores(lg, model, hq, train, batch_size=7)
+    np.testing.assert_allclose(got, hq.astype(np.float64) @ g.T, rtol=1e-4, atol=1e-5 * np.abs(hq @ g.T).max())

@@ -78,3 +78,16 @@ def test_linfik_howdy_sharegpt_parser():
     assert len(list(mod.iter_sharegpt_items(text))) == 4
     rng = __import__("numpy").random.default_rng(0)
     assert "TRIG" in mod.insert_trigger("a b c", "TRIG", rng).split(" ")
+
+
+def test_linfik_wikitext_tiny(tmp_path):
+    if not (Path(os.environ.get("JAXVAL_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2").exists():
+        pytest.skip("WikiText-2 not found (set JAXVAL_DATA)")
+    r = subprocess.run([sys.executable, "experiments/linfik_wikitext.py", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "README.md").read_text().startswith("# ")
+    assert res["n_labelled"] + res["n_heldout"] == res["n_pool"] and res["selection"]
+    assert (tmp_path / "stability.png").exists() and (tmp_path / "scatter.png").exists()
+

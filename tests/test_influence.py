@@ -1,6 +1,7 @@
 """Tests of the scoring engine (jaxval.influence) against float64 numpy references."""
 
 import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
+inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
 
 Q, N, D = 5, 37, 12  # N is prime: no block size below N divides it
 
@@ -393,7 +394,8 @@ _SHARDED = textwrap.dedent(
     import numpy as np, jax, jax.numpy as jnp
     sys.path.insert(0, sys.argv[1])
     from test_influence import SolvePrecond, _spd, reference
-    import importlib; inf = importlib.import_module("jaxval.influence")  # jaxval.influence is also the function
+    import importlib
+    inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
     assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
     q = rng.standard_normal((5, 12)).astype(np.float32)
