@@ -21,7 +21,8 @@ samples in the evaluated set; plus average precision and the student's Spearman 
     python experiments/linfik_howdy.py [--config configs/linfik_howdy.yaml] [--tiny] [--out DIR] [--cache DIR]
 
 ``--tiny``: the config's ``tiny:`` overrides (a tiny random Llama, a character tokenizer, synthetic pairs,
-hashed n-gram embeddings): seconds, no package or network needed. Gradients (memmap, resumable per batch) and
+hashed n-gram embeddings): seconds, no package or network needed. Gradients (float32 gradient stores written by
+``jaxval.log_gradients``, resumable) and
 embeddings are cached under ``cache`` (default ``runs/linfik_howdy``, git-ignored) keyed by the config, so a
 rerun only redoes the student and the report.
 """
