@@ -75,6 +75,7 @@ of ``-scores`` for ``largest=True``, of ``scores`` for ``largest=False``).  Memo
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import queue
@@ -109,6 +110,15 @@ _BLOCK_BYTES = 16 * 2**20
 _MIN_BLOCK_ROWS = 256
 _MAX_BLOCK_ROWS = 65536
 _PROGRESS_MIN_BLOCKS = 8
+_BF16 = np.dtype(jnp.bfloat16)
+
+
+def _reads_native(store) -> bool:
+    """Whether ``store.read`` / ``store.iter_blocks`` take ``native=True`` (GradientStore does)."""
+    try:
+        return "native" in inspect.signature(store.read).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @runtime_checkable
@@ -147,21 +157,29 @@ class _Source:
             self.n, self.dim = int(len(train)), int(train.dim)
             self.on_device = False
             self.kind = "store"
+            # a bfloat16 store's rows go to the kernels as stored (see _qz_dot): no float32 copy
+            self.native = getattr(train, "dtype", None) == "bfloat16" and _reads_native(train)
         else:
             raise TypeError(
                 "train must be an array [N, D] or a store with __len__, .dim and .read(start, stop); "
                 f"got {type(train).__name__}"
             )
 
+    native = False
+
     def convert(self, block):
-        """A block from the store as float32 (numpy, C-contiguous; jax arrays stay on device)."""
+        """A block from the store as float32 (numpy, C-contiguous; jax arrays stay on device), or as
+        stored for a bfloat16 store read natively."""
         if isinstance(block, jax.Array):
             return block.astype(jnp.float32)
+        if self.native and block.dtype == _BF16 and block.flags.c_contiguous:
+            return block
         return np.ascontiguousarray(np.asarray(block, dtype=np.float32))
 
     def read(self, start: int, stop: int):
         if self.kind == "store":
-            block = self.convert(self.obj.read(start, stop))
+            raw = self.obj.read(start, stop, native=True) if self.native else self.obj.read(start, stop)
+            block = self.convert(raw)
             if block.shape != (stop - start, self.dim):
                 raise ValueError(
                     f"store.read({start}, {stop}) returned shape {block.shape}; expected "
@@ -201,12 +219,16 @@ def _auto_mesh(mesh):
 
 
 def _resolve_block_rows(
-    block_rows: int | None, n: int, dim: int, mesh, min_rows: int = 1, chunk_rows=None
+    block_rows: int | None, n: int, dim: int, mesh, min_rows: int = 1, chunk_rows=None, native: bool = False
 ) -> int:
     ndev = _num_devices(mesh)
     if block_rows is None:
         block_rows = _BLOCK_BYTES // (4 * max(dim, 1))
         block_rows = int(min(max(block_rows, _MIN_BLOCK_ROWS), _MAX_BLOCK_ROWS))
+        if native:
+            # bfloat16 rows: twice the rows for the same bytes (its GEMMs want wide blocks: on a 2-core
+            # CPU, 3Q x 256 rows ran at 290 GFLOP/s, 3Q x 1024 at 700)
+            block_rows = min(2 * block_rows, _MAX_BLOCK_ROWS)
         if isinstance(chunk_rows, (int, np.integer)) and chunk_rows > 0:
             # whole storage chunks per block: each chunk file is read once
             block_rows = max(1, round(block_rows / int(chunk_rows))) * int(chunk_rows)
@@ -267,7 +289,8 @@ def _host_blocks(src: _Source, block_rows: int, prefetch: int | None) -> Iterato
     starts = range(0, n, block_rows)
     if prefetch is None and src.kind == "store" and callable(getattr(src.obj, "iter_blocks", None)):
         expected = iter(starts)
-        for start, rows in src.obj.iter_blocks(block_rows):
+        blocks = src.obj.iter_blocks(block_rows, native=True) if src.native else src.obj.iter_blocks(block_rows)
+        for start, rows in blocks:
             want = next(expected, None)
             stop = min(start + block_rows, n)
             if start != want or getattr(rows, "shape", None) != (stop - start, src.dim):
@@ -502,6 +525,40 @@ def _rowdot(a, b):
     return jnp.sum(a * b, axis=1)
 
 
+def _f32(z):
+    return z if z.dtype == jnp.float32 else z.astype(jnp.float32)
+
+
+def _bf16_parts(q):
+    """float32 [Q, D] -> bfloat16 [3Q, D] with q == p0 + p1 + p2 exactly.
+
+    Each part keeps the top 8 significant bits of what is left (truncation by masking the low 16 bits:
+    exact, and nothing a compiler may fold as a float round trip), so three parts hold all 24 bits
+    (unless the last parts are subnormal, |q| < ~1e-31, which XLA:CPU flushes to zero)."""
+    parts, r = [], q
+    for _ in range(3):
+        h = jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(r, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32
+        )
+        parts.append(h.astype(jnp.bfloat16))
+        r = r - h
+    return jnp.concatenate(parts)
+
+
+def _qz_dot(q, z, precision):
+    """q [Q, D] float32 · z[B, D]ᵀ -> [Q, B] float32.
+
+    For bfloat16 rows z, q is split exactly into three bfloat16 parts (``_bf16_parts``): every product
+    of two bfloat16 numbers is exact in float32 and the sums accumulate in float32, so this is the
+    float32 product of q with the stored rows (up to summation order) without converting z: one
+    bfloat16 GEMM with 3Q rows, 1.3x faster than converting a 75 MB block and a float32 GEMM on a
+    2-core CPU (20 vs 26 ms plus 32 ms of conversion), and the fast path on accelerators."""
+    if z.dtype == jnp.bfloat16:
+        s = jax.lax.dot_general(_bf16_parts(q), z, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return s.reshape(3, q.shape[0], -1).sum(0)
+    return jnp.dot(q, _f32(z).T, precision=precision, preferred_element_type=jnp.float32)
+
+
 def _safe_rsqrt(s):
     return jnp.where(s > 0, jax.lax.rsqrt(jnp.where(s > 0, s, 1.0)), 0.0)
 
@@ -585,6 +642,7 @@ def _given_self_influence(self_infl, names, n):
 
 def _block_self(z, apply, sels, hz=None):
     """Group-restricted self-influences of the rows of z: tuple of [B]."""
+    z = _f32(z)
     if hz is None:
         hz = z if apply is None else apply(z).astype(jnp.float32)
     return tuple(_rowdot(_cols(z, s), _cols(hz, s)) for s in sels)
@@ -596,7 +654,7 @@ def _scores(apply, qts, qself, z, zself, *, mode, sels, compute_z_self, precisio
         zself = _block_self(z, apply, sels)
     out = []
     for gi, sel in enumerate(sels):
-        s = jnp.dot(qts[gi], _cols(z, sel).T, precision=precision, preferred_element_type=jnp.float32)
+        s = _qz_dot(qts[gi], _cols(z, sel), precision)
         out.append(_combine(mode, s, qself[gi], None if zself is None else zself[gi]))
     return tuple(out)
 
@@ -625,7 +683,7 @@ class _Plan:
             raise ValueError("train has no rows")
         self.placer = _Placer(mesh)
         self.block_rows = _resolve_block_rows(
-            block_rows, self.n, self.dim, mesh, min_rows, getattr(train, "chunk_rows", None)
+            block_rows, self.n, self.dim, mesh, min_rows, getattr(train, "chunk_rows", None), self.src.native
         )
         self.names, self.sels = _normalize_groups(groups, self.dim)
         self.pre = _Precond(precond, self.dim)
@@ -659,7 +717,7 @@ class _Plan:
         if self.z_self_source == "given":
             return tuple(ex)
         if self.z_self_source == "eager":
-            return self._eager_self(None, block, self.placer.block(self.pre.eager(block)))
+            return self._eager_self(None, block, self.placer.block(self.pre.eager(_f32(block))))
         return None
 
     @property
@@ -851,7 +909,7 @@ def self_influence(
     get = pre.getter()
     kern = _kernel(("self", _sels_key(sels)), pre, lambda: lambda pc, z, hz: _block_self(z, get(pc), sels, hz))
     if pre.kind == "eager":
-        fn = lambda z: kern(None, z, placer.block(pre.eager(z)))  # noqa: E731
+        fn = lambda z: kern(None, z, placer.block(pre.eager(_f32(z))))  # noqa: E731
     else:
         fn = lambda z: kern(pre.arg, z, None)  # noqa: E731
     outs = [np.empty((src.n,), np.float32) for _ in sels]

@@ -41,8 +41,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import ml_dtypes
@@ -399,19 +401,95 @@ def _parse_manifest(raw: bytes, where: str) -> dict:
     return m
 
 
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data start on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + 64, np.uint8)
+    off = -buf.ctypes.data % 64
+    return buf[off:off + nbytes].view(dtype).reshape(shape)
+
+
 def aligned_f32(arr) -> np.ndarray:
     """``arr`` as float32 in a fresh 64-byte-aligned buffer (one conversion pass).
 
     XLA:CPU takes such arrays without a copy (``jax.device_put(x, may_alias=True)``); an unaligned
     array is copied, at ~1.3 GB/s (measured: 120 ms for a 150 MB block, vs 0.1 ms aligned)."""
     arr = np.asarray(arr)
-    if arr.dtype == np.float32 and arr.ctypes.data % 64 == 0:
+    if arr.dtype == np.float32 and arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
         return arr
-    buf = np.empty(arr.size * 4 + 64, np.uint8)
-    off = -buf.ctypes.data % 64
-    out = buf[off:off + arr.size * 4].view(np.float32).reshape(arr.shape)
+    out = aligned_empty(arr.shape, np.float32)
     np.copyto(out, arr, casting="unsafe")
     return out
+
+
+class _ChunkFiles:
+    """Reads rows of a local, uncompressed ``grads`` array straight from its zarr3 chunk files.
+
+    With the ``bytes`` codec alone, chunk ``c`` of a ``[chunk_rows, dim]`` grid is the file
+    ``grads/c/<c>/0`` holding the chunk's rows in C order, little endian; an absent file is a chunk
+    never written (fill value 0). Reading the needed byte range of each file into the caller's
+    (aligned) buffer is one copy from the page cache: ~2.5x faster than a tensorstore read plus the
+    copy into an aligned buffer that XLA can alias (75 MB of bf16 rows: 21 vs 53 ms, 2-core CPU). Used
+    only when the array's metadata say exactly that layout; anything else goes through tensorstore.
+    """
+
+    def __init__(self, root: str, chunk_rows: int, row_bytes: int):
+        self.root, self.chunk_rows, self.row_bytes = root, chunk_rows, row_bytes
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def probe(cls, loc, chunk_rows: int, dim: int, itemsize: int) -> "_ChunkFiles | None":
+        if not isinstance(loc, _LocalLocation) or sys.byteorder != "little":
+            return None
+        try:
+            with open(os.path.join(loc.local, "grads", "zarr.json"), "rb") as f:
+                md = json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+        plain = (
+            md.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
+            and md.get("chunk_key_encoding") in ({"name": "default"},
+                                                 {"name": "default", "configuration": {"separator": "/"}})
+            and md.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") == [chunk_rows, dim]
+            and md.get("fill_value") in (0, 0.0)
+        )
+        return cls(os.path.join(loc.local, "grads", "c"), chunk_rows, dim * itemsize) if plain else None
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) into ``out`` (C-contiguous [stop - start, dim] of the store dtype).
+
+        The chunks of one call are read by a small thread pool (the copies release the GIL): on a
+        2-core CPU, 2 threads read 75 MB into a fresh buffer in 12 ms instead of 22."""
+        raw = out.reshape(-1).view(np.uint8)
+        cr, rb = self.chunk_rows, self.row_bytes
+        parts = []
+        for c in range(start // cr, (stop - 1) // cr + 1):
+            r0, r1 = max(start, c * cr), min(stop, (c + 1) * cr)
+            parts.append((c, (r0 - c * cr) * rb, raw[(r0 - start) * rb:(r1 - start) * rb]))
+        if len(parts) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="jaxval-read")
+            list(self._pool.map(self._read_part, parts))
+        else:
+            self._read_part(parts[0])
+
+    def _read_part(self, part) -> None:
+        c, offset, dst = part
+        try:
+            f = open(os.path.join(self.root, str(c), "0"), "rb", buffering=0)
+        except FileNotFoundError:
+            dst[:] = 0
+            return
+        view = memoryview(dst)
+        with f:
+            f.seek(offset)
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise StoreError(f"chunk file {f.name} is shorter than its chunk: a damaged store")
+                got += n
 
 
 class GradientStore:
@@ -427,6 +505,8 @@ class GradientStore:
         self._done = done
         self._ids = _ids
         self._np_dtype = _DTYPES[manifest["dtype"]]
+        self._files = _ChunkFiles.probe(location, int(manifest["chunk_rows"]), int(manifest["dim"]),
+                                        self._np_dtype.itemsize)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -704,10 +784,27 @@ class GradientStore:
     def _to_f32(self, arr) -> np.ndarray:
         return aligned_f32(arr)
 
-    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) as float32 [stop - start, dim]."""
+    def _aligned(self, arr) -> np.ndarray:
+        if arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
+            return arr
+        out = aligned_empty(arr.shape, arr.dtype)
+        np.copyto(out, arr)
+        return out
+
+    def read(self, start: int = 0, stop: int | None = None, *, native: bool = False) -> np.ndarray:
+        """Rows [start, stop) as float32 [stop - start, dim]; ``native=True``: in the stored dtype
+        (``store.dtype``, e.g. bfloat16 as ``ml_dtypes.bfloat16``), no conversion.
+
+        Either way a fresh, C-contiguous, 64-byte-aligned array (XLA:CPU can use it without a copy).
+        """
         start, stop = self._check_range(start, len(self) if stop is None else stop)
-        return self._to_f32(self._grads[start:stop].read().result())
+        if self._files is not None:
+            out = aligned_empty((stop - start, self.dim), self._np_dtype)
+            if stop > start:
+                self._files.read_into(start, stop, out)
+            return out if native else self._to_f32(out)
+        arr = self._grads[start:stop].read().result()
+        return self._aligned(arr) if native else self._to_f32(arr)
 
     def write(self, start: int, rows, *, wait: bool = True, mark_done: bool = False):
         """Write ``rows`` ([n, dim], cast to the store dtype, round-to-nearest) at rows [start, start+n).
@@ -765,17 +862,24 @@ class GradientStore:
                 if not mask[s:s + br].all()]
 
     def iter_blocks(self, block_rows: int | None = None, start: int = 0,
-                    stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(block_start, float32 [rows, dim])`` over [start, stop) in order.
+                    stop: int | None = None, *, native: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(block_start, float32 [rows, dim])`` over [start, stop) in order (``native=True``: in
+        the stored dtype, as :meth:`read`).
 
-        The read of the next block is issued before the current one is yielded (prefetch), so disk
-        reads overlap the caller's compute. ``block_rows`` defaults to ``chunk_rows``.
+        Through tensorstore, the read of the next block is issued before the current one is yielded
+        (prefetch), so disk reads overlap the caller's compute; a local uncompressed store is read
+        straight from its chunk files (faster than tensorstore's prefetched reads from the page cache).
+        ``block_rows`` defaults to ``chunk_rows``.
         """
         start, stop = self._check_range(start, len(self) if stop is None else stop)
         br = self.chunk_rows if block_rows is None else int(block_rows)
         if br <= 0:
             raise ValueError("block_rows must be positive")
         if start >= stop:
+            return
+        if self._files is not None:
+            for s in range(start, stop, br):
+                yield s, self.read(s, min(s + br, stop), native=native)
             return
         fut = self._grads[start:min(start + br, stop)].read()
         s = start
@@ -784,7 +888,8 @@ class GradientStore:
             cur = fut
             if nxt < stop:
                 fut = self._grads[nxt:min(nxt + br, stop)].read()
-            yield s, self._to_f32(cur.result())
+            arr = cur.result()
+            yield s, (self._aligned(arr) if native else self._to_f32(arr))
             s = nxt
 
     def nbytes_on_disk(self) -> int | None:

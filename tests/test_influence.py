@@ -457,3 +457,42 @@ def test_with_gradient_store(data, tmp_path):
     assert_rel(si, np.diag(reference(z, z, H)))
     reopened = store_mod.GradientStore.open(tmp_path / "s")
     np.testing.assert_array_equal(inf.cached_self_influence(reopened, pc, key="spd"), si)
+
+
+def test_bf16_query_split_is_exact():
+    """q == p0 + p1 + p2 exactly (float64 sum), each part representable in bfloat16, so that a bfloat16 GEMM
+    with float32 accumulation computes q · z exactly up to summation order. (XLA:CPU flushes subnormals:
+    for |q| < ~1e-31 the last parts can be flushed, an error below 1e-38 absolute; not tested.)"""
+    rng = np.random.default_rng(5)
+    q = (rng.standard_normal((7, 300)) * np.exp(rng.uniform(-25, 25, (7, 300)))).astype(np.float32)
+    q[0, :5] = [0.0, -0.0, 1.0, np.float32(1 + 2**-23), -3.5e-30]
+    parts = np.asarray(inf._bf16_parts(jnp.asarray(q))).astype(np.float64).reshape(3, 7, 300)
+    np.testing.assert_array_equal(parts.sum(0), q.astype(np.float64))
+
+
+@pytest.mark.parametrize("mode", ["dot", "cosine", "l2"])
+def test_bfloat16_store_scored_natively(data, tmp_path, mode):
+    """A bfloat16 GradientStore is scored from its stored rows without a float32 copy (exact query
+    split); the scores equal a float64 reference on the bf16-rounded rows to float32 accuracy, with
+    preconditioner, groups and top_k, and equal scoring the float32 rows the store hands out."""
+    store_mod = pytest.importorskip("jaxval.store")
+    import ml_dtypes
+    q, z, H = data
+    s = store_mod.GradientStore.create(tmp_path / "s", dim=D, num_rows=N, dtype="bfloat16", chunk_rows=8)
+    s.write(0, z, mark_done=True)
+    zb = z.astype(ml_dtypes.bfloat16).astype(np.float32)
+    src = inf._Source(s)
+    assert src.native and str(src.read(0, 8).dtype) == "bfloat16"
+    pc = SolvePrecond(H)
+    for precond, h in ((None, None), (pc, H)):
+        out = inf.influence(q, s, precond=precond, mode=mode, block_rows=8)
+        assert_rel(out, reference(q, zb, h, mode), tol=2e-6)
+        assert_rel(out, inf.influence(q, s.read(0, N), precond=precond, mode=mode, block_rows=8), tol=2e-6)
+    groups = {"a": slice(0, 5), "b": np.arange(5, D)}
+    g = inf.influence(q, s, mode="dot", groups=groups, block_rows=16)
+    assert_rel(g["a"], reference(q[:, :5], zb[:, :5]), tol=2e-6)
+    assert_rel(g["b"], reference(q[:, 5:], zb[:, 5:]), tol=2e-6)
+    v, i = inf.top_k(q, s, 4, precond=pc, mode=mode, block_rows=8)
+    ref = reference(q, zb, H, mode)
+    np.testing.assert_array_equal(np.sort(i, 1), np.sort(np.argsort(-ref, 1, kind="stable")[:, :4], 1))
+    assert_rel(inf.self_influence(s, pc, block_rows=8), np.diag(reference(zb, zb, H)), tol=2e-6)

@@ -181,6 +181,7 @@ def test_iter_blocks_covers_rows_in_order(tmp_path):
 
 def test_iter_blocks_prefetches(tmp_path):
     s = _make(tmp_path / "s", n=20, d=3, data=_rand(20, 3))
+    s._files = None     # the tensorstore route (local uncompressed stores are read from their chunk files)
     issued = []
     real = s._grads
 
@@ -418,3 +419,49 @@ def test_two_processes_write_disjoint_halves(tmp_path):
         np.testing.assert_array_equal(s.read(0, n), ref.read(0, n))
         np.testing.assert_array_equal(s.read(0, n), x.astype(ml_dtypes.bfloat16).astype(np.float32))
         np.testing.assert_array_equal(s.done_mask(), np.ones(n, bool))
+
+
+# ---------------------------------------------------------------------------------- direct chunk-file reads
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_chunk_file_reads_equal_tensorstore(tmp_path, dtype):
+    """A local uncompressed store is read straight from its zarr3 chunk files; every row range, in
+    the stored dtype and as float32, equals tensorstore's own read, including chunks never written
+    (zeros), a partly written chunk and the edge chunk."""
+    x = _rand(100, 37, seed=3)
+    s = GradientStore.create(tmp_path / "s", dim=37, num_rows=100, dtype=dtype, chunk_rows=16)
+    s.write(0, x[:40])            # chunk 2 (rows 32-47) half written, chunk 3 never
+    s.write(64, x[64:90])          # edge chunk 6 (rows 96-99) never written
+    s = GradientStore.open(tmp_path / "s")
+    assert s._files is not None
+    ref = np.asarray(s._grads[0:100].read().result())        # tensorstore, stored dtype
+    for a, b in [(0, 100), (3, 5), (15, 17), (40, 70), (95, 100), (0, 1), (31, 97)]:
+        native, f32 = s.read(a, b, native=True), s.read(a, b)
+        assert native.dtype == ref.dtype and f32.dtype == np.float32
+        assert native.ctypes.data % 64 == 0 and f32.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(native.view(np.uint8), ref[a:b].view(np.uint8))
+        np.testing.assert_array_equal(f32, ref[a:b].astype(np.float32))
+    assert s.read(50, 50).shape == (0, 37)
+    np.testing.assert_array_equal(
+        np.concatenate([b for _, b in s.iter_blocks(24, native=True)]).view(np.uint8), ref.view(np.uint8))
+
+
+def test_chunk_file_reads_only_for_plain_local_layout(tmp_path):
+    s = GradientStore.create(tmp_path / "z", dim=8, num_rows=20, dtype="bfloat16", chunk_rows=4, compress=True)
+    x = _rand(20, 8)
+    s.write(0, x)
+    s = GradientStore.open(tmp_path / "z")
+    assert s._files is None                      # zstd chunks: tensorstore decodes them
+    np.testing.assert_array_equal(s.read(0, 20), x.astype(s.read(0, 1, native=True).dtype).astype(np.float32))
+    n = s.read(2, 9, native=True)
+    assert n.ctypes.data % 64 == 0 and n.shape == (7, 8)
+
+
+def test_truncated_chunk_file_is_an_error(tmp_path):
+    s = _make(tmp_path / "s", n=16, d=5, chunk_rows=8, data=_rand(16, 5))
+    chunk = tmp_path / "s" / "grads" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    s = GradientStore.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="shorter than its chunk"):
+        s.read(0, 16)
+    np.testing.assert_array_equal(s.read(0, 8), _rand(16, 5)[:8])     # the intact chunk still reads

@@ -1,6 +1,9 @@
-"""Side-by-side benchmark: jaxval vs LogIX on the same models, weights, data and machine, one run.
+"""Side-by-side benchmark: jaxval vs LogIX (or dattri's LoGra, ``--peer dattri``) on the same models, weights,
+data and machine, one run.
 
-    python benchmarks/peers/run.py [--workloads token fmnist smollm2] [--rounds 5] [--out benchmarks/results]
+    python benchmarks/peers/run.py [--peer logix|dattri] [--workloads token fmnist smollm2] [--rounds 5]
+
+(The JSON keeps the key "logix" for whichever peer ran; "peer" names it.)
 
 Each framework runs in its own long-lived worker process (jaxval under JAXVAL_PY, LogIX under PEERS_PY with
 the CPU torch); the driver sends the same command to one, then the other, alternating which goes first
@@ -59,6 +62,9 @@ class Worker:
             self.p.kill()
 
 
+PEER_NAMES = {"logix": "LogIX", "dattri": "dattri LoGra"}
+
+
 def med(x):
     return st.median(x) if x else float("nan")
 
@@ -73,15 +79,15 @@ def bench(workload, args):
     tmp.mkdir(parents=True, exist_ok=True)
     weights = str(tmp / "weights.npz")
     jx = Worker("jaxval", args.jaxval_py, "worker_jaxval.py")
-    lx = Worker("logix", args.peers_py, "worker_logix.py", {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
-                                                             "PEERS_TORCH_THREADS": str(args.torch_threads)})
+    lx = Worker(args.peer, args.peers_py, f"worker_{args.peer}.py", {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+                                                                     "PEERS_TORCH_THREADS": str(args.torch_threads)})
     w = common.WORKLOADS[workload]
     kw = dict(rank=args.rank, n_log=args.n_log or w["n_log"], n_score=args.n_score or w["n_score"],
               q=args.q or w["q"])
-    R = {"workload": workload, "config": {**w, **kw, "torch_threads": args.torch_threads}, "rounds": args.rounds}
+    R = {"workload": workload, "peer": args.peer, "config": {**w, **kw, "torch_threads": args.torch_threads}, "rounds": args.rounds}
     try:
         R["setup"] = {"jaxval": jx("setup", workload=workload, weights=weights, **kw)}
-        R["setup"]["logix"] = lx("setup", workload=workload, weights=weights, root=str(tmp / "logix"), **kw)
+        R["setup"]["logix"] = lx("setup", workload=workload, weights=weights, root=str(tmp / args.peer), **kw)
         l0, l1 = R["setup"]["jaxval"]["loss0"], R["setup"]["logix"]["loss0"]
         R["loss_parity_rel"] = abs(l0 - l1) / abs(l0)
         print(f"[{workload}] setup done; summed loss jaxval {l0:.4f} torch {l1:.4f}", flush=True)
@@ -141,6 +147,7 @@ def bench(workload, args):
 
 def table(R):
     L, S = R["logging"], R["scoring"]
+    peer = PEER_NAMES[R.get("peer", "logix")]
     rows = [
         ("logging examples/s (N=%d, incl. disk)" % L["n_examples"], f"{L['jaxval_examples_per_s']:.1f}",
          f"{L['logix_examples_per_s']:.1f}", f"{L['ratio_median']:.2f}× ({', '.join(f'{x:.2f}' for x in L['ratio_per_pair'])})"),
@@ -160,9 +167,9 @@ def table(R):
         ("peak RSS after scoring (MB)", f"{S['jaxval_peak_rss_mb']:.0f}", f"{S['logix_peak_rss_mb']:.0f}",
          f"{S['jaxval_peak_rss_mb'] / S['logix_peak_rss_mb']:.2f}"),
     ]
-    out = [f"### {R['workload']} (D jaxval {R['setup']['jaxval']['dim']}, LogIX {R['setup']['logix']['dim']}; "
-           f"{R['setup']['jaxval']['params']:,} params; batch {L['batch']})", "",
-           "| metric | jaxval | LogIX | ratio (median; per pair) |", "|---|---|---|---|"]
+    out = [f"### {R['workload']} vs {peer} (D jaxval {R['setup']['jaxval']['dim']}, {peer} "
+           f"{R['setup']['logix']['dim']}; {R['setup']['jaxval']['params']:,} params; batch {L['batch']})", "",
+           f"| metric | jaxval | {peer} | ratio (median; per pair) |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(out)
 
@@ -170,6 +177,8 @@ def table(R):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workloads", nargs="+", default=["token", "fmnist"])
+    ap.add_argument("--peer", choices=sorted(PEER_NAMES), default="logix",
+                    help="the other side: LogIX (worker_logix.py) or dattri's LoGraAttributor (worker_dattri.py)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rank", type=int, default=64)
@@ -193,7 +202,7 @@ def main():
         R = bench(wl, args)
         R["meta"] = {**meta, "loadavg_end": os.getloadavg(), "wall_s": time.time() - t0}
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.out) / f"peers_{wl}{args.tag}.json", "w") as f:
+        with open(Path(args.out) / f"peers_{wl}{'' if args.peer == 'logix' else '_' + args.peer}{args.tag}.json", "w") as f:
             json.dump(R, f, indent=1)
         md.append(table(R) + f"\n\n{R['meta']['date']}, load start {tuple(round(x, 2) for x in R['meta']['loadavg_start'])}, "
                   f"end {tuple(round(x, 2) for x in R['meta']['loadavg_end'])}, wall {R['meta']['wall_s']:.0f} s, "
