@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import graph as nnx_graph
 
+from jaxval import autocast
 from jaxval.layers import EinsumSpec, Layer, LayerSelector, discover, weight_matrix
 from jaxval.projection import INITS, Rank, init_projections, resolve_rank
 
@@ -98,18 +99,28 @@ def _split_bias(layer: Layer, p: jax.Array):
     return p, None
 
 
+def _tokens_by_rows(x: jax.Array, p: jax.Array, dtype: str | None) -> jax.Array:
+    """``x [B, T, n] · pᵀ [n, k] -> [B, T, k]`` float32; with ``dtype``, from ``dtype`` operands."""
+    if dtype is None:
+        return jnp.matmul(x.astype(jnp.float32), p.T, precision=_HI)
+    return jax.lax.dot_general(x.astype(dtype), p.astype(dtype), (((2,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
 def project_input(layer: Layer, module, x: jax.Array, p_in: jax.Array,
-                  spec: EinsumSpec | None = None) -> jax.Array:
-    """``P_in x`` for every token of every example: ``[B, T, k_in]``."""
+                  spec: EinsumSpec | None = None, dtype: str | None = None) -> jax.Array:
+    """``P_in x`` for every token of every example: ``[B, T, k_in]`` (``dtype``: see ``LoGra``'s
+    ``compute_dtype``; used for Linear layers)."""
     b = x.shape[0]
     w, pb = _split_bias(layer, p_in)
     k = p_in.shape[0]
     if layer.kind == "embed":
         return jnp.take(p_in.T, x, axis=0).reshape(b, -1, k)
-    x = x.astype(jnp.float32)
     if layer.kind == "linear":
-        a = jnp.matmul(x.reshape(b, -1, x.shape[-1]), w.T, precision=_HI)
-    elif layer.kind == "linear_general":
+        a = _tokens_by_rows(x.reshape(b, -1, x.shape[-1]), w, dtype)
+        return a if pb is None else a + pb
+    x = x.astype(jnp.float32)
+    if layer.kind == "linear_general":
         axes = [ax % x.ndim for ax in module.axis]
         rest = [i for i in range(x.ndim) if i not in axes]
         xt = jnp.transpose(x, rest + axes).reshape(b, -1, int(np.prod(module.in_features)))
@@ -139,9 +150,12 @@ def project_input(layer: Layer, module, x: jax.Array, p_in: jax.Array,
 
 
 def project_output(layer: Layer, dy: jax.Array, p_out: jax.Array,
-                   spec: EinsumSpec | None = None) -> jax.Array:
-    """``P_out dy`` for every token of every example: ``[B, T, k_out]`` (``spec``: einsum layers)."""
+                   spec: EinsumSpec | None = None, dtype: str | None = None) -> jax.Array:
+    """``P_out dy`` for every token of every example: ``[B, T, k_out]`` (``spec``: einsum layers;
+    ``dtype``: Linear layers, see ``LoGra``'s ``compute_dtype``)."""
     b, k = dy.shape[0], p_out.shape[0]
+    if layer.kind == "linear" and dtype is not None:
+        return _tokens_by_rows(dy.reshape(b, -1, layer.n_out), p_out, dtype)
     dy = dy.astype(jnp.float32)
     if layer.kind == "einsum":
         z = _free_letter(spec)
@@ -188,14 +202,15 @@ class _Recorder:
 class _Tap:
     """Stands in for a tracked layer inside a traced forward pass."""
 
-    def __init__(self, module, layer: Layer, p_in, p_out, rec: _Recorder):
+    def __init__(self, module, layer: Layer, p_in, p_out, rec: _Recorder, compute_dtype: str | None = None):
         self._module, self._layer, self._p_in, self._p_out, self._rec = module, layer, p_in, p_out, rec
+        self._dtype = compute_dtype
 
     def __getattr__(self, name):
         return getattr(self._module, name)
 
     def __call__(self, x, *args, **kwargs):
-        y = self._module(x, *args, **kwargs)
+        y = autocast.call(self._module, x, self._dtype, *args, **kwargs)
         spec = None
         if self._layer.kind == "einsum":
             es = kwargs.get("einsum_str", args[0] if args else None) or self._module.einsum_str
@@ -203,13 +218,16 @@ class _Tap:
         if x.shape[0] != self._rec.batch:
             raise ValueError(f"layer '{self._layer.name}' got an input with leading axis {x.shape[0]}, not "
                              f"the batch size {self._rec.batch}; keep the example axis first")
-        a = project_input(self._layer, self._module, x, self._p_in, spec)
+        a = project_input(self._layer, self._module, x, self._p_in, spec, self._dtype)
         return self._rec.out(self._layer.name, y, "call", a, spec)
 
     def attend(self, query):
         if self._layer.kind != "embed":
             raise AttributeError("attend")
-        y = self._module.attend(query)
+        if self._dtype is not None and autocast.castable(self._module):
+            y = autocast.attend(self._module, query, self._dtype)
+        else:
+            y = self._module.attend(query)
         # y = query · Eᵀ: the roles flip; the query is the output side (features) of W (vocab, features).
         b = jnp.matmul(query.astype(jnp.float32).reshape(query.shape[0], -1, self._layer.n_out),
                        self._p_out.T, precision=_HI)
@@ -248,11 +266,13 @@ def _install(model, refs, taps):
 
 
 def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], projections: Projections,
-                    batch) -> tuple[jax.Array, dict[str, list[tuple[jax.Array, jax.Array]]]]:
+                    batch, compute_dtype: str | None = None
+                    ) -> tuple[jax.Array, dict[str, list[tuple[jax.Array, jax.Array]]]]:
     """Traceable core: per-example losses ``[B]`` and, per layer and call, ``(a [B,T,k_in], s [B,T,k_out],
     cot_is_s)``: ``a = P_in x`` and ``s = P_out dy`` for a call (``cot_is_s`` True); for ``Embed.attend`` the
     roles flip (``a`` = projected cotangent on the vocabulary side, ``cot_is_s`` False). Call inside
-    ``jax.jit``."""
+    ``jax.jit``. ``compute_dtype="bfloat16"``: every float32 Linear / Embed.attend product of the step in
+    bfloat16 with float32 accumulation (``jaxval.autocast``)."""
     b = batch_size(batch)
 
     def run(eps):
@@ -264,7 +284,11 @@ def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], p
         taps = {}
         for layer in layers:
             m = mods[layer.path]
-            taps[id(m)] = _Tap(m, layer, *projections[layer.name], rec)
+            taps[id(m)] = _Tap(m, layer, *projections[layer.name], rec, compute_dtype)
+        if compute_dtype is not None:
+            for m in mods.values():
+                if id(m) not in taps and autocast.castable(m):
+                    taps[id(m)] = autocast.Cast(m, compute_dtype)
         _install(model, _references(model, taps), taps)
         losses = loss_fn(model, batch)
         _check_losses(losses, b)
@@ -296,7 +320,7 @@ def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], p
         lst = []
         for (kind, spec), f, dy in zip(rec0.kinds[layer.name], fwd[layer.name], dys[layer.name]):
             if kind == "call":
-                lst.append((f, project_output(layer, dy, p_out, spec), True))
+                lst.append((f, project_output(layer, dy, p_out, spec, compute_dtype), True))
             else:  # attend: dy lives on the vocabulary (input) side
                 a = jnp.matmul(dy.astype(jnp.float32).reshape(b, -1, layer.n_in), p_in.T, precision=_HI)
                 lst.append((a, f, False))
@@ -330,6 +354,9 @@ class LoGra:
       layers: layer selector (regex, list of regexes, or callable ``(name, module) -> bool``).
       types: optional tuple of layer types to keep.
       projections: explicit ``{name: (P_in, P_out)}``, overriding ``init``.
+      compute_dtype: None (float32) or ``"bfloat16"``: the step's Linear / Embed.attend products in
+        bfloat16 with float32 accumulation (``jaxval.autocast``: ~5x faster products on CPUs with
+        bfloat16 units and on accelerators; gradients to ~1e-2 relative instead of float32 accuracy).
 
     Attributes:
       layers: tuple of ``Layer`` records (``.name .n_in .n_out .k_in .k_out``) in flat-vector order.
@@ -339,7 +366,9 @@ class LoGra:
 
     def __init__(self, model: nnx.Module, loss_fn: LossFn, rank: Rank | Mapping | None = 64,
                  init: str = "gaussian", seed: int = 0, layers: LayerSelector = None,
-                 types: Sequence[type] | None = None, projections: Projections | None = None):
+                 types: Sequence[type] | None = None, projections: Projections | None = None,
+                 compute_dtype: str | None = None):
+        self.compute_dtype = autocast.resolve(compute_dtype)
         if init not in INITS and not (init == "pca" and projections is not None):
             if init == "pca":
                 raise ValueError("init='pca' needs fitted projections: pass "
@@ -370,6 +399,7 @@ class LoGra:
         self.init, self.seed, self.rank = init, seed, rank
         self.dim = int(sum(l.dim for l in self.layers))
         self._compiled: dict[Any, Callable] = {}
+        self._cast: tuple | None = None
 
     # -- offsets of each layer's block in the flat vector
     def offsets(self) -> dict[str, tuple[int, int]]:
@@ -390,16 +420,17 @@ class LoGra:
                         "k_in": l.k_in, "k_out": l.k_out} for l in self.layers],
             "init": self.init, "seed": int(self.seed), "dim": self.dim,
             "projection_sha256": proj_hash.hexdigest(),
+            **({"compute_dtype": self.compute_dtype} if self.compute_dtype else {}),
         }
 
     def _step(self, graphdef):
         fn = self._compiled.get(graphdef)
         if fn is None:
-            layers, loss_fn = self.layers, self.loss_fn
+            layers, loss_fn, dtype = self.layers, self.loss_fn, self.compute_dtype
 
             @jax.jit
             def fn(state, batch, projections):
-                losses, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch)
+                losses, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, dtype)
                 return blocks_from_pairs(layers, pairs), losses
 
             self._compiled[graphdef] = fn
@@ -411,7 +442,18 @@ class LoGra:
         graphdef, state = nnx.split(model)
         if graphdef not in self._compiled:  # BatchNorm's mode is static: part of the graphdef
             check_independent_examples(model)
-        return self._step(graphdef)(state, batch, self.projections)
+        return self._step(graphdef)(self.step_state(model, state), batch, self.projections)
+
+    def step_state(self, model: nnx.Module, state):
+        """The state ``_step`` wants: as is, or with Linear kernels already in ``compute_dtype``
+        (converted once per set of weights: the last conversion is kept while its weights are)."""
+        if self.compute_dtype is None:
+            return state
+        leaves = jax.tree.leaves(state)
+        key = tuple(map(id, leaves))
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, leaves, autocast.cast_kernels(model, state, self.compute_dtype))
+        return self._cast[2]
 
     def grads(self, model: nnx.Module, batch) -> jax.Array:
         """``[B, D]`` float32 projected per-example gradients (jit-compiled fast path)."""

@@ -64,6 +64,7 @@ import tensorstore as ts
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxval import autocast
 from jaxval.grads import LoGra, batch_size as _batch_size, blocks_from_pairs, check_independent_examples, \
     model_fingerprint, projected_pairs
 from jaxval.store import GradientStore, StoreError, StoreNotFoundError, _location, _normalize_dtype, config_hash
@@ -183,6 +184,7 @@ def _compiled_step(logra: LoGra, graphdef, dtype_name: str, kind: str | None) ->
     if fn is not None:
         return fn
     layers, loss_fn = logra.layers, logra.loss_fn
+    compute_dtype = getattr(logra, "compute_dtype", None)
     out_dtype = _JNP_DTYPES[dtype_name]
     # a light stand-in for `logra` (no reference cycle from the cache to its weak key)
     lite = types.SimpleNamespace(layers=layers, offsets=(lambda o=logra.offsets(): o))
@@ -190,7 +192,7 @@ def _compiled_step(logra: LoGra, graphdef, dtype_name: str, kind: str | None) ->
     if kind is None:
         @jax.jit
         def fn(state, batch, projections):
-            _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch)
+            _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, compute_dtype)
             g = blocks_from_pairs(layers, pairs)
             return g if out_dtype == jnp.float32 else g.astype(out_dtype)
     else:
@@ -198,7 +200,7 @@ def _compiled_step(logra: LoGra, graphdef, dtype_name: str, kind: str | None) ->
 
         @jax.jit
         def fn(state, batch, projections, acc, weight):
-            _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch)
+            _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, compute_dtype)
             g = blocks_from_pairs(layers, pairs)
             st = batch_statistics(lite, kind, g, pairs)
             acc = jax.tree_util.tree_map(lambda a, s: a + weight * s, acc, st)
@@ -501,7 +503,8 @@ class _Run:
                  pi, pc, mesh):
         self.logra, self.store, self.stats, self.bs = logra, store, stats, batch_size
         self.dim, self.np_dtype = store.dim, np.dtype(_JNP_DTYPES[dtype])
-        graphdef, self.state = nnx.split(model)
+        graphdef, state = nnx.split(model)
+        self.state = autocast.cast_kernels(model, state, getattr(logra, "compute_dtype", None))
         self.step = _compiled_step(logra, graphdef, dtype, stats)
         self.pad = pad and stats is None
         self.max_inflight, self.progress, self.on_block = max_inflight, progress, on_block

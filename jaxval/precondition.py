@@ -106,12 +106,13 @@ def statistics_step(logra: LoGra, model: nnx.Module, kind: str, basis=None,
     ``g`` is None, and the per-example gradients are formed only where a statistic needs them."""
     graphdef, _ = nnx.split(model)
     layers, loss_fn = logra.layers, logra.loss_fn
+    dtype = getattr(logra, "compute_dtype", None)
 
     @jax.jit
     def step(state, batch, projections, keys, basis):
         if sample_fn is not None:
             batch = sample_fn(nnx.merge(graphdef, state), batch, keys)
-        losses, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch)
+        losses, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, dtype)
         g = blocks_from_pairs(layers, pairs)  # dead code for XLA where nothing below reads it
         stats = batch_statistics(logra, kind, g, pairs, basis)
         return (g if return_grads else None), losses, stats
