@@ -80,13 +80,15 @@ def bench(workload, args):
     weights = str(tmp / "weights.npz")
     jx = Worker("jaxval", args.jaxval_py, "worker_jaxval.py")
     lx = Worker(args.peer, args.peers_py, f"worker_{args.peer}.py", {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
-                                                                     "PEERS_TORCH_THREADS": str(args.torch_threads)})
+                                                                     "PEERS_TORCH_THREADS": str(args.torch_threads),
+                                                                     "PEERS_AUTOCAST": args.peer_autocast or ""})
     w = common.WORKLOADS[workload]
     kw = dict(rank=args.rank, n_log=args.n_log or w["n_log"], n_score=args.n_score or w["n_score"],
               q=args.q or w["q"])
-    R = {"workload": workload, "peer": args.peer, "config": {**w, **kw, "torch_threads": args.torch_threads}, "rounds": args.rounds}
+    R = {"workload": workload, "peer": args.peer, "jaxval_compute_dtype": args.compute_dtype or "float32",
+         "peer_autocast": args.peer_autocast or "none", "config": {**w, **kw, "torch_threads": args.torch_threads}, "rounds": args.rounds}
     try:
-        R["setup"] = {"jaxval": jx("setup", workload=workload, weights=weights, **kw)}
+        R["setup"] = {"jaxval": jx("setup", workload=workload, weights=weights, compute_dtype=args.compute_dtype, **kw)}
         R["setup"]["logix"] = lx("setup", workload=workload, weights=weights, root=str(tmp / args.peer), **kw)
         l0, l1 = R["setup"]["jaxval"]["loss0"], R["setup"]["logix"]["loss0"]
         R["loss_parity_rel"] = abs(l0 - l1) / abs(l0)
@@ -167,8 +169,9 @@ def table(R):
         ("peak RSS after scoring (MB)", f"{S['jaxval_peak_rss_mb']:.0f}", f"{S['logix_peak_rss_mb']:.0f}",
          f"{S['jaxval_peak_rss_mb'] / S['logix_peak_rss_mb']:.2f}"),
     ]
+    dt = f"; jaxval compute {R.get('jaxval_compute_dtype', 'float32')}, peer autocast {R.get('peer_autocast', 'none')}"
     out = [f"### {R['workload']} vs {peer} (D jaxval {R['setup']['jaxval']['dim']}, {peer} "
-           f"{R['setup']['logix']['dim']}; {R['setup']['jaxval']['params']:,} params; batch {L['batch']})", "",
+           f"{R['setup']['logix']['dim']}; {R['setup']['jaxval']['params']:,} params; batch {L['batch']}{dt})", "",
            f"| metric | jaxval | {peer} | ratio (median; per pair) |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(out)
@@ -179,6 +182,10 @@ def main():
     ap.add_argument("--workloads", nargs="+", default=["token", "fmnist"])
     ap.add_argument("--peer", choices=sorted(PEER_NAMES), default="logix",
                     help="the other side: LogIX (worker_logix.py) or dattri's LoGraAttributor (worker_dattri.py)")
+    ap.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="jaxval LoGra compute_dtype (bfloat16: bf16 products, float32 accumulation)")
+    ap.add_argument("--peer-autocast", default=None, choices=["bfloat16"],
+                    help="run the LogIX side under torch.autocast('cpu', bfloat16)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rank", type=int, default=64)

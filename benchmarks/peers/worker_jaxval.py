@@ -35,7 +35,7 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
-def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0):
+def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0, compute_dtype=None):
     w = common.WORKLOADS[workload]
     if w["kind"] == "token":
         model = token_mlp.TokenMLP(w["vocab"], w["d"], w["n_block"], w["hidden"], rngs=nnx.Rngs(seed))
@@ -51,8 +51,10 @@ def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0):
     flat = {"/".join(str(p) for p in path): np.asarray(v.value)
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     np.savez(weights, **flat)
-    logra = jv.LoGra(model, loss_fn, rank=rank, layers=w.get("layers"), types=(nnx.Linear,))
+    logra = jv.LoGra(model, loss_fn, rank=rank, layers=w.get("layers"), types=(nnx.Linear,),
+                     compute_dtype=compute_dtype)
     graphdef, state = nnx.split(model)
+    state = logra.step_state(model, state)       # Linear kernels pre-cast once with compute_dtype
     step = logra._step(graphdef)
     train = train_step_fn(model, loss_fn)
     log_b = [jax.tree.map(jnp.asarray, b) for b in common.batches(workload, n_log, seed=1)]

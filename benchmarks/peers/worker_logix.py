@@ -24,7 +24,21 @@ import common  # noqa: E402
 import torch_models  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("PEERS_TORCH_THREADS", os.cpu_count() or 1)))
+# PEERS_AUTOCAST=bfloat16: forward and backward under torch.autocast("cpu", bfloat16) (its matmuls in bf16)
+AUTOCAST = os.environ.get("PEERS_AUTOCAST", "") == "bfloat16"
 S: dict = {}
+
+
+def _autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST)
+
+
+def _patch_logix_for_bf16():
+    """logix-ai 0.1.1's log saver calls ``.numpy()`` on the logged tensors, which raises for bfloat16
+    (autocast): hand it float32 copies (what it stores anyway)."""
+    import logix.logging.log_saver as log_saver
+    to_numpy = log_saver.to_numpy
+    log_saver.to_numpy = lambda t: to_numpy(t.float() if t.dtype == torch.bfloat16 else t)
 
 
 def _t(b):
@@ -34,6 +48,8 @@ def _t(b):
 def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0, root="/tmp/peers_logix"):
     import logix
     logging.getLogger("LogIX").setLevel(logging.WARNING)
+    if AUTOCAST:
+        _patch_logix_for_bf16()
     model, loss_fn = torch_models.build(workload, weights)
     ref, _ = torch_models.build(workload, weights)     # plain copy for the training-step reference
     log_b = [_t(b) for b in common.batches(workload, n_log, seed=1)]
@@ -55,7 +71,7 @@ def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0, roo
     _log_batches(run, log_b[:1])
     S["lora_dim"] = int(sum(m.logix_lora_B.weight.numel() for m in model.modules()
                             if hasattr(m, "logix_lora_B")))
-    return {"loss0": loss0, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"loss0": loss0, "torch": torch.__version__, "threads": torch.get_num_threads(), "autocast": AUTOCAST,
             "dim": S["lora_dim"], "params": int(sum(p.numel() for p in ref.parameters()))}
 
 
@@ -83,7 +99,8 @@ def _log_batches(run, batches, offset=0):
         i += n
         with run(data_id=ids):
             model.zero_grad()
-            loss = loss_fn(model, b).sum()
+            with _autocast():
+                loss = loss_fn(model, b).sum()
             loss.backward()
     run.finalize()
     run.logger.clear(hook=True, module=False, buffer=False)   # else its hooks stay on the shared model
@@ -97,7 +114,9 @@ def train(n=4):
         b = S["log_b"][i % len(S["log_b"])]
         t0 = time.perf_counter()
         ref.zero_grad()
-        loss_fn(ref, b).mean().backward()
+        with _autocast():
+            loss = loss_fn(ref, b).mean()
+        loss.backward()
         ts.append(time.perf_counter() - t0)
     return {"times": ts}
 
@@ -128,7 +147,9 @@ def score_prep(path=None):
     qb = {k: torch.cat([b[k] for b in S["q_b"]]) for k in S["q_b"][0]}
     with qrun(data_id=[f"q{j}" for j in range(len(next(iter(qb.values()))))]):
         model.zero_grad()
-        loss_fn(model, qb).sum().backward()
+        with _autocast():
+            loss = loss_fn(model, qb).sum()
+        loss.backward()
     S["q_log"] = qrun.get_log(copy=True)
     qrun.logger.clear(hook=True, module=False, buffer=False)
     return out
