@@ -34,5 +34,6 @@ clean:
 
 bench-peers: $(STAMP) .venv-peers
 	$(PY) benchmarks/peers/run.py --workloads token fmnist smollm2 --rounds 4
-	$(PY) benchmarks/peers/run.py --workloads token smollm2 --rounds 3 --n-score 64 --compute-dtype bfloat16 --tag _bf16
+	$(PY) benchmarks/peers/run.py --workloads token --rounds 4 --compute-dtype bfloat16 --tag _bf16
+	$(PY) benchmarks/peers/run.py --workloads smollm2 --rounds 3 --n-score 64 --q 16 --compute-dtype bfloat16 --tag _bf16
 	$(PY) benchmarks/peers/run.py --peer dattri --workloads token fmnist --rounds 4
