@@ -62,7 +62,7 @@ class Worker:
             self.p.kill()
 
 
-PEER_NAMES = {"logix": "LogIX", "dattri": "dattri LoGra"}
+PEER_NAMES = {"logix": "LogIX", "dattri": "dattri LoGra", "trak": "TRAK"}
 
 
 def med(x):
