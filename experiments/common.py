@@ -18,6 +18,16 @@ from jaxval import baselines as bl
 from jaxval import evaluate as ev
 
 
+def load_config(path: str, tiny: bool = False) -> dict:
+    """The YAML config at ``path``, with its ``tiny:`` overrides merged in when ``tiny``."""
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if tiny:
+        cfg = merge(cfg, cfg.get("tiny", {}))
+    cfg.pop("tiny", None)
+    return cfg
+
+
 def parse(description: str, default_config: str):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", default=default_config)
@@ -25,11 +35,7 @@ def parse(description: str, default_config: str):
     ap.add_argument("--out", default=None, help="results folder (default: the config's out)")
     ap.add_argument("--cache", default=None, help="retraining cache folder (default: the config's cache)")
     args = ap.parse_args()
-    with open(args.config) as f:
-        cfg = yaml.safe_load(f)
-    if args.tiny:
-        cfg = merge(cfg, cfg.get("tiny", {}))
-    cfg.pop("tiny", None)
+    cfg = load_config(args.config, args.tiny)
     if args.out:
         cfg["out"] = args.out
     if args.cache:

@@ -43,10 +43,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cached, merge  # noqa: E402
+from common import cached, load_config  # noqa: E402
 
 from jaxval import LoGra, log_gradients  # noqa: E402
 from jaxval.store import GradientStore, StoreError  # noqa: E402
@@ -311,11 +310,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--cache", default=None)
     args = ap.parse_args(argv)
-    with open(args.config) as f:
-        cfg = yaml.safe_load(f)
-    if args.tiny:
-        cfg = merge(cfg, cfg.get("tiny", {}))
-    cfg.pop("tiny", None)
+    cfg = load_config(args.config, args.tiny)
     out = args.out or cfg["out"]
     cache_root = args.cache or cfg["cache"]
     os.makedirs(out, exist_ok=True)

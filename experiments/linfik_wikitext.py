@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cached, merge  # noqa: E402
+from common import cached, load_config  # noqa: E402
 
 from jaxval import LoGra  # noqa: E402
 from jaxval import alinfik as al
@@ -96,11 +95,7 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    with open(args.config) as f:
-        cfg = yaml.safe_load(f)
-    if args.tiny:
-        cfg = merge(cfg, cfg.get("tiny", {}))
-    cfg.pop("tiny", None)
+    cfg = load_config(args.config, args.tiny)
     out = args.out or cfg["out"]
     os.makedirs(os.path.join(out, "cache"), exist_ok=True)
     t_all = time.time()

@@ -38,25 +38,26 @@ def resolve(compute_dtype) -> str | None:
     return None if name == "float32" else name
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
-    """``x [..., n] @ w [n, m] -> [..., m]`` float32, from ``dtype`` operands."""
+def product(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
+    """``x [..., n] · w [n, m] -> [..., m]`` float32, from ``dtype`` operands (no custom VJP)."""
     return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
+    """:func:`product` whose VJP is also a ``dtype`` product and forms no weight gradient."""
+    return product(x, w, dtype)
+
+
 def _matmul_fwd(x, w, dtype):
     wc = w.astype(dtype)
-    y = jax.lax.dot_general(x.astype(dtype), wc, (((x.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return y, (wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    return product(x, wc, dtype), (wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _matmul_bwd(dtype, res, ct):
     wc, x_tag, w_tag = res
-    dx = jax.lax.dot_general(ct.astype(dtype), wc, (((ct.ndim - 1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    return dx.astype(x_tag.dtype), jnp.zeros(wc.shape, w_tag.dtype)
+    return product(ct, wc.T, dtype).astype(x_tag.dtype), jnp.zeros(wc.shape, w_tag.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

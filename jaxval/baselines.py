@@ -47,11 +47,12 @@ def streamed_scores(logra: LoGra, model, hq, train, batch_size: int = 64, normal
             out.append(np.asarray(_block_scores(hq, logra.grads(model, b), normalize)))
         return np.concatenate(out, axis=1)
     graphdef, state = nnx.split(model)
-    layers, offs, loss_fn = logra.layers, logra.offsets(), logra.loss_fn
+    state = logra.step_state(model, state)
+    layers, offs, loss_fn, dtype = logra.layers, logra.offsets(), logra.loss_fn, logra.compute_dtype
 
     @jax.jit
     def step(state, batch, projections, hq):
-        _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch)
+        _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, dtype)
         total = 0.0
         for l in layers:
             hql = hq[:, slice(*offs[l.name])].reshape(-1, l.k_in, l.k_out)

@@ -103,8 +103,7 @@ def _tokens_by_rows(x: jax.Array, p: jax.Array, dtype: str | None) -> jax.Array:
     """``x [B, T, n] · pᵀ [n, k] -> [B, T, k]`` float32; with ``dtype``, from ``dtype`` operands."""
     if dtype is None:
         return jnp.matmul(x.astype(jnp.float32), p.T, precision=_HI)
-    return jax.lax.dot_general(x.astype(dtype), p.astype(dtype), (((2,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    return autocast.product(x, p.T, dtype)
 
 
 def project_input(layer: Layer, module, x: jax.Array, p_in: jax.Array,

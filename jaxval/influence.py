@@ -145,6 +145,7 @@ class _Source:
 
     def __init__(self, train: Any):
         self.obj = train
+        self.native = False
         if isinstance(train, jax.Array) or isinstance(train, np.ndarray):
             if train.ndim != 2:
                 raise ValueError(
@@ -164,8 +165,6 @@ class _Source:
                 "train must be an array [N, D] or a store with __len__, .dim and .read(start, stop); "
                 f"got {type(train).__name__}"
             )
-
-    native = False
 
     def convert(self, block):
         """A block from the store as float32 (numpy, C-contiguous; jax arrays stay on device), or as

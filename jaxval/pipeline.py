@@ -64,7 +64,6 @@ import tensorstore as ts
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxval import autocast
 from jaxval.grads import LoGra, batch_size as _batch_size, blocks_from_pairs, check_independent_examples, \
     model_fingerprint, projected_pairs
 from jaxval.store import GradientStore, StoreError, StoreNotFoundError, _location, _normalize_dtype, config_hash
@@ -184,7 +183,7 @@ def _compiled_step(logra: LoGra, graphdef, dtype_name: str, kind: str | None) ->
     if fn is not None:
         return fn
     layers, loss_fn = logra.layers, logra.loss_fn
-    compute_dtype = getattr(logra, "compute_dtype", None)
+    compute_dtype = logra.compute_dtype
     out_dtype = _JNP_DTYPES[dtype_name]
     # a light stand-in for `logra` (no reference cycle from the cache to its weak key)
     lite = types.SimpleNamespace(layers=layers, offsets=(lambda o=logra.offsets(): o))
@@ -504,7 +503,7 @@ class _Run:
         self.logra, self.store, self.stats, self.bs = logra, store, stats, batch_size
         self.dim, self.np_dtype = store.dim, np.dtype(_JNP_DTYPES[dtype])
         graphdef, state = nnx.split(model)
-        self.state = autocast.cast_kernels(model, state, getattr(logra, "compute_dtype", None))
+        self.state = logra.step_state(model, state)
         self.step = _compiled_step(logra, graphdef, dtype, stats)
         self.pad = pad and stats is None
         self.max_inflight, self.progress, self.on_block = max_inflight, progress, on_block

@@ -106,7 +106,7 @@ def statistics_step(logra: LoGra, model: nnx.Module, kind: str, basis=None,
     ``g`` is None, and the per-example gradients are formed only where a statistic needs them."""
     graphdef, _ = nnx.split(model)
     layers, loss_fn = logra.layers, logra.loss_fn
-    dtype = getattr(logra, "compute_dtype", None)
+    dtype = logra.compute_dtype
 
     @jax.jit
     def step(state, batch, projections, keys, basis):

@@ -410,15 +410,17 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     return buf[off:off + nbytes].view(dtype).reshape(shape)
 
 
-def aligned_f32(arr) -> np.ndarray:
-    """``arr`` as float32 in a fresh 64-byte-aligned buffer (one conversion pass).
+def aligned(arr, dtype=None) -> np.ndarray:
+    """``arr`` (as ``dtype``, default its own) in a C-contiguous, 64-byte-aligned buffer: ``arr`` itself when
+    it already is one, else a fresh copy (one conversion pass).
 
     XLA:CPU takes such arrays without a copy (``jax.device_put(x, may_alias=True)``); an unaligned
     array is copied, at ~1.3 GB/s (measured: 120 ms for a 150 MB block, vs 0.1 ms aligned)."""
     arr = np.asarray(arr)
-    if arr.dtype == np.float32 and arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
+    dtype = arr.dtype if dtype is None else np.dtype(dtype)
+    if arr.dtype == dtype and arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
         return arr
-    out = aligned_empty(arr.shape, np.float32)
+    out = aligned_empty(arr.shape, dtype)
     np.copyto(out, arr, casting="unsafe")
     return out
 
@@ -781,15 +783,6 @@ class GradientStore:
             raise ValueError(f"row range [{start}, {stop}) is outside the store's rows [0, {n})")
         return start, stop
 
-    def _to_f32(self, arr) -> np.ndarray:
-        return aligned_f32(arr)
-
-    def _aligned(self, arr) -> np.ndarray:
-        if arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
-            return arr
-        out = aligned_empty(arr.shape, arr.dtype)
-        np.copyto(out, arr)
-        return out
 
     def read(self, start: int = 0, stop: int | None = None, *, native: bool = False) -> np.ndarray:
         """Rows [start, stop) as float32 [stop - start, dim]; ``native=True``: in the stored dtype
@@ -798,13 +791,13 @@ class GradientStore:
         Either way a fresh, C-contiguous, 64-byte-aligned array (XLA:CPU can use it without a copy).
         """
         start, stop = self._check_range(start, len(self) if stop is None else stop)
-        if self._files is not None:
-            out = aligned_empty((stop - start, self.dim), self._np_dtype)
+        if self._files is None:
+            arr = self._grads[start:stop].read().result()
+        else:
+            arr = aligned_empty((stop - start, self.dim), self._np_dtype)
             if stop > start:
-                self._files.read_into(start, stop, out)
-            return out if native else self._to_f32(out)
-        arr = self._grads[start:stop].read().result()
-        return self._aligned(arr) if native else self._to_f32(arr)
+                self._files.read_into(start, stop, arr)
+        return aligned(arr, None if native else np.float32)
 
     def write(self, start: int, rows, *, wait: bool = True, mark_done: bool = False):
         """Write ``rows`` ([n, dim], cast to the store dtype, round-to-nearest) at rows [start, start+n).
@@ -888,8 +881,7 @@ class GradientStore:
             cur = fut
             if nxt < stop:
                 fut = self._grads[nxt:min(nxt + br, stop)].read()
-            arr = cur.result()
-            yield s, (self._aligned(arr) if native else self._to_f32(arr))
+            yield s, aligned(cur.result(), None if native else np.float32)
             s = nxt
 
     def nbytes_on_disk(self) -> int | None:

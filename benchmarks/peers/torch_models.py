@@ -6,6 +6,7 @@ npz)."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -170,3 +171,18 @@ def build(workload: str, weights: str):
             raise KeyError(k)
     missing, unexpected = m.load_state_dict(sd, strict=True), None
     return m, loss
+
+
+def train_step_times(model: nn.Module, loss_fn, batches, n: int, autocast: bool = False) -> dict:
+    """Wall times of ``n`` training steps (forward + backward of the mean loss) over ``batches`` in turn;
+    ``autocast``: under ``torch.autocast("cpu", bfloat16)``."""
+    ts = []
+    for i in range(n):
+        b = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(model, b).mean()
+        loss.backward()
+        ts.append(time.perf_counter() - t0)
+    return {"times": ts}

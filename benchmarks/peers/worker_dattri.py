@@ -127,15 +127,7 @@ def _setup_compressors(a, loader):
 
 
 def train(n=4):
-    ref, loss_fn = S["ref"], S["ref_loss"]
-    ts = []
-    for i in range(n):
-        b = S["log_b"][i % len(S["log_b"])]
-        t0 = time.perf_counter()
-        ref.zero_grad()
-        loss_fn(ref, b).mean().backward()
-        ts.append(time.perf_counter() - t0)
-    return {"times": ts}
+    return torch_models.train_step_times(S["ref"], S["ref_loss"], S["log_b"], n)
 
 
 def _cache(loader):

@@ -108,17 +108,7 @@ def _log_batches(run, batches, offset=0):
 
 
 def train(n=4):
-    ref, loss_fn = S["ref"], S["loss_fn"]
-    ts = []
-    for i in range(n):
-        b = S["log_b"][i % len(S["log_b"])]
-        t0 = time.perf_counter()
-        ref.zero_grad()
-        with _autocast():
-            loss = loss_fn(ref, b).mean()
-        loss.backward()
-        ts.append(time.perf_counter() - t0)
-    return {"times": ts}
+    return torch_models.train_step_times(S["ref"], S["loss_fn"], S["log_b"], n, AUTOCAST)
 
 
 def log(path=None):

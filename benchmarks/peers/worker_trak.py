@@ -74,15 +74,7 @@ def _featurize(batches):
 
 
 def train(n=4):
-    model, loss_fn = S["model"], S["loss_fn"]
-    ts = []
-    for i in range(n):
-        b = S["ref_b"][i % len(S["ref_b"])]
-        t0 = time.perf_counter()
-        model.zero_grad()
-        loss_fn(model, b).mean().backward()
-        ts.append(time.perf_counter() - t0)
-    return {"times": ts}
+    return torch_models.train_step_times(S["model"], S["loss_fn"], S["ref_b"], n)
 
 
 def log(path=None):
