@@ -61,7 +61,7 @@ def worker(args):
     timed("log", lambda p: dist.log_gradients(logra, model, data, p, **kw), n)
     timed("fit_kfac", lambda p: dist.fit_preconditioner(logra, model, data, kind="kfac", damping=1e-3,
                                                         batch_size=args.batch * topo.device_count), n)
-    from jaxval.store import GradientStore
+    from jaxval._src.store import GradientStore
 
     store = GradientStore.open(f"{root}/log")
     timed("score", lambda p: dist.score(q, store, None, mode="dot", align=store.chunk_rows), n)
@@ -87,7 +87,7 @@ def main():
     if args.worker:
         return worker(args)
 
-    from jaxval.distributed import launch
+    from jaxval._src.parallel import launch
 
     rows = []
     for p in args.procs:

@@ -31,7 +31,7 @@ from flax import nnx
 
 import jaxval as jv
 from jaxval.models import gpt, mlp
-from jaxval.train import train_step_fn
+from jaxval._src.train import train_step_fn
 
 
 def block(x):

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import jaxval as jv  # noqa: E402
 from jaxval.models import llama  # noqa: E402
-from jaxval.train import train_step_fn  # noqa: E402
+from jaxval._src.train import train_step_fn  # noqa: E402
 
 
 def main(argv=None):

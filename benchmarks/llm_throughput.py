@@ -32,7 +32,7 @@ import numpy as np
 
 import jaxval as jv
 from jaxval.models import llama
-from jaxval.train import train_step_fn
+from jaxval._src.train import train_step_fn
 
 
 def block(x):

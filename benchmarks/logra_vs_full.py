@@ -39,7 +39,7 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import jaxval as jv  # noqa: E402
-from jaxval.baselines import dense_projection  # noqa: E402
+from jaxval.evaluation.baselines import dense_projection  # noqa: E402
 from jaxval.models import llama  # noqa: E402
 
 SIZES = {

@@ -98,7 +98,7 @@ class RowView:
 def make_store(path: Path, n: int, dim: int, dtype: str, seed: int):
     """Create and fill a store with seeded random rows; returns (store, kind)."""
     try:
-        from jaxval.store import GradientStore
+        from jaxval._src.store import GradientStore
     except ImportError:
         GradientStore = None
     rng = np.random.default_rng(seed)
@@ -119,7 +119,7 @@ def make_store(path: Path, n: int, dim: int, dtype: str, seed: int):
 
 def open_store(path: Path, n: int, dim: int):
     try:
-        from jaxval.store import GradientStore
+        from jaxval._src.store import GradientStore
 
         return GradientStore.open(path)
     except ImportError:
@@ -276,7 +276,7 @@ def main(argv=None):
 
         import jax.numpy as jnp
 
-        from jaxval.influence import _resolve_block_rows
+        from jaxval._src.scoring import _resolve_block_rows
 
         B = B or _resolve_block_rows(None, N, D, None, 1, getattr(store, "chunk_rows", None))
         results["config"]["block_rows"] = args.block_rows = B

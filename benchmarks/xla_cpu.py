@@ -50,9 +50,9 @@ def child(batch: int, reps: int) -> dict:
     from flax import nnx
 
     sys.path.insert(0, str(ROOT))
-    from jaxval.grads import LoGra
+    from jaxval._src.logra import LoGra
     from jaxval.models.token_mlp import TokenMLP, loss_fn, random_batch
-    from jaxval.train import train_step_fn
+    from jaxval._src.train import train_step_fn
 
     model = TokenMLP(rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)

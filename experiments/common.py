@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import yaml
 
-from jaxval import baselines as bl
-from jaxval import evaluate as ev
+from jaxval.evaluation import baselines as bl
+from jaxval.evaluation import retraining as ev
 
 
 def load_config(path: str, tiny: bool = False) -> dict:

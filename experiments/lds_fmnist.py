@@ -16,7 +16,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from jaxval import evaluate as ev  # noqa: E402
+from jaxval.evaluation import retraining as ev  # noqa: E402
 from jaxval.data import load_idx_dataset  # noqa: E402
 from jaxval.models.mlp import MLP, loss_fn  # noqa: E402
 

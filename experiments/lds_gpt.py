@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from jaxval import evaluate as ev  # noqa: E402
+from jaxval.evaluation import retraining as ev  # noqa: E402
 from jaxval.data.text import CharTokenizer, load_text, make_blocks  # noqa: E402
 from jaxval.models.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
 

@@ -17,7 +17,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from jaxval import evaluate as ev  # noqa: E402
+from jaxval.evaluation import retraining as ev  # noqa: E402
 from jaxval.data import load_digits  # noqa: E402
 
 

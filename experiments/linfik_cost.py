@@ -23,7 +23,7 @@ import yaml
 from flax import nnx
 
 from jaxval import LoGra
-from jaxval import alinfik as al
+from jaxval.valuation import alinfik as al
 from jaxval.models.gpt import GPT, GPTConfig, loss_fn as gpt_loss, param_count
 
 

@@ -48,9 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cached, load_config  # noqa: E402
 
 from jaxval import LoGra, log_gradients  # noqa: E402
-from jaxval.store import GradientStore, StoreError  # noqa: E402
-from jaxval import alinfik as al
-from jaxval.linfik import layer_normalize, linfik, pearson, spearman
+from jaxval._src.store import GradientStore, StoreError  # noqa: E402
+from jaxval.valuation import alinfik as al
+from jaxval.valuation.linfik import layer_normalize, linfik, pearson, spearman
 from jaxval.models import llama
 
 # ----------------------------------------------------------------------------- ShareGPT
@@ -279,7 +279,7 @@ def average_precision(scores, injected) -> float:
 
 
 def auroc(scores, injected) -> float:
-    from jaxval.linfik import rankdata
+    from jaxval.valuation.linfik import rankdata
 
     r = rankdata(scores)
     pos, neg = injected.sum(), (~injected).sum()

@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cached, load_config  # noqa: E402
 
 from jaxval import LoGra  # noqa: E402
-from jaxval import alinfik as al
-from jaxval.linfik import gradient_stability, layer_normalize, lm_setup, pearson, plot_stability, pool_gradients, spearman, task_gradient
+from jaxval.valuation import alinfik as al
+from jaxval.valuation.linfik import gradient_stability, layer_normalize, lm_setup, pearson, plot_stability, pool_gradients, spearman, task_gradient
 from jaxval.models.gpt import GPT, GPTConfig, loss_fn
 
 

@@ -56,7 +56,7 @@ def log_blocks(logra, model, tokens: np.ndarray, store, batch_size: int, stats_f
     already stored are run again for their statistics only (not rewritten)."""
     from flax import nnx
 
-    from jaxval import precondition as pre
+    from jaxval._src import preconditioner as pre
 
     names = [l.name for l in logra.layers]
     if store.is_complete() and stats_file.is_file():
@@ -99,7 +99,7 @@ def log_blocks(logra, model, tokens: np.ndarray, store, batch_size: int, stats_f
 def fit_ekfac(logra, kfac_state, store, relative_damping: float):
     """EK-FAC from the logged gradients: K-FAC eigenbasis from the statistics of the logging pass, then
     the eigenvalues re-fitted from the stored per-example gradients (no second model pass)."""
-    from jaxval import precondition as pre
+    from jaxval._src import preconditioner as pre
 
     names = [l.name for l in logra.layers]
     full = pre.kfac_basis(kfac_state, names)
@@ -146,7 +146,7 @@ def query_grads(logra, model, queries, batch_size: int) -> np.ndarray:
 def top_k_cosine(q: np.ndarray, store, k: int, precond=None):
     """Top-k training rows per query by cosine (``H⁻¹`` inner product when ``precond`` is given)."""
     try:
-        from jaxval.influence import top_k
+        from jaxval._src.scoring import top_k
 
         vals, idx = top_k(q, store, k=k, precond=precond, mode="cosine", progress=False)
         return np.asarray(vals), np.asarray(idx), "jaxval.influence.top_k(mode='cosine')"
@@ -177,7 +177,7 @@ def main(argv=None):
     if args.report is not None:
         cfg["report"] = args.report
     warnings.filterwarnings("ignore", message="jaxval: parameters")
-    from jaxval.store import GradientStore
+    from jaxval._src.store import GradientStore
 
     t_start = time.perf_counter()
     timings = {}

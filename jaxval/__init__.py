@@ -1,16 +1,18 @@
 """jaxval: data valuation for large models in JAX (LoGra influence functions, LinFiK / ALinFiK)."""
 
-from jaxval.grads import LoGra, explicit_grads, model_fingerprint
-from jaxval import alinfik, baselines, evaluate
-from jaxval.evaluate import (RetrainConfig, brittleness, fit, lds, lds_masks, leave_one_out, loo_correlation,
+from jaxval._src.logra import LoGra, explicit_grads, model_fingerprint
+from jaxval.valuation import alinfik
+from jaxval.evaluation import baselines
+from jaxval.evaluation import retraining as evaluate
+from jaxval.evaluation.retraining import (RetrainConfig, brittleness, fit, lds, lds_masks, leave_one_out, loo_correlation,
                              removal_effect, retrain)
-from jaxval.linfik import gradient_stability, linfik, plot_stability
-from jaxval.influence import cached_self_influence, influence, self_influence, top_k
-from jaxval.layers import Layer, discover
-from jaxval.pipeline import log_gradients
-from jaxval.precondition import Preconditioner, fit_preconditioner, pca_projections
-from jaxval.store import GradientStore, StoreError
-from jaxval.projection import init_projections, layer_key, projection_matrix
+from jaxval.valuation.linfik import gradient_stability, linfik, plot_stability
+from jaxval._src.scoring import cached_self_influence, influence, self_influence, top_k
+from jaxval._src.layers import Layer, discover
+from jaxval._src.logging import log_gradients
+from jaxval._src.preconditioner import Preconditioner, fit_preconditioner, pca_projections
+from jaxval._src.store import GradientStore, StoreError
+from jaxval._src.projection import init_projections, layer_key, projection_matrix
 
 __version__ = "0.1.0"
 

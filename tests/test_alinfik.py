@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from jaxval import alinfik
-from jaxval.alinfik import Student, fit_student, hashed_ngram_embed, make_embed_fn, price, select, statement
-from jaxval.linfik import spearman
+from jaxval.valuation import alinfik
+from jaxval.valuation.alinfik import Student, fit_student, hashed_ngram_embed, make_embed_fn, price, select, statement
+from jaxval.valuation.linfik import spearman
 
 WORDS = ("river stone market engine violin castle orbit pepper signal harbor forest candle rocket glacier "
          "poem ledger falcon copper meadow tunnel").split()

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxval as jv
-from jaxval import autocast
+from jaxval._src import autocast
 from jaxval.models import llama, token_mlp
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")

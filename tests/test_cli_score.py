@@ -5,9 +5,9 @@ import json
 import numpy as np
 import yaml
 
-from jaxval.cli import main
-from jaxval.precondition import Preconditioner
-from jaxval.store import GradientStore
+from jaxval.cli.app import main
+from jaxval._src.preconditioner import Preconditioner
+from jaxval._src.store import GradientStore
 
 
 def test_log_fit_score_end_to_end(tmp_path):

@@ -49,7 +49,7 @@ WORKER = textwrap.dedent('''
     from jaxval import distributed as dist
     topo = dist.initialize(timeout=60)          # from the JAXVAL_* env vars set by the launcher
 ''') + SETUP + textwrap.dedent('''
-    from jaxval.store import GradientStore
+    from jaxval._src.store import GradientStore
     out = sys.argv[1]
     # count this process's store writes; optionally die right after its first block is marked done
     crash = int(os.environ.get("CRASH_PROCESS", "-1")) == jax.process_index()
@@ -91,7 +91,7 @@ def reference(tmp):
     """The one-process, one-device run with the plain library (in this pytest process)."""
     import importlib
 
-    from jaxval import precondition as pcm
+    from jaxval._src import preconditioner as pcm
 
     inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
 
@@ -154,7 +154,7 @@ def runs(tmp_path_factory):
     (two / "worker.py").write_text(WORKER)
     # process 1 dies right after its first block is marked done (the other blocks are not)
     codes_crash, log_crash = run(2, two, timeout=60, CRASH_PROCESS=1)
-    from jaxval.store import GradientStore
+    from jaxval._src.store import GradientStore
 
     done_after_crash = GradientStore.open(str(two / "store")).done_mask()
     codes2, log2 = run(2, two, timeout=75)                  # the rerun resumes
@@ -220,6 +220,6 @@ def test_ownership_and_startup_helpers(monkeypatch):
     monkeypatch.setenv(dist.ENV_NUM_PROCESSES, "2")
     monkeypatch.delenv(dist.ENV_COORDINATOR, raising=False)
     monkeypatch.delenv(dist.ENV_PROCESS_ID, raising=False)
-    if not dist._is_initialized():
+    if not dist.is_initialized():
         with pytest.raises(ValueError, match="coordinator"):
             dist.initialize()

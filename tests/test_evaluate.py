@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 import jaxval as jv
-from jaxval import baselines as bl
-from jaxval import evaluate as ev
+from jaxval.evaluation import baselines as bl
+from jaxval.evaluation import retraining as ev
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxval as jv
-from jaxval.layers import find_module, weight_matrix
+from jaxval._src.layers import find_module, weight_matrix
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 
@@ -248,7 +248,7 @@ def test_projection_bit_identical_across_processes(tmp_path):
     code = textwrap.dedent("""
         import sys, hashlib, numpy as np
         import jaxval as jv
-        from jaxval.layers import Layer
+        from jaxval._src.layers import Layer
         layers = [Layer("blocks/0/mlp/fc", ("blocks", 0, "mlp", "fc"), "linear", 65, 33, True, 16, 8)]
         h = hashlib.sha256()
         for init in ("gaussian", "rademacher", "orthogonal"):

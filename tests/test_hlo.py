@@ -18,7 +18,7 @@ from flax import nnx
 
 import jaxval as jv
 from jaxval.models import token_mlp
-from jaxval.train import train_step_fn
+from jaxval._src.train import train_step_fn
 
 VOCAB, D, HIDDEN, B, T, RANK = 56, 24, 40, 3, 10, 4
 

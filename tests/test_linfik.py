@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxval.grads import LoGra, explicit_grads
-from jaxval.linfik import gradient_stability, layer_normalize, linfik, plot_stability, rankdata, spearman
+from jaxval._src.logra import LoGra, explicit_grads
+from jaxval.valuation.linfik import gradient_stability, layer_normalize, linfik, plot_stability, rankdata, spearman
 
 
 class Tiny(nnx.Module):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxval import train as jtrain
+from jaxval._src import train as jtrain
 from jaxval.models import cnn, gpt, mlp, token_mlp
 
 TINY = gpt.GPTConfig(vocab_size=11, block_size=8, d_model=16, n_layer=2, n_head=2)

@@ -23,11 +23,11 @@ import pytest
 from flax import nnx
 
 import jaxval as jv
-from jaxval import precondition as pcm
-from jaxval.cli import main as cli_main
+from jaxval._src import preconditioner as pcm
+from jaxval.cli.app import main as cli_main
 from jaxval.models import mlp, token_mlp
-from jaxval.pipeline import log_gradients, store_config
-from jaxval.store import GradientStore, StoreError
+from jaxval._src.logging import log_gradients, store_config
+from jaxval._src.store import GradientStore, StoreError
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 
@@ -104,7 +104,7 @@ def test_bf16_store_is_half_the_bytes_and_ranks_like_fp32_on_trained_digits_mlp(
     from scipy.stats import spearmanr
 
     from jaxval.data.digits import load_digits
-    from jaxval.train import train
+    from jaxval._src.train import train
 
     d = load_digits(seed=0)
     model = mlp.MLP((64, 64, 10), rngs=nnx.Rngs(0))
@@ -304,7 +304,7 @@ def test_mesh_data_parallel_on_4_devices(tmp_path, small):
         warnings.simplefilter("ignore")
         sys.path.insert(0, sys.argv[1])
         from test_pipeline import _small
-        from jaxval.pipeline import log_gradients
+        from jaxval._src.logging import log_gradients
         model, logra, data = _small()
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
         store, st = log_gradients(logra, model, data, sys.argv[2], batch_size=32, chunk_rows=64, dtype="float32",
@@ -335,7 +335,7 @@ _CHILD = textwrap.dedent("""
     warnings.filterwarnings("ignore")
     sys.path.insert(0, sys.argv[1])
     from test_pipeline import _crash_setup
-    from jaxval.pipeline import log_gradients
+    from jaxval._src.logging import log_gradients
     path, pi, pc = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     model, logra, data, ids = _crash_setup()
     print("ready", flush=True)
@@ -450,7 +450,7 @@ log: {{output: {out}, dtype: bfloat16, batch_size: 32, chunk_rows: 64}}
 
 
 def test_cli_log_and_info(tmp_path, capsys):
-    from jaxval import config as C
+    from jaxval.cli import config as C
 
     out, ckpt = tmp_path / "digits.store", tmp_path / "model.ckpt"
     cfg_path = tmp_path / "c.yaml"
@@ -488,7 +488,7 @@ def test_cli_log_and_info(tmp_path, capsys):
 
 
 def test_shipped_configs_parse():
-    from jaxval import config as C
+    from jaxval.cli import config as C
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in ("digits_mlp.yaml", "shakespeare_gpt.yaml"):

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxval as jv
-from jaxval import precondition as pcm
+from jaxval._src import preconditioner as pcm
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 
@@ -341,7 +341,7 @@ def test_error_unknown_kind(tiny):
 def test_ekfac_refit_from_factors_equals_refit_from_gradients(seq):
     """The eigenvalue re-fit rotates the projected factors when an example has few tokens (seq 2) and the
     per-example gradients otherwise (seq 40); both equal the rotation of explicit per-example gradients."""
-    from jaxval.grads import blocks_from_pairs, projected_pairs
+    from jaxval._src.logra import blocks_from_pairs, projected_pairs
     from jaxval.models.token_mlp import TokenMLP, loss_fn
 
     model = TokenMLP(vocab_size=11, d_model=6, n_block=1, hidden=9, rngs=nnx.Rngs(0))

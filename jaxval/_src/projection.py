@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxval.layers import Layer
+from jaxval._src.layers import Layer
 
 INITS = ("gaussian", "rademacher", "orthogonal", "identity")
 

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxval.grads import LoGra, batch_size as _batch_size
+from jaxval._src.logra import LoGra, batch_size as _batch_size
 
 __all__ = [
     "linfik",
@@ -391,7 +391,7 @@ def cli_linfik(args) -> int:
     from flax import nnx
 
     from jaxval.models.gpt import GPT, GPTConfig, loss_fn
-    from jaxval.train import train
+    from jaxval._src.train import train
 
     cfg = load_config(args.config, getattr(args, "set", ()))
     setup = lm_setup(cfg)

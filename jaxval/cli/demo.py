@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxval.grads import LoGra
+from jaxval._src.logra import LoGra
 from jaxval.models import mlp
-from jaxval.train import train
+from jaxval._src.train import train
 
 
 def _load_digits(seed: int):

@@ -17,7 +17,7 @@ import time
 
 
 def _demo(args):
-    from jaxval.demo import run
+    from jaxval.cli.demo import run
 
     run(out_dir=args.out, rank=args.rank, steps=args.steps, seed=args.seed)
     return 0
@@ -33,8 +33,8 @@ def _human(n) -> str:
 
 
 def _log(args):
-    from jaxval import config as C
-    from jaxval.pipeline import log_gradients
+    from jaxval.cli import config as C
+    from jaxval._src.logging import log_gradients
 
     cfg = C.load_config(args.config)
     if args.output:
@@ -64,7 +64,7 @@ def _log(args):
 
 
 def _info(args):
-    from jaxval.store import GradientStore
+    from jaxval._src.store import GradientStore
 
     store = GradientStore.open(args.store)
     info = store.info()
@@ -109,8 +109,8 @@ def _classification_sampler(model, batch, keys):
 
 
 def _fit(args):
-    from jaxval import config as C
-    from jaxval.precondition import fit_preconditioner
+    from jaxval.cli import config as C
+    from jaxval._src.preconditioner import fit_preconditioner
 
     cfg = C.load_config(args.config)
     ft = cfg["fit"]
@@ -132,7 +132,7 @@ def _fit(args):
         sample_fn = _classification_sampler
     import jax
 
-    from jaxval import distributed
+    from jaxval._src import parallel as distributed
 
     fit = distributed.fit_preconditioner if jax.process_count() > 1 else fit_preconditioner
     pc = fit(logra, model, data, kind=ft["kind"], damping=ft["damping"],
@@ -149,11 +149,11 @@ def _fit(args):
 def _score(args):
     import numpy as np
 
-    from jaxval import config as C
-    from jaxval.influence import influence, top_k
-    from jaxval.precondition import Preconditioner
-    from jaxval.report import render_examples, write_report
-    from jaxval.store import GradientStore, StoreError
+    from jaxval.cli import config as C
+    from jaxval._src.scoring import influence, top_k
+    from jaxval._src.preconditioner import Preconditioner
+    from jaxval.cli.report import render_examples, write_report
+    from jaxval._src.store import GradientStore, StoreError
 
     train = GradientStore.open(args.store)
     queries = GradientStore.open(args.queries)
@@ -174,7 +174,7 @@ def _score(args):
     t0 = time.perf_counter()
     import jax
 
-    from jaxval import distributed
+    from jaxval._src import parallel as distributed
 
     if jax.process_count() > 1:  # rows split across processes, results gathered on every process
         align = getattr(train, "chunk_rows", 1)
@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_score)
 
-    from jaxval import alinfik, distributed
-    from jaxval.linfik import add_linfik_parser
+    from jaxval.valuation import alinfik
+    from jaxval._src import parallel as distributed
+    from jaxval.valuation.linfik import add_linfik_parser
 
     add_linfik_parser(sub)
     alinfik.add_alinfik_parser(sub)
@@ -284,11 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("log", "fit", "score"):
-        from jaxval import distributed
+        from jaxval._src import parallel as distributed
 
         distributed.initialize()  # no-op for one process; jax.distributed under `jaxval launch` or on a pod
-    from jaxval.config import ConfigError
-    from jaxval.store import StoreError
+    from jaxval.cli.config import ConfigError
+    from jaxval._src.store import StoreError
 
     try:
         return int(args.func(args) or 0)

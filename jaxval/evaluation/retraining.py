@@ -37,8 +37,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxval import checkpoint
-from jaxval.grads import model_fingerprint
+from jaxval._src import checkpoint
+from jaxval._src.logra import model_fingerprint
 
 __all__ = [
     "RetrainConfig", "retrain", "lds_masks", "lds", "LDSResult", "spearman", "pearson",

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxval.grads import LoGra, projected_pairs
-from jaxval.precondition import fit_preconditioner, iterate_batches, pca_projections
+from jaxval._src.logra import LoGra, projected_pairs
+from jaxval._src.preconditioner import fit_preconditioner, iterate_batches, pca_projections
 
 _HI = jax.lax.Precision.HIGHEST
 

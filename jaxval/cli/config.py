@@ -210,8 +210,8 @@ def _flat_params(model) -> dict[str, np.ndarray]:
 
 def save_model(model, path: str, meta: dict | None = None, overwrite: bool = False) -> str:
     """Save the model's parameters (orbax, via ``jaxval.checkpoint``) for ``model.checkpoint``."""
-    from jaxval import checkpoint
-    from jaxval.grads import model_fingerprint
+    from jaxval._src import checkpoint
+    from jaxval._src.logra import model_fingerprint
 
     return checkpoint.save(path, _flat_params(model),
                            meta={"kind": "jaxval.model", "fingerprint": model_fingerprint(model), **(meta or {})},
@@ -220,7 +220,7 @@ def save_model(model, path: str, meta: dict | None = None, overwrite: bool = Fal
 
 def load_model(model, path: str):
     """Load parameters saved by :func:`save_model` into ``model`` (same architecture) in place."""
-    from jaxval import checkpoint
+    from jaxval._src import checkpoint
 
     arrays, _meta = checkpoint.load(path)
     own = _flat_params(model)
@@ -245,7 +245,7 @@ def prepare(cfg: dict, progress: bool = True, split: str | None = None):
     """``(model, loss_fn, data, ids, logra)`` for a normalised config: builds the data and the model, loads
     its checkpoint or trains it (deterministically, on ``data.split``), and builds the LoGra. ``split``
     (e.g. ``"test"`` for query gradients) returns that split's data instead of ``data.split``'s."""
-    from jaxval.grads import LoGra
+    from jaxval._src.logra import LoGra
 
     mcfg, dcfg, lcfg = cfg["model"], cfg["data"], cfg["logra"]
     data, ids, info = build_data(dcfg, for_model=mcfg["kind"])
@@ -257,7 +257,7 @@ def prepare(cfg: dict, progress: bool = True, split: str | None = None):
     if mcfg.get("checkpoint"):
         load_model(model, mcfg["checkpoint"])
     elif mcfg.get("train"):
-        from jaxval.train import train
+        from jaxval._src.train import train
 
         t = dict(mcfg["train"])
         train_data = data

@@ -27,9 +27,9 @@ import numpy as np
 from flax import nnx
 from flax.nnx import graph as nnx_graph
 
-from jaxval import autocast
-from jaxval.layers import EinsumSpec, Layer, LayerSelector, discover, weight_matrix
-from jaxval.projection import INITS, Rank, init_projections, resolve_rank
+from jaxval._src import autocast
+from jaxval._src.layers import EinsumSpec, Layer, LayerSelector, discover, weight_matrix
+from jaxval._src.projection import INITS, Rank, init_projections, resolve_rank
 
 LossFn = Callable[[nnx.Module, Any], jax.Array]
 Projections = Mapping[str, tuple[jax.Array, jax.Array]]

@@ -51,7 +51,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxval.linfik import rankdata, spearman, pearson
+from jaxval.valuation.linfik import rankdata, spearman, pearson
 
 __all__ = [
     "Student", "fit_student", "select", "price", "statement", "format_statement",
@@ -201,7 +201,7 @@ class Student:
         return self.predict_embeddings(self.embed(texts))
 
     def save(self, path: str, overwrite: bool = False) -> str:
-        from jaxval import checkpoint
+        from jaxval._src import checkpoint
 
         arrays = {f"head/{'/'.join(map(str, p))}": np.asarray(v[...])
                   for p, v in nnx.to_flat_state(nnx.state(self.head, nnx.Param))}
@@ -210,7 +210,7 @@ class Student:
 
     @classmethod
     def load(cls, path: str, embed_fn: EmbedFn | None = None) -> "Student":
-        from jaxval import checkpoint
+        from jaxval._src import checkpoint
 
         arrays, meta = checkpoint.load(path)
         head = Head(meta["d"], meta["hidden"], meta["dropout"], rngs=nnx.Rngs(0))
@@ -498,7 +498,7 @@ def add_alinfik_parser(sub) -> None:
 
 def cli_alinfik(args) -> int:
     if args.action == "train":
-        from jaxval.linfik import load_config
+        from jaxval.valuation.linfik import load_config
 
         cfg = load_config(args.config)
         frac = args.fraction if args.fraction is not None else float(cfg.pop("fraction", 0.2))

@@ -64,9 +64,9 @@ import tensorstore as ts
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxval.grads import LoGra, batch_size as _batch_size, blocks_from_pairs, check_independent_examples, \
+from jaxval._src.logra import LoGra, batch_size as _batch_size, blocks_from_pairs, check_independent_examples, \
     model_fingerprint, projected_pairs
-from jaxval.store import GradientStore, StoreError, StoreNotFoundError, _location, _normalize_dtype, config_hash
+from jaxval._src.store import GradientStore, StoreError, StoreNotFoundError, _location, _normalize_dtype, config_hash
 
 __all__ = ["log_gradients", "store_config", "STATS_KINDS"]
 
@@ -195,7 +195,7 @@ def _compiled_step(logra: LoGra, graphdef, dtype_name: str, kind: str | None) ->
             g = blocks_from_pairs(layers, pairs)
             return g if out_dtype == jnp.float32 else g.astype(out_dtype)
     else:
-        from jaxval.precondition import batch_statistics
+        from jaxval._src.preconditioner import batch_statistics
 
         @jax.jit
         def fn(state, batch, projections, acc, weight):
@@ -277,7 +277,7 @@ def _recover_half_created(path, dim: int, num_rows: int, dtype: str) -> bool:
         grads = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("grads"), "open": True}).result()
     except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace
         return False
-    from jaxval.store import _DTYPES
+    from jaxval._src.store import _DTYPES
 
     return tuple(grads.shape) == (num_rows, dim) and np.dtype(grads.dtype.numpy_dtype) == _DTYPES[dtype]
 
@@ -291,7 +291,7 @@ def _default_chunk_rows(dim: int, itemsize: int, batch: int, n: int) -> int:
 
 def _create_or_open(path, *, dim, n, dtype, chunk_rows, config, ids, overwrite, creator, batch,
                     open_timeout) -> GradientStore:
-    from jaxval.store import _DTYPES
+    from jaxval._src.store import _DTYPES
 
     if creator:
         try:
@@ -479,7 +479,7 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
         else:
             acc = run.stream(data, plan, n)
     elif stats is not None:
-        from jaxval.precondition import init as _stats_init
+        from jaxval._src.preconditioner import init as _stats_init
 
         acc = _stats_init(logra, stats)
 
@@ -510,7 +510,7 @@ class _Run:
         self.pi, self.pc, self.mesh = pi, pc, mesh
         self.acc = None
         if stats is not None:
-            from jaxval.precondition import init as _stats_init
+            from jaxval._src.preconditioner import init as _stats_init
 
             self.acc = _stats_init(logra, stats)
         self.fetch: collections.deque = collections.deque()
@@ -519,7 +519,7 @@ class _Run:
 
     def _dispatch(self, batch, weight: float):
         if self.mesh is not None:
-            from jaxval.precondition import _shard
+            from jaxval._src.preconditioner import _shard
 
             batch = _shard(batch, self.mesh)
         if self.stats is None:

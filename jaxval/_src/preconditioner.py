@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxval.grads import LoGra, batch_size, blocks_from_pairs, check_independent_examples, projected_pairs
+from jaxval._src.logra import LoGra, batch_size, blocks_from_pairs, check_independent_examples, projected_pairs
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
 _HI = None  # default precision: exact float32 on CPU; see README for GPU
@@ -180,7 +180,7 @@ class Preconditioner:
         return np.asarray(f["e"] if self.kind == "raw" else f["L"]).ravel()
 
     def save(self, path: str, overwrite: bool = False) -> str:
-        from jaxval import checkpoint
+        from jaxval._src import checkpoint
 
         meta = {"kind": self.kind, "names": list(self.names), "shapes": [list(s) for s in self.shapes],
                 "damping": {k: float(v) for k, v in self.damping.items()}, "config": self.config}
@@ -190,7 +190,7 @@ class Preconditioner:
 
     @classmethod
     def load(cls, path: str) -> "Preconditioner":
-        from jaxval import checkpoint
+        from jaxval._src import checkpoint
 
         arrays, meta = checkpoint.load(path)
         names = tuple(meta["names"])
@@ -413,7 +413,7 @@ def pca_projections(model: nnx.Module, loss_fn, data, rank=64, layers=None, batc
     Use as ``LoGra(model, loss_fn, init="pca", projections=pca_projections(...))``."""
     full = LoGra(model, loss_fn, rank=None, init="identity", layers=layers)
     state = accumulate(full, model, data, "kfac", batch_size=batch_size, progress=progress, desc="pca factors")
-    from jaxval.projection import resolve_rank
+    from jaxval._src.projection import resolve_rank
 
     out = {}
     for l in full.layers:
