@@ -64,7 +64,8 @@ import tensorstore as ts
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxval._src.logra import LoGra, batch_size as _batch_size, blocks_from_pairs, check_independent_examples, \
+from jaxval._src.batching import batch_size as _batch_size, is_array_tree, shard_batch, take
+from jaxval._src.logra import LoGra, blocks_from_pairs, check_independent_examples, \
     model_fingerprint, projected_pairs
 from jaxval._src.store import GradientStore, StoreError, StoreNotFoundError, _location, _normalize_dtype, config_hash
 
@@ -123,30 +124,12 @@ def _explain_mismatch(store: GradientStore, config: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- data
 
-def _is_array_tree(data) -> bool:
-    """A pytree whose leaves are all arrays with a leading axis (not a list: lists are streams)."""
-    if isinstance(data, (np.ndarray, jax.Array)):
-        return True
-    if isinstance(data, (list, Iterator)):
-        return False
-    leaves = jax.tree_util.tree_leaves(data)
-    return bool(leaves) and all(hasattr(x, "shape") and len(np.shape(x)) >= 1 for x in leaves)
-
-
 def _unpack(item):
     if not (isinstance(item, tuple) and len(item) == 2):
         raise ValueError("an iterable `data` must yield (ids, batch) pairs (ids may be None: row numbers); "
                          f"got {type(item).__name__}. Pass a pytree of arrays with a leading axis N instead "
                          "to log a whole dataset")
     return item
-
-
-def _take(data, start: int, stop: int, pad_to: int | None):
-    n = stop - start
-    if pad_to is None or n >= pad_to:
-        return jax.tree_util.tree_map(lambda a: a[start:stop], data)
-    idx = np.minimum(np.arange(start, start + pad_to), stop - 1)
-    return jax.tree_util.tree_map(lambda a: a[idx], data)
 
 
 def _collect_iterable_ids(data) -> tuple[int, Any]:
@@ -425,7 +408,7 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
     check_independent_examples(model)
 
     # ---- the dataset: N and the ids
-    array_mode = _is_array_tree(data)
+    array_mode = is_array_tree(data)
     if array_mode:
         n = _batch_size(data)
     else:
@@ -519,9 +502,7 @@ class _Run:
 
     def _dispatch(self, batch, weight: float):
         if self.mesh is not None:
-            from jaxval._src.preconditioner import _shard
-
-            batch = _shard(batch, self.mesh)
+            batch = shard_batch(batch, self.mesh)
         if self.stats is None:
             return self.step(self.state, batch, self.logra.projections)
         g, self.acc = self.step(self.state, batch, self.logra.projections, self.acc, jnp.float32(weight))
@@ -569,7 +550,7 @@ class _Run:
                 blk = _Block(s, e, self.dim, self.np_dtype, write)
                 for b0 in range(s, e, self.bs):
                     b1 = min(b0 + self.bs, e)
-                    batch = _take(data, b0, b1, eff if self.pad else None)
+                    batch = take(data, b0, b1, eff if self.pad else None)
                     g = self._dispatch(batch, 1.0)
                     self.fetch.append(([(blk, b0 - s, 0, b1 - b0)], b1 - b0, g))
                     self._drain(1)

@@ -27,35 +27,18 @@ import numpy as np
 from flax import nnx
 from flax.nnx import graph as nnx_graph
 
-from jaxval._src import autocast
+from jaxval._src import autocast, precision
+from jaxval._src.batching import batch_size
 from jaxval._src.layers import EinsumSpec, Layer, LayerSelector, discover, weight_matrix
 from jaxval._src.projection import INITS, Rank, init_projections, resolve_rank
 
 LossFn = Callable[[nnx.Module, Any], jax.Array]
 Projections = Mapping[str, tuple[jax.Array, jax.Array]]
 
-_HI = None  # default precision: exact float32 on CPU; see README for GPU
+_HI = precision.MATMUL
 
 
 # ----------------------------------------------------------------------------- batch checks
-
-def batch_size(batch) -> int:
-    """The common leading axis of every leaf of ``batch``; a clear error if they disagree."""
-    leaves = jax.tree_util.tree_leaves_with_path(batch)
-    if not leaves:
-        raise ValueError("the batch is empty: pass a pytree of arrays with a leading example axis")
-    sizes = {}
-    for path, leaf in leaves:
-        shape = np.shape(leaf)
-        if len(shape) == 0:
-            raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs a "
-                             "leading example axis")
-        sizes.setdefault(shape[0], []).append(jax.tree_util.keystr(path))
-    if len(sizes) > 1:
-        desc = "; ".join(f"{n}: {', '.join(p)}" for n, p in sizes.items())
-        raise ValueError(f"batch leaves have different leading (example) axes: {desc}")
-    return next(iter(sizes))
-
 
 def _check_losses(losses, b: int):
     if not hasattr(losses, "shape") or tuple(losses.shape) != (b,):

@@ -357,7 +357,8 @@ def fit_preconditioner(logra, model, data, kind: str = "ekfac", damping: float |
     import jax
 
     from jaxval._src import preconditioner as pcm
-    from jaxval._src.logra import batch_size as _n, check_independent_examples
+    from jaxval._src.batching import batch_size as _n, example_keys
+    from jaxval._src.logra import check_independent_examples
 
     pcm._check_kind(kind)
     if kind == "identity":
@@ -390,7 +391,7 @@ def fit_preconditioner(logra, model, data, kind: str = "ekfac", damping: float |
                     continue
                 batch = global_batch(_LazyRows(data, s, e), mesh)
                 for d in range(samples):
-                    keys = (global_batch(pcm._example_keys(seed, d, s, e - s), mesh)
+                    keys = (global_batch(example_keys(seed, d, s, e - s), mesh)
                             if fisher == "sampled" else None)
                     _, _, stats = inner(state_model, batch, projections, keys, rbasis)
                     stats = to_host(stats)

@@ -32,10 +32,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxval._src.logra import LoGra, batch_size, blocks_from_pairs, check_independent_examples, projected_pairs
+from jaxval._src import precision
+from jaxval._src.batching import example_keys, iterate_batches, num_examples, shard_batch
+from jaxval._src.logra import LoGra, blocks_from_pairs, check_independent_examples, projected_pairs
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
-_HI = None  # default precision: exact float32 on CPU; see README for GPU
+_HI = precision.MATMUL
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -307,49 +309,6 @@ def finalize(state: dict, logra: LoGra, kind: str, damping: float | None = 1e-3,
 
 # ----------------------------------------------------------------------------- driver
 
-def iterate_batches(data, batch_size_: int):
-    """``(start, batch)`` over a pytree of arrays with leading axis N, or over an iterable of batches."""
-    leaves = jax.tree_util.tree_leaves(data)
-    if leaves and all(hasattr(x, "shape") for x in leaves) and not isinstance(data, (list, tuple)) or \
-            isinstance(data, (np.ndarray, jax.Array)):
-        n = batch_size(data)
-        for s in range(0, n, batch_size_):
-            yield s, jax.tree_util.tree_map(lambda a: a[s:s + batch_size_], data)
-        return
-    start = 0
-    for batch in data:
-        yield start, batch
-        start += batch_size(batch)
-
-
-def _num_examples(data):
-    try:
-        return batch_size(data)
-    except Exception:  # noqa: BLE001 - an iterable of batches
-        return None
-
-
-def _example_keys(seed: int, sample: int, start: int, b: int):
-    base = jax.random.fold_in(jax.random.key(seed), sample)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + b))
-
-
-def _shard(batch, mesh):
-    if mesh is None:
-        return batch
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axis = mesh.axis_names[0]
-    ndev = mesh.shape[axis]
-
-    def put(a):
-        a = jnp.asarray(a)
-        spec = PartitionSpec(axis) if a.shape[0] % ndev == 0 else PartitionSpec()
-        return jax.device_put(a, NamedSharding(mesh, spec))
-
-    return jax.tree_util.tree_map(put, batch)
-
-
 def accumulate(logra: LoGra, model: nnx.Module, data, kind: str, batch_size: int = 64, basis=None,
                fisher: str = "empirical", sample_fn: Callable | None = None, num_samples: int = 1, seed: int = 0,
                mesh=None, progress: bool = True, desc: str | None = None) -> dict:
@@ -364,14 +323,14 @@ def accumulate(logra: LoGra, model: nnx.Module, data, kind: str, batch_size: int
     step = statistics_step(logra, model, kind, basis, sample_fn if fisher == "sampled" else None,
                            return_grads=False)
     state = init(logra, kind, basis)
-    n = _num_examples(data)
+    n = num_examples(data)
     samples = num_samples if fisher == "sampled" else 1
     with tqdm(total=n, desc=desc or f"{kind} statistics", unit="ex", disable=not progress, leave=False) as bar:
         for start, batch in iterate_batches(data, batch_size):
             b = jax.tree_util.tree_leaves(batch)[0].shape[0]
-            batch = _shard(batch, mesh)
+            batch = shard_batch(batch, mesh)
             for s in range(samples):
-                keys = _example_keys(seed, s, start, b) if fisher == "sampled" else None
+                keys = example_keys(seed, s, start, b) if fisher == "sampled" else None
                 _, _, stats = step(state_model, batch, keys)
                 state = update(state, stats)
             bar.update(b)

@@ -24,13 +24,11 @@ import numpy as np
 from flax import nnx
 
 from jaxval._src.logra import LoGra, projected_pairs
-from jaxval._src.preconditioner import fit_preconditioner, iterate_batches, pca_projections
+from jaxval._src import precision
+from jaxval._src.batching import batch_size as _n, iterate_batches
+from jaxval._src.preconditioner import fit_preconditioner, pca_projections
 
-_HI = jax.lax.Precision.HIGHEST
-
-
-def _n(data) -> int:
-    return jax.tree.leaves(data)[0].shape[0]
+_HI = precision.MATMUL
 
 
 def _grads_all(logra: LoGra, model, data, batch_size: int) -> np.ndarray:

@@ -53,7 +53,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxval._src.logra import LoGra, batch_size as _batch_size
+from jaxval._src import precision
+from jaxval._src.batching import batch_size as _batch_size, padded_batches
+from jaxval._src.logra import LoGra
 
 __all__ = [
     "linfik",
@@ -69,7 +71,7 @@ __all__ = [
     "add_linfik_parser",
 ]
 
-_HI = jax.lax.Precision.HIGHEST
+_HI = precision.MATMUL
 
 
 # ----------------------------------------------------------------------------- small statistics
@@ -105,29 +107,6 @@ def spearman(a, b) -> float:
 
 # ----------------------------------------------------------------------------- batching
 
-def _num_examples(data) -> int:
-    return _batch_size(data)
-
-
-def _take(data, idx):
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], data)
-
-
-def _batches(data, batch_size: int) -> Iterator[tuple[int, int, Any]]:
-    """``(start, n_valid, batch)`` with every batch padded to ``min(batch_size, N)`` rows (by repeating the
-    first row of the chunk) so one compiled shape serves the whole pass."""
-    n = _num_examples(data)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    bs = min(batch_size, n)
-    for start in range(0, n, bs):
-        stop = min(start + bs, n)
-        idx = np.arange(start, stop)
-        if stop - start < bs:
-            idx = np.r_[idx, np.full(bs - (stop - start), start)]
-        yield start, stop - start, _take(data, idx)
-
-
 def layer_normalize(logra: LoGra, g: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Scale each layer block of every row of ``g [B, D]`` to unit L2 norm (zero blocks stay zero)."""
     g = jnp.asarray(g, jnp.float32)
@@ -155,7 +134,7 @@ def pool_gradients(logra: LoGra, model, data, batch_size: int = 64, normalize=No
     Memory ``N·D·4`` bytes: for analysis of modest sets; :func:`linfik` streams instead."""
     normalize = _check_normalize(normalize)
     out = []
-    for _, nv, batch in _batches(data, batch_size):
+    for _, nv, batch in padded_batches(data, batch_size):
         out.append(np.asarray(_grads(logra, model, batch, normalize))[:nv])
     return np.concatenate(out, axis=0)
 
@@ -163,7 +142,7 @@ def pool_gradients(logra: LoGra, model, data, batch_size: int = 64, normalize=No
 def task_gradient(logra: LoGra, model, task, batch_size: int = 64, normalize=None) -> jax.Array:
     """``ḡ_T [D]``: the mean of the task examples' projected (optionally layer-normalised) gradients."""
     normalize = _check_normalize(normalize)
-    m = _num_examples(task)
+    m = _batch_size(task)
     total = jnp.zeros((logra.dim,), jnp.float32)
     for _, nv, batch in _batches(task, batch_size):
         g = _grads(logra, model, batch, normalize)
@@ -212,8 +191,8 @@ def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, b
     normalize = _check_normalize(normalize)
     models = _as_models(model, checkpoints)
     lrs = _lrs(lr, len(models))
-    n = _num_examples(pool)
-    _num_examples(task)
+    n = _batch_size(pool)
+    _batch_size(task)
     per = np.zeros((len(models), n), np.float32)
     for c, (m, eta) in enumerate(zip(models, lrs)):
         gt = task_gradient(logra, m, task, batch_size, normalize)
@@ -221,7 +200,7 @@ def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, b
             cfg = logra.config() if hasattr(precond, "check_config") else None
             gt = precond.apply(gt, cfg) if cfg is not None else precond.apply(gt)
         gt = jnp.asarray(gt, jnp.float32).reshape(-1)
-        for start, nv, batch in _batches(pool, batch_size):
+        for start, nv, batch in padded_batches(pool, batch_size):
             g = _grads(logra, m, batch, normalize)
             s = eta * jnp.matmul(g, gt, precision=_HI)
             per[c, start:start + nv] = np.asarray(s)[:nv]
@@ -249,7 +228,7 @@ def gradient_stability(logra: LoGra, checkpoints: Sequence, data, batch_size: in
         raise ValueError("gradient_stability needs at least two checkpoints")
     c_n = len(models)
     ref = reference % c_n
-    n = _num_examples(data)
+    n = _batch_size(data)
     norms = np.zeros((c_n, n), np.float32)
     cos = np.zeros((c_n, n), np.float32)
     cons = np.zeros((c_n - 1, n), np.float32)
@@ -257,7 +236,7 @@ def gradient_stability(logra: LoGra, checkpoints: Sequence, data, batch_size: in
     def unit(g):
         return g / jnp.maximum(jnp.linalg.norm(g, axis=1, keepdims=True), 1e-30)
 
-    for start, nv, batch in _batches(data, batch_size):
+    for start, nv, batch in padded_batches(data, batch_size):
         gs = [_grads(logra, m, batch, normalize) for m in models]
         us = [unit(g) for g in gs]
         for c in range(c_n):
