@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxval.models._weights import module_from_weights
+from jaxval.models.assemble import module_from_weights
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxval.models._weights import module_from_weights
+from jaxval.models.assemble import module_from_weights
 
 from jaxval.models.gpt import lm_loss_fn, param_count, sequence_loss  # noqa: F401 (re-exported)
 
