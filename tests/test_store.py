@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxval._src.store import GradientStore, StoreError, StoreNotFoundError, _location, config_hash
+from jaxval._src.store import GradientStore, StoreError, StoreNotFoundError, config_hash, location
 
 
 def _rand(n, d, seed=0):
@@ -373,10 +373,10 @@ def test_kvstore_spec_and_gcs_url(tmp_path):
                              dtype="float32", chunk_rows=4)
     s.write(0, x)
     np.testing.assert_array_equal(GradientStore.open(tmp_path / "k").read(0, 10), x)
-    loc = _location("gs://my-bucket/runs/a")
+    loc = location("gs://my-bucket/runs/a")
     assert loc.kvstore("grads") == {"driver": "gcs", "bucket": "my-bucket", "path": "runs/a/grads/"}
     with pytest.raises(StoreError, match="URL"):
-        _location("s3x://b/p")
+        location("s3x://b/p")
 
 
 # ---------------------------------------------------------------------------------- several processes

@@ -36,10 +36,12 @@ How it works
   processes other than 0: remove an old store before starting several processes.
 * **Ids.** One unique id per row (integers or strings), default the row numbers; duplicate ids raise
   before anything is written (the store's policy). A resume must pass the same ids.
-* **Statistics in the same pass** (``stats="kfac" | "raw"``): the compiled step also accumulates the
-  preconditioner statistics of :mod:`jaxval.precondition`; the call then returns ``(store, stats)``,
-  and ``jaxval.precondition.finalize(stats, logra, kind, damping=...)`` turns them into a
-  :class:`~jaxval.precondition.Preconditioner`. The statistics cover every row owned by this process,
+* **Statistics in the same pass** (``stats="kfac" | "raw"``): the compiled step (LoGra's one step, with
+  ``jaxval.curvature.accumulate_batch`` as its reduction) also accumulates the curvature statistics; the
+  call then returns ``(store, stats)`` with ``stats`` a typed state (``KFACState`` / ``RawState``):
+  ``jaxval.fit_from_store(store, stats, kind="ekfac" | "kfac")`` fits from it and the stored rows with
+  no further pass through the model (``jaxval.save_statistics`` keeps it beside the store), and
+  ``jaxval.curvature.finalize(stats, logra, damping=...)`` turns it into a preconditioner directly. The statistics cover every row owned by this process,
   also on a resume (blocks already stored are recomputed for the statistics only, not written).
   Under ``jax.distributed`` they are summed over processes; with explicit process arguments each
   process gets its own share (sum them). Short batches are not padded in this mode.
@@ -51,9 +53,7 @@ import collections
 import math
 import queue
 import threading
-import types
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -65,9 +65,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxval._src.batching import batch_size as _batch_size, is_array_tree, shard_batch, take
-from jaxval._src.logra import LoGra, blocks_from_pairs, check_independent_examples, \
-    model_fingerprint, projected_pairs
-from jaxval._src.store import GradientStore, StoreError, StoreNotFoundError, _location, _normalize_dtype, config_hash
+from jaxval._src import curvature
+from jaxval._src.logra import LoGra, check_independent_examples, model_fingerprint
+from jaxval._src.store import (DTYPES, GradientStore, StoreError, StoreNotFoundError, config_diff, config_hash,
+                               default_chunk_rows, location, normalize_dtype)
 
 __all__ = ["log_gradients", "store_config", "STATS_KINDS"]
 
@@ -87,35 +88,14 @@ def store_config(logra: LoGra, model: nnx.Module | None = None, dtype: str = "bf
             raise ValueError("store_config needs the model (or its fingerprint)")
         fingerprint = model_fingerprint(model)
     cfg = {"producer": PRODUCER, "logra": logra.config(), "model_fingerprint": fingerprint,
-           "dtype": _normalize_dtype(dtype)}
+           "dtype": normalize_dtype(dtype)}
     if extra_config:
         cfg["extra"] = extra_config
     return cfg
 
 
-def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted paths where two JSON-like configs differ (at most a few, for error messages)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            p = f"{prefix}.{k}" if prefix else str(k)
-            if k not in old:
-                out.append(f"{p} (new)")
-            elif k not in new:
-                out.append(f"{p} (missing)")
-            else:
-                out += _config_diff(old[k], new[k], p)
-        return out
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        out = []
-        for i, (a, b) in enumerate(zip(old, new)):
-            out += _config_diff(a, b, f"{prefix}[{i}]")
-        return out
-    return [] if old == new else [prefix or "(root)"]
-
-
 def _explain_mismatch(store: GradientStore, config: dict) -> str:
-    diff = _config_diff(store.config, config)
+    diff = config_diff(store.config, config)
     if not diff:
         return ""
     more = f" (+{len(diff) - 6} more)" if len(diff) > 6 else ""
@@ -150,45 +130,6 @@ def _collect_iterable_ids(data) -> tuple[int, Any]:
         raise ValueError("some batches came with ids and some with None; give ids for every batch or none")
     ids = None if "ids" not in kinds else [v for p in parts for v in p]
     return total, ids
-
-
-# ----------------------------------------------------------------------------------------------- step
-
-_STEPS: "weakref.WeakKeyDictionary[LoGra, dict]" = weakref.WeakKeyDictionary()
-
-
-def _compiled_step(logra: LoGra, graphdef, dtype_name: str, kind: str | None) -> Callable:
-    """jitted ``step(state, batch, projections) -> g`` (store dtype) or, with statistics,
-    ``step(state, batch, projections, acc, weight) -> (g, acc + weight·stats)``; cached per LoGra."""
-    cache = _STEPS.setdefault(logra, {})
-    key = (graphdef, dtype_name, kind)
-    fn = cache.get(key)
-    if fn is not None:
-        return fn
-    layers, loss_fn = logra.layers, logra.loss_fn
-    compute_dtype = logra.compute_dtype
-    out_dtype = _JNP_DTYPES[dtype_name]
-    # a light stand-in for `logra` (no reference cycle from the cache to its weak key)
-    lite = types.SimpleNamespace(layers=layers, offsets=(lambda o=logra.offsets(): o))
-
-    if kind is None:
-        @jax.jit
-        def fn(state, batch, projections):
-            _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, compute_dtype)
-            g = blocks_from_pairs(layers, pairs)
-            return g if out_dtype == jnp.float32 else g.astype(out_dtype)
-    else:
-        from jaxval._src.preconditioner import batch_statistics
-
-        @jax.jit
-        def fn(state, batch, projections, acc, weight):
-            _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, compute_dtype)
-            g = blocks_from_pairs(layers, pairs)
-            st = batch_statistics(lite, kind, g, pairs)
-            acc = jax.tree_util.tree_map(lambda a, s: a + weight * s, acc, st)
-            return (g if out_dtype == jnp.float32 else g.astype(out_dtype)), acc
-    cache[key] = fn
-    return fn
 
 
 # ----------------------------------------------------------------------------------------------- writer
@@ -252,7 +193,7 @@ def _recover_half_created(path, dim: int, num_rows: int, dtype: str) -> bool:
     whose grads array has this call's shape and dtype: such a store holds no finished rows (rows can only
     be written after the manifest exists), so it can be re-created without losing anything."""
     try:
-        loc = _location(path)
+        loc = location(path)
         if loc.read("manifest.json") is not None:
             return False
         if not loc.exists("grads") and not loc.exists("done"):
@@ -260,22 +201,11 @@ def _recover_half_created(path, dim: int, num_rows: int, dtype: str) -> bool:
         grads = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("grads"), "open": True}).result()
     except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace
         return False
-    from jaxval._src.store import _DTYPES
-
-    return tuple(grads.shape) == (num_rows, dim) and np.dtype(grads.dtype.numpy_dtype) == _DTYPES[dtype]
-
-
-def _default_chunk_rows(dim: int, itemsize: int, batch: int, n: int) -> int:
-    """A multiple of the batch size giving ~8 MiB chunks (so batches never straddle blocks)."""
-    target = max(1, _TARGET_CHUNK_BYTES // max(1, dim * itemsize))
-    rows = max(1, target // batch) * batch
-    return int(max(1, min(rows, n)))
+    return tuple(grads.shape) == (num_rows, dim) and np.dtype(grads.dtype.numpy_dtype) == DTYPES[dtype]
 
 
 def _create_or_open(path, *, dim, n, dtype, chunk_rows, config, ids, overwrite, creator, batch,
                     open_timeout) -> GradientStore:
-    from jaxval._src.store import _DTYPES
-
     if creator:
         try:
             GradientStore.open(path)
@@ -290,7 +220,7 @@ def _create_or_open(path, *, dim, n, dtype, chunk_rows, config, ids, overwrite, 
             overwrite, exists = True, False
         cr = chunk_rows
         if cr is None and (not exists or overwrite):
-            cr = _default_chunk_rows(dim, _DTYPES[dtype].itemsize, batch, n)
+            cr = default_chunk_rows(dim, n, DTYPES[dtype].itemsize, multiple_of=batch)
         try:
             return GradientStore.create(path, dim=dim, num_rows=n, dtype=dtype, chunk_rows=cr, config=config,
                                         ids=ids, overwrite=overwrite)
@@ -393,7 +323,7 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
                          f"jaxval.fit_preconditioner), got {stats!r}")
     if int(max_inflight) < 1:
         raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
-    dtype = _normalize_dtype(dtype)
+    dtype = normalize_dtype(dtype)
     if process_count is None:
         process_count = jax.process_count()
     if process_index is None:
@@ -462,9 +392,7 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
         else:
             acc = run.stream(data, plan, n)
     elif stats is not None:
-        from jaxval._src.preconditioner import init as _stats_init
-
-        acc = _stats_init(logra, stats)
+        acc = curvature.init(logra, stats)
 
     if coordinated:
         _barrier(f"jaxval.log_gradients.done:{path}")
@@ -475,7 +403,7 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
         from jax.experimental import multihost_utils
 
         acc = jax.tree_util.tree_map(lambda x: np.asarray(x).sum(0), multihost_utils.process_allgather(acc))
-    return store, acc
+    return store, jax.tree_util.tree_map(jnp.asarray, acc)
 
 
 class _Run:
@@ -485,17 +413,14 @@ class _Run:
                  pi, pc, mesh):
         self.logra, self.store, self.stats, self.bs = logra, store, stats, batch_size
         self.dim, self.np_dtype = store.dim, np.dtype(_JNP_DTYPES[dtype])
-        graphdef, state = nnx.split(model)
-        self.state = logra.step_state(model, state)
-        self.step = _compiled_step(logra, graphdef, dtype, stats)
+        self.step, self.state = logra.step_for(model, curvature.accumulate_batch if stats else None,
+                                               dtype=_JNP_DTYPES[dtype])
         self.pad = pad and stats is None
         self.max_inflight, self.progress, self.on_block = max_inflight, progress, on_block
         self.pi, self.pc, self.mesh = pi, pc, mesh
         self.acc = None
         if stats is not None:
-            from jaxval._src.preconditioner import init as _stats_init
-
-            self.acc = _stats_init(logra, stats)
+            self.acc = curvature.init(logra, stats)
         self.fetch: collections.deque = collections.deque()
 
     # -- the compute / fetch / write pipeline
@@ -504,8 +429,8 @@ class _Run:
         if self.mesh is not None:
             batch = shard_batch(batch, self.mesh)
         if self.stats is None:
-            return self.step(self.state, batch, self.logra.projections)
-        g, self.acc = self.step(self.state, batch, self.logra.projections, self.acc, jnp.float32(weight))
+            return self.step(self.state, batch, self.logra.projections)[0]
+        g, _, self.acc = self.step(self.state, batch, self.logra.projections, None, (self.acc, jnp.float32(weight)))
         return g
 
     def _drain(self, keep: int):
