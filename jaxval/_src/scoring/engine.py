@@ -14,7 +14,7 @@ import numpy as np
 from jaxval._src.scoring import memo
 from jaxval._src.scoring.groups import normalize_groups, selectors_key
 from jaxval._src.scoring.kernels import (MODES, NEEDS_Z_SELF, PreconditionerSpec, as_f32, block_scores,
-                                         block_self, cached_kernel, parse_precision, prepare_queries, topk_key)
+                                         cached_kernel, self_kernel, parse_precision, prepare_queries, topk_key)
 from jaxval._src.scoring.sources import Placer, TrainRows, device_blocks, progress_bar, resolve_block_rows
 
 __all__ = ["influence", "top_k", "self_influence"]
@@ -123,22 +123,20 @@ class _Plan:
             given = memo.lookup(self.ident)
         given = given if needs else None
         self.extra = given or []
-        # where the train self-influence comes from: given (or cached) / inside the kernel / eager per block
+        # where the train self-influence comes from: given (or cached) / computed per block (jit or eager)
         self.z_self_source = (
             "none" if not needs else ("given" if given else ("eager" if self.pre.kind == "eager" else "jit"))
         )
-        # computed in this pass and worth keeping: the kernels also return it
+        # computed in this pass and worth keeping for later calls
         self.keep_z_self = self.ident is not None and self.z_self_source in ("jit", "eager")
         self.z_self_parts: list = []
-        self.key = (mode, self.sels_key, str(self.precision), self.z_self_source, self.keep_z_self)
+        # one score kernel whatever the source of the self-influence (a second call served from the cache
+        # compiles nothing new); the self-influence kernel is the one self_influence() uses
+        self.key = (mode, self.sels_key, str(self.precision))
         sels = self.sels
-        self.get = self.pre.getter()
-        self.score_kw = dict(mode=mode, sels=sels, compute_z_self=self.z_self_source == "jit",
-                             precision=self.precision)
-        if self.z_self_source == "eager":
-            self._eager_self = cached_kernel(
-                ("self", self.sels_key), self.pre, lambda: lambda pc, z, hz: block_self(z, None, sels, hz)
-            )
+        self.score_kw = dict(mode=mode, sels=sels, precision=self.precision)
+        if self.z_self_source in ("jit", "eager"):
+            self._self_kernel = self_kernel(self.pre, sels, self.sels_key)
 
     def blocks(self, prefetch):
         return device_blocks(self.src, self.block_rows, self.placer, self.extra, prefetch)
@@ -148,7 +146,9 @@ class _Plan:
         if self.z_self_source == "given":
             return tuple(ex)
         if self.z_self_source == "eager":
-            return self._eager_self(None, block, self.placer.block(self.pre.eager(as_f32(block))))
+            return self._self_kernel(None, block, self.placer.block(self.pre.eager(as_f32(block))))
+        if self.z_self_source == "jit":
+            return self._self_kernel(self.pre.arg, block, None)
         return None
 
     def keep(self, start, stop, zself):
@@ -232,11 +232,10 @@ def influence(
 
 
 def _influence_local(plan: _Plan, prefetch, progress) -> list[np.ndarray]:
-    pre, get, kw = plan.pre, plan.get, plan.score_kw
-    score = cached_kernel(
-        ("influence",) + plan.key, pre,
-        lambda: lambda pc, qts, qself, z, zself: block_scores(get(pc), qts, qself, z, zself, **kw),
-    )
+    kw = plan.score_kw
+    # the preconditioner is applied outside this kernel (queries once, rows in the self-influence kernel)
+    score = cached_kernel(("influence",) + plan.key, None,
+                          lambda: lambda qts, qself, z, zself: block_scores(qts, qself, z, zself, **kw))
     outs = [np.empty((plan.nq, plan.n), dtype=np.float32) for _ in plan.sels]
     bar = progress_bar(plan.n_blocks, progress, "influence")
 
@@ -250,7 +249,8 @@ def _influence_local(plan: _Plan, prefetch, progress) -> list[np.ndarray]:
     pending = None
     try:
         for start, stop, block, ex in plan.blocks(prefetch):
-            res, zself = score(pre.arg, plan.qts, plan.qself, block, plan.z_self(block, ex))  # async dispatch
+            zself = plan.z_self(block, ex)
+            res = score(plan.qts, plan.qself, block, zself)  # async dispatch
             plan.keep(start, stop, zself)
             if pending is not None:
                 collect(pending)  # host copy of the previous block overlaps this block's GEMM
@@ -316,28 +316,28 @@ def top_k(
 
 
 def _top_k_local(plan: _Plan, k: int, largest: bool, prefetch, progress):
-    pre, get, kw = plan.pre, plan.get, plan.score_kw
+    kw = plan.score_kw
 
     def build_first():
-        def first(pc, qts, qself, z, zself, n_valid, start):
-            (s,), zs = block_scores(get(pc), qts, qself, z, zself, **kw)
-            return topk_key(s, n_valid, start, k, largest), zs
+        def first(qts, qself, z, zself, n_valid, start):
+            (s,) = block_scores(qts, qself, z, zself, **kw)
+            return topk_key(s, n_valid, start, k, largest)
 
         return first
 
     def build_merge():
-        def merge(vals, idx, pc, qts, qself, z, zself, n_valid, start):
-            (s,), zs = block_scores(get(pc), qts, qself, z, zself, **kw)
+        def merge(vals, idx, qts, qself, z, zself, n_valid, start):
+            (s,) = block_scores(qts, qself, z, zself, **kw)
             bv, bi = topk_key(s, n_valid, start, k, largest)
             # running entries (all lower indices) first: top_k keeps the lower position among equal
             # values, so ties resolve to the lower training index
             v, pos = jax.lax.top_k(jax.numpy.concatenate([vals, bv], axis=1), k)
-            return (v, jax.numpy.take_along_axis(jax.numpy.concatenate([idx, bi], axis=1), pos, axis=1)), zs
+            return v, jax.numpy.take_along_axis(jax.numpy.concatenate([idx, bi], axis=1), pos, axis=1)
 
         return merge
 
-    first = cached_kernel(("topk_first", k, largest) + plan.key, pre, build_first)
-    merge = cached_kernel(("topk_merge", k, largest) + plan.key, pre, build_merge)
+    first = cached_kernel(("topk_first", k, largest) + plan.key, None, build_first)
+    merge = cached_kernel(("topk_merge", k, largest) + plan.key, None, build_merge)
     bar = progress_bar(plan.n_blocks, progress, "top_k")
     vals = idx = None
     inflight: deque = deque()
@@ -347,10 +347,10 @@ def _top_k_local(plan: _Plan, k: int, largest: bool, prefetch, progress):
             n_valid = np.int32(stop - start)
             st = np.int32(start)
             if vals is None:
-                (vals, idx), zs = first(pre.arg, plan.qts, plan.qself, block, zself, n_valid, st)
+                vals, idx = first(plan.qts, plan.qself, block, zself, n_valid, st)
             else:
-                (vals, idx), zs = merge(vals, idx, pre.arg, plan.qts, plan.qself, block, zself, n_valid, st)
-            plan.keep(start, stop, zs)
+                vals, idx = merge(vals, idx, plan.qts, plan.qself, block, zself, n_valid, st)
+            plan.keep(start, stop, zself)
             # back-pressure: wait for the previous block's merge once this one is queued, so at most
             # two blocks are in flight and memory stays O(Q · (k + block_rows))
             inflight.append(vals)
@@ -404,8 +404,7 @@ def _self_influence_local(src, mesh, precond, block_rows, sels, prefetch, progre
     if cached is not None:
         return [np.array(c) for c in cached]  # writable copies: the cache stays intact
     br = resolve_block_rows(block_rows, src.n, src.dim, placer.mesh, 1, src.chunk_rows)
-    get = pre.getter()
-    kern = cached_kernel(("self", sk), pre, lambda: lambda pc, z, hz: block_self(z, get(pc), sels, hz))
+    kern = self_kernel(pre, sels, sk)
     if pre.kind == "eager":
         fn = lambda z: kern(None, z, placer.block(pre.eager(as_f32(z))))  # noqa: E731
     else:

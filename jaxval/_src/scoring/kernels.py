@@ -27,7 +27,8 @@ import numpy as np
 from jaxval._src.scoring.groups import columns
 
 __all__ = ["MODES", "NEEDS_Z_SELF", "NEEDS_Q_SELF", "TRACE_ERRORS", "PreconditionerLike", "PreconditionerSpec",
-           "cached_kernel", "parse_precision", "bf16_parts", "qz_dot", "combine", "block_self", "block_scores",
+           "cached_kernel", "parse_precision", "bf16_parts", "qz_dot", "combine", "block_self", "self_kernel",
+           "block_scores",
            "topk_key", "prepare_queries", "as_f32"]
 
 MODES = ("dot", "cosine", "relative", "l2")
@@ -141,12 +142,13 @@ _KERNELS: "OrderedDict[tuple, Callable]" = OrderedDict()
 _KERNELS_MAX = 64
 
 
-def cached_kernel(key: tuple, spec: PreconditionerSpec, build: Callable[[], Callable]) -> Callable:
+def cached_kernel(key: tuple, spec: PreconditionerSpec | None, build: Callable[[], Callable]) -> Callable:
     """``jax.jit(build())``, cached across calls under ``key`` unless it closes over a preconditioner
-    object (``closure``).  ``build`` must depend only on what ``key`` names."""
-    if spec.kind == "closure":
+    object (``closure``); ``spec=None``: a kernel that involves no preconditioner.  ``build`` must depend
+    only on what ``key`` (and the spec's kind) names."""
+    if spec is not None and spec.kind == "closure":
         return jax.jit(build())
-    key = (spec.kind,) + key
+    key = ("none" if spec is None else spec.kind,) + key
     fn = _KERNELS.get(key)
     if fn is None:
         fn = _KERNELS[key] = jax.jit(build())
@@ -233,15 +235,20 @@ def block_self(z, apply, sels, hz=None):
     return tuple(_rowdot(columns(z, s), columns(hz, s)) for s in sels)
 
 
-def block_scores(apply, qts, qself, z, zself, *, mode, sels, compute_z_self, precision):
-    """Scores of one block: (tuple of [Q, B] per group, the train self-influences used: tuple of [B] or None)."""
-    if mode in NEEDS_Z_SELF and compute_z_self:
-        zself = block_self(z, apply, sels)
+def self_kernel(spec: PreconditionerSpec, sels, sels_key) -> Callable:
+    """``kern(spec.arg, z, hz) -> tuple of [B]``: :func:`block_self` of a block (``hz``: ``H⁻¹ z`` computed
+    eagerly for an ``eager`` spec, else None)."""
+    get = spec.getter()
+    return cached_kernel(("self", sels_key), spec, lambda: lambda pc, z, hz: block_self(z, get(pc), sels, hz))
+
+
+def block_scores(qts, qself, z, zself, *, mode, sels, precision):
+    """Scores of one block ``z [B, D]``: tuple of ``[Q, B]`` per group (``zself``: tuple of ``[B]`` or None)."""
     out = []
     for gi, sel in enumerate(sels):
         s = qz_dot(qts[gi], columns(z, sel), precision)
         out.append(combine(mode, s, qself[gi], None if zself is None else zself[gi]))
-    return tuple(out), zself
+    return tuple(out)
 
 
 def topk_key(s, n_valid, start, k, largest):

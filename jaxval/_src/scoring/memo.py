@@ -7,8 +7,9 @@ made, and served, only when both sides are immutable and identified exactly:
 
 - training rows: a ``jax.Array`` (immutable; identified by the object itself, held through a weak
   reference, so an entry dies with its array and a recycled ``id`` can never match), or a *complete*
-  :class:`~jaxval.store.GradientStore` (identified by its path and a hash of its manifest, which changes
-  when the store is re-created); numpy arrays (mutable) and other stores are never cached;
+  local :class:`~jaxval.store.GradientStore` (identified by its path, a hash of its manifest and a
+  fingerprint of its files' sizes, inodes and modification times, which change when rows are rewritten
+  or the store is re-created); numpy arrays (mutable), remote and other stores are never cached;
 - preconditioner: ``None`` (identity), or a pytree whose leaves are jax arrays (by identity, weakly
   referenced) and numpy scalars (by value, e.g. :class:`~jaxval.Preconditioner`'s damping), together with
   its tree structure (kind, layer names, shapes, config); a pytree with a numpy-array leaf (mutable),
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -55,9 +57,31 @@ def _train_identity(src: TrainRows) -> tuple[tuple, list] | None:
     from jaxval._src.store import GradientStore
 
     if isinstance(obj, GradientStore) and obj.is_complete():
+        files = _files_fingerprint(obj.path)
+        if files is None:
+            return None
         blob = json.dumps(obj.manifest, sort_keys=True, default=str).encode("utf-8")
-        return ("store", obj.path, hashlib.sha256(blob).hexdigest()), []
+        return ("store", obj.path, hashlib.sha256(blob).hexdigest(), files), []
     return None
+
+
+def _files_fingerprint(path: str) -> str | None:
+    """A hash of every file under a local store folder (name, size, inode, modification and change times,
+    in nanoseconds), so rows rewritten or a store re-created within the manifest's one-second timestamp
+    are noticed; None for a folder that is not local.  The engine's own cache files (``self_influence_*``)
+    and hidden temporaries are left out."""
+    if "://" in str(path) or not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            if name.startswith(("self_influence_", ".")):
+                continue
+            st = os.stat(os.path.join(root, name))
+            rel = os.path.relpath(os.path.join(root, name), path)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _precond_identity(spec: PreconditionerSpec) -> tuple[tuple, list] | None:
