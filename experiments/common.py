@@ -12,20 +12,16 @@ import time
 
 import jax
 import numpy as np
-import yaml
 
+from jaxval import evaluation as ev
+from jaxval.cli import config
 from jaxval.evaluation import baselines as bl
-from jaxval.evaluation import retraining as ev
 
 
 def load_config(path: str, tiny: bool = False) -> dict:
-    """The YAML config at ``path``, with its ``tiny:`` overrides merged in when ``tiny``."""
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    if tiny:
-        cfg = merge(cfg, cfg.get("tiny", {}))
-    cfg.pop("tiny", None)
-    return cfg
+    """The YAML config at ``path`` (free-form: each script reads its own keys), with its ``tiny:`` overrides
+    merged in when ``tiny``; read by the library's loader (clear errors for a missing or malformed file)."""
+    return config.load_config(path, None, profile="tiny" if tiny else None, profiles=("tiny",))
 
 
 def parse(description: str, default_config: str):
@@ -43,14 +39,6 @@ def parse(description: str, default_config: str):
     os.makedirs(cfg["out"], exist_ok=True)
     cfg["_command"] = "python " + " ".join(sys.argv)
     return cfg
-
-
-def merge(a: dict, b: dict) -> dict:
-    """``a`` with ``b``'s entries, nested dicts merged (a config's ``tiny:`` overrides)."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def cached(path: str, fn):

@@ -19,10 +19,10 @@ import time
 
 import jax
 import numpy as np
-import yaml
 from flax import nnx
 
 from jaxval import LoGra
+from jaxval.cli.config import load_config
 from jaxval.valuation import alinfik as al
 from jaxval.models.gpt import GPT, GPTConfig, loss_fn as gpt_loss, param_count
 
@@ -52,8 +52,7 @@ def main():
     ap.add_argument("--config", default="configs/linfik_cost.yaml")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    with open(args.config) as f:
-        cfg = yaml.safe_load(f)
+    cfg = load_config(args.config, None)  # free-form: the keys this script reads
     out = args.out or cfg["out"]
     os.makedirs(out, exist_ok=True)
     from jaxval.data import load_text

@@ -50,7 +50,8 @@ from common import cached, load_config  # noqa: E402
 from jaxval import LoGra, log_gradients  # noqa: E402
 from jaxval._src.store import GradientStore, StoreError  # noqa: E402
 from jaxval.valuation import alinfik as al
-from jaxval.valuation.linfik import layer_normalize, linfik, pearson, spearman
+from jaxval.evaluation import pearson, rankdata, spearman
+from jaxval.valuation.linfik import layer_normalize, linfik
 from jaxval.models import llama
 
 # ----------------------------------------------------------------------------- ShareGPT
@@ -279,8 +280,6 @@ def average_precision(scores, injected) -> float:
 
 
 def auroc(scores, injected) -> float:
-    from jaxval.valuation.linfik import rankdata
-
     r = rankdata(scores)
     pos, neg = injected.sum(), (~injected).sum()
     return float((r[injected].sum() - pos * (pos + 1) / 2) / (pos * neg)) if pos and neg else float("nan")

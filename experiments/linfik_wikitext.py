@@ -29,7 +29,9 @@ from common import cached, load_config  # noqa: E402
 
 from jaxval import LoGra  # noqa: E402
 from jaxval.valuation import alinfik as al
-from jaxval.valuation.linfik import gradient_stability, layer_normalize, lm_setup, pearson, plot_stability, pool_gradients, spearman, task_gradient
+from jaxval.cli.linfik import lm_setup
+from jaxval.evaluation import pearson, plot_stability, spearman
+from jaxval.valuation.linfik import gradient_stability, layer_normalize, pool_gradients, task_gradient
 from jaxval.models.gpt import GPT, GPTConfig, loss_fn
 
 

@@ -3,10 +3,10 @@
 from jaxval._src.logra import LoGra, explicit_grads, model_fingerprint
 from jaxval.valuation import alinfik
 from jaxval.evaluation import baselines
-from jaxval.evaluation import retraining as evaluate
-from jaxval.evaluation.retraining import (RetrainConfig, brittleness, fit, lds, lds_masks, leave_one_out, loo_correlation,
-                             removal_effect, retrain)
-from jaxval.valuation.linfik import gradient_stability, linfik, plot_stability
+from jaxval import evaluation as evaluate
+from jaxval.evaluation import (RetrainConfig, brittleness, fit, lds, lds_masks, leave_one_out, loo_correlation,
+                               plot_brittleness, plot_stability, removal_effect, retrain)
+from jaxval.valuation.linfik import gradient_stability, linfik
 from jaxval._src.scoring import cached_self_influence, influence, self_influence, top_k
 from jaxval._src.layers import Layer, discover
 from jaxval._src.logging import log_gradients
@@ -43,6 +43,7 @@ __all__ = [
     "gradient_stability",
     "linfik",
     "plot_stability",
+    "plot_brittleness",
     "influence",
     "init_projections",
     "self_influence",

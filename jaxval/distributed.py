@@ -8,9 +8,10 @@ import sys
 
 from jaxval._src.parallel import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, LaunchResult, Topology,
                                   allgather_rows, barrier, fit_preconditioner, free_port, global_batch,
-                                  global_mesh, initialize, is_initialized, launch, log_gradients, main,
+                                  global_mesh, initialize, is_initialized, launch, log_gradients,
                                   owned_blocks, owned_range, replicate, score, sum_across_processes, to_host,
                                   top_k, topology, write_once)
+from jaxval.cli.launch import main
 
 __all__ = ["ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "LaunchResult", "Topology", "allgather_rows",
            "barrier", "fit_preconditioner", "free_port", "global_batch", "global_mesh", "initialize",

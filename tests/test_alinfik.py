@@ -5,7 +5,7 @@ import pytest
 
 from jaxval.valuation import alinfik
 from jaxval.valuation.alinfik import Student, fit_student, hashed_ngram_embed, make_embed_fn, price, select, statement
-from jaxval.valuation.linfik import spearman
+from jaxval.evaluation import spearman
 
 WORDS = ("river stone market engine violin castle orbit pepper signal harbor forest candle rocket glacier "
          "poem ledger falcon copper meadow tunnel").split()
@@ -107,3 +107,48 @@ def test_statement():
     assert "≤ 0" in b["samples"][0]["reason"] and a["n_selected"] == 2
     md = alinfik.format_statement(st)
     assert "alice" in md and "75.0000" in md
+
+
+def test_cli_train_score_select_price(tmp_path, capsys):
+    """`jaxval alinfik train | score | select | price` on files like those `jaxval linfik` writes: the
+    selection is the top-budget of the written scores, prices sum to the total, and inconsistent inputs are
+    refused with one line and exit status 2."""
+    import json
+
+    from jaxval.cli.app import main
+
+    texts = _texts(120, 5)
+    e = hashed_ngram_embed(texts, dim=64)
+    v = (e @ np.random.default_rng(0).normal(size=64)).astype(np.float32)
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": i, "text": t, "provider": f"p{i % 3}"}) + "\n"
+                            for i, t in enumerate(texts)))
+    np.save(tmp_path / "v.npy", v)
+    scfg = tmp_path / "s.yaml"
+    scfg.write_text("fraction: 0.5\nembed: hashed:dim=64\nhidden: [32]\nmax_epochs: 15\npatience: 5\nbatch_size: 16\n")
+    st = tmp_path / "student"
+    assert main(["alinfik", "train", "--pool", str(pool), "--values", str(tmp_path / "v.npy"), "--out", str(st),
+                 "--config", str(scfg)]) == 0
+    assert len(Student.load(str(st)).meta["labelled_indices"]) == 60
+    assert main(["alinfik", "score", "--student", str(st), "--texts", str(pool), "--out", str(tmp_path / "p.npy")]) == 0
+    pred = np.load(tmp_path / "p.npy")
+    np.testing.assert_allclose(pred, Student.load(str(st)).score(texts), rtol=1e-5, atol=1e-6)
+    assert main(["alinfik", "select", "--scores", str(tmp_path / "p.npy"), "--budget", "10",
+                 "--out", str(tmp_path / "sel.json")]) == 0
+    sel = json.loads((tmp_path / "sel.json").read_text())
+    assert sorted(sel) == sorted(np.argsort(-pred, kind="stable")[:10].tolist())
+    assert main(["alinfik", "price", "--scores", str(tmp_path / "p.npy"), "--total", "100", "--providers", str(pool),
+                 "--out", str(tmp_path / "price.json")]) == 0
+    stmt = json.loads((tmp_path / "price.json").read_text())
+    assert set(stmt["providers"]) == {"p0", "p1", "p2"}
+    assert sum(p["payout"] for p in stmt["providers"].values()) == pytest.approx(100.0)
+    assert (tmp_path / "price.md").read_text().startswith("# Data prices")
+    capsys.readouterr()
+    np.save(tmp_path / "short.npy", v[:50])
+    assert main(["alinfik", "train", "--pool", str(pool), "--values", str(tmp_path / "short.npy"),
+                 "--out", str(st), "--config", str(scfg)]) == 2
+    assert "120 lines but" in capsys.readouterr().err
+    scfg.write_text("fraction: 0.5\nhiden: [32]\n")
+    assert main(["alinfik", "train", "--pool", str(pool), "--values", str(tmp_path / "v.npy"), "--out", str(st),
+                 "--config", str(scfg)]) == 2
+    assert "did you mean 'hidden'" in capsys.readouterr().err

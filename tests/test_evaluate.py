@@ -11,7 +11,7 @@ from flax import nnx
 
 import jaxval as jv
 from jaxval.evaluation import baselines as bl
-from jaxval.evaluation import retraining as ev
+from jaxval import evaluation as ev
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 
@@ -35,13 +35,30 @@ def test_lds_is_one_for_true_linear_datamodel_and_zero_for_random():
         ev.lds(theta, masks[:, :10], measured)
 
 
-def test_spearman_matches_scipy():
-    from scipy.stats import spearmanr
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_rank_statistics_match_scipy(axis):
+    """rankdata / pearson / spearman (the package's one implementation) against scipy.stats, along an axis,
+    with many ties; 1-D inputs give Python floats; constant slices give NaN; NaN ranks propagate."""
+    from scipy import stats as ss
 
     rng = np.random.default_rng(0)
-    a, b = rng.normal(size=30), rng.normal(size=30)
-    a[3] = a[4]  # a tie
-    assert ev.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    a = np.round(rng.normal(size=(7, 9)), 0)            # many ties
+    b = rng.normal(size=(7, 9))
+    np.testing.assert_allclose(ev.rankdata(a, axis), ss.rankdata(a, axis=axis), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ev.rankdata(a), ss.rankdata(a), rtol=0, atol=1e-12)      # axis=None: flattened
+    other = 1 - (axis % 2)
+    ref_p = [ss.pearsonr(np.take(a, i, other), np.take(b, i, other)).statistic for i in range(a.shape[other])]
+    ref_s = [ss.spearmanr(np.take(a, i, other), np.take(b, i, other)).statistic for i in range(a.shape[other])]
+    np.testing.assert_allclose(ev.pearson(a, b, axis=axis), ref_p, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ev.spearman(a, b, axis=axis), ref_s, rtol=0, atol=1e-12)
+    x, y = a[:, 0], b[:, 0]
+    r = ev.spearman(x, y)
+    assert isinstance(r, float) and r == pytest.approx(ss.spearmanr(x, y).statistic, abs=1e-12)
+    assert isinstance(ev.pearson(x, y), float)
+    assert np.isnan(ev.pearson(np.ones(5), np.arange(5.0)))
+    assert np.isnan(ev.rankdata([1.0, np.nan, 2.0])).all()
+    with pytest.raises(ValueError, match="one shape"):
+        ev.spearman(np.ones(3), np.ones(4))
 
 
 class Lin(nnx.Module):

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from jaxval._src.logra import LoGra, explicit_grads
-from jaxval.valuation.linfik import gradient_stability, layer_normalize, linfik, plot_stability, rankdata, spearman
+from jaxval.evaluation import plot_stability
+from jaxval.valuation.linfik import gradient_stability, layer_normalize, linfik
 
 
 class Tiny(nnx.Module):
@@ -119,13 +120,71 @@ def test_stability_tools(setup, tmp_path):
     assert st["cosine"].shape == (3, 13)
     np.testing.assert_allclose(st["cosine"][1:], 1.0, atol=1e-5)     # same checkpoint as the reference
     np.testing.assert_allclose(st["norm_spearman"][1, 2], 1.0)
+    from scipy.stats import spearmanr
+
+    assert st["norm_spearman"][0, 1] == pytest.approx(spearmanr(st["norms"][0], st["norms"][1]).statistic, abs=1e-12)
+    np.testing.assert_allclose(st["norm_spearman"], st["norm_spearman"].T)
     gp = np.asarray(explicit_grads(m2, loss_fn, logra.projections, pool))
     np.testing.assert_allclose(st["norms"][0], np.linalg.norm(gp, axis=1), rtol=1e-4)
     out = plot_stability(st, str(tmp_path / "s.png"), steps=[0, 10, 20])
     assert (tmp_path / "s.png").stat().st_size > 1000 and out.endswith("s.png")
 
 
-def test_rank_stats():
-    np.testing.assert_allclose(rankdata([3, 1, 3, 2]), [3.5, 1, 3.5, 2])
-    assert spearman([1, 2, 3, 4], [10, 20, 25, 100]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+_CLI_CFG = """
+seed: 0
+pool_corpus: {d}/pool.txt
+task_corpus: {d}/task.txt
+offdomain_corpus: {d}/off.txt
+offdomain_fraction: 0.25
+vocab_size: 64
+block_len: 24
+max_pool: 24
+n_task: 6
+n_task_eval: 4
+d_model: 16
+n_layer: 1
+n_head: 2
+warmup_steps: 2
+train_batch: 8
+rank: 4
+batch_size: 16
+"""
+
+
+def _corpora(d):
+    r = np.random.default_rng(0)
+    words = "the cat sat on a mat while dogs ran over hills and rivers under grey skies".split()
+    for name, n in (("pool", 1200), ("task", 600), ("off", 600)):
+        (d / f"{name}.txt").write_text(" ".join(r.choice(words, n)))
+    cfg = d / "c.yaml"
+    cfg.write_text(_CLI_CFG.format(d=d))
+    return cfg
+
+
+def test_cli_linfik_writes_scores_and_refuses_bad_configs(tmp_path, capsys):
+    """`jaxval linfik` end to end on tiny text files: one score per pool line, the pool mixes the off-domain
+    corpus at the configured share, layer-normalised scores obey their bound (|v| <= lr · #layers); a typo
+    or a wrong type in the config is one line on stderr and exit status 2."""
+    import json
+
+    from jaxval.cli.app import main
+
+    cfg = _corpora(tmp_path)
+    out = tmp_path / "out"
+    assert main(["linfik", "--config", str(cfg), "--out", str(out), "--set", "normalize=layer", "linfik_lr=0.5"]) == 0
+    rows = [json.loads(line) for line in (out / "pool.jsonl").read_text().splitlines()]
+    v = np.load(out / "linfik.npy")
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(rows) == len(v) == meta["n_pool"] == 24 and np.all(np.isfinite(v))
+    assert 0 < sum(r["source"] for r in rows) < 24 and all(r["text"] for r in rows)
+    assert meta["config"]["normalize"] == "layer" and meta["config"]["linfik_lr"] == 0.5
+    assert np.all(np.abs(v) <= 0.5 * len(meta["logra"]["layers"]) + 1e-5)
+    capsys.readouterr()
+    assert main(["linfik", "--config", str(cfg), "--out", str(out), "--set", "rnak=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unknown key 'rnak'" in err and "did you mean 'rank'" in err
+    assert main(["linfik", "--config", str(cfg), "--out", str(out), "--set", "warmup_steps=many"]) == 2
+    assert "warmup_steps must be int" in capsys.readouterr().err
+    assert main(["linfik", "--config", str(tmp_path / "none.yaml"), "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -28,7 +28,8 @@ How the pipeline's stages divide the work (every process runs the same program):
   it locally, and gather the ``[Q, N]`` matrix (or merge the per-process top-k) on every process; process
   0 alone writes the result file.
 
-The local launcher :func:`launch` (``jaxval launch -n 2 -- jaxval log ...``) starts ``n`` processes on
+The local launcher :func:`launch` (``jaxval launch -n 2 -- jaxval log ...``, the command in
+:mod:`jaxval.cli.launch`) starts ``n`` processes on
 127.0.0.1 with the environment variables set, prefixes their output with ``[p0]``, ``[p1]``, ..., and
 kills every child's process group on the first failure or on timeout.
 """
@@ -55,7 +56,7 @@ __all__ = [
     "Topology", "initialize", "topology", "global_mesh", "owned_blocks", "owned_range", "barrier",
     "sum_across_processes", "allgather_rows", "global_batch", "replicate", "to_host",
     "log_gradients", "fit_preconditioner", "score", "top_k", "write_once",
-    "launch", "LaunchResult", "free_port", "add_parser", "cli_launch",
+    "launch", "LaunchResult", "free_port",
 ]
 
 ENV_COORDINATOR = "JAXVAL_COORDINATOR"
@@ -632,58 +633,3 @@ class LaunchResult(list):
     def __init__(self, codes, pids=()):
         super().__init__(codes)
         self.pids = list(pids)
-
-
-# ============================================================================ CLI pieces
-
-
-def add_parser(subparsers) -> Any:
-    """Add ``jaxval launch -n N [--port P] [--timeout S] [--local-devices K] -- CMD ...`` to ``subparsers``."""
-    p = subparsers.add_parser("launch", help="run a command as N cooperating processes on 127.0.0.1",
-                              description="Start N processes of CMD on 127.0.0.1 with JAXVAL_COORDINATOR, "
-                                          "JAXVAL_NUM_PROCESSES and JAXVAL_PROCESS_ID set; prefix their output "
-                                          "with [pI]; stop all of them on the first failure or on timeout.")
-    p.add_argument("-n", "--num-processes", type=int, required=True)
-    p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds before all processes are stopped")
-    p.add_argument("--local-devices", type=int, default=None,
-                   help="CPU devices per process (sets --xla_force_host_platform_device_count)")
-    p.add_argument("cmd", nargs=_remainder(), help="the command, after --")
-    p.set_defaults(func=cli_launch)
-    return p
-
-
-def _remainder():
-    import argparse
-
-    return argparse.REMAINDER
-
-
-def cli_launch(args) -> int:
-    """``jaxval launch``: exit code 0 if every process succeeded, else the first failing process's code
-    (128 + signal for a killed one)."""
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if not cmd:
-        raise SystemExit("jaxval launch: give the command after --, e.g. jaxval launch -n 2 -- jaxval log ...")
-    codes = launch(args.num_processes, cmd, port=args.port, timeout=args.timeout, local_devices=args.local_devices)
-    for c in codes:
-        if c != 0:
-            return c if c > 0 else 128 + (-c)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jaxval.distributed -n 2 [--local-devices 2] -- CMD ...`` (the launcher without cli.py)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m jaxval.distributed")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["launch", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

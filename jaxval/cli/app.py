@@ -272,13 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_score)
 
-    from jaxval.valuation import alinfik
-    from jaxval._src import parallel as distributed
-    from jaxval.valuation.linfik import add_linfik_parser
+    from jaxval.cli import alinfik, launch, linfik
 
-    add_linfik_parser(sub)
-    alinfik.add_alinfik_parser(sub)
-    distributed.add_parser(sub)
+    linfik.add_parser(sub)
+    alinfik.add_parser(sub)
+    launch.add_parser(sub)
     return p
 
 

@@ -1,6 +1,15 @@
-"""YAML experiment configs -> model, data and LoGra objects (used by ``jaxval log`` and experiments).
+"""The one config loader of jaxval: YAML files checked against a schema (used by every ``jaxval`` command
+and by the experiment scripts).
 
-A config has four sections (see ``configs/digits_mlp.yaml``)::
+:func:`load_config` reads a YAML mapping, merges an optional *profile* section of overrides (the
+experiments' ``tiny:``), applies ``key=value`` overrides (dotted keys for nested sections, values parsed
+as YAML), and checks the result against a :class:`Schema`: unknown keys, wrong types, values outside their
+choices and missing required keys raise :class:`ConfigError` with the key's full name, what was expected and
+what to do (the CLI prints that one line and exits with status 2). ``schema=None`` loads a free-form
+mapping (the experiments' configs, whose keys each script reads).
+
+The pipeline config (``jaxval log | fit | score``, :data:`PIPELINE`) has these sections (see
+``configs/digits_mlp.yaml``)::
 
     seed: 0                      # default seed of every section below
     model:
@@ -18,7 +27,10 @@ A config has four sections (see ``configs/digits_mlp.yaml``)::
       # digits: test_fraction; mnist/fashion-mnist: data_dir; text: corpus (name or file), data_dir,
       #   tokenizer (char | word), vocab_size (word), block_len, stride, test_fraction
     logra: {rank: 64, init: gaussian, seed: 0, layers: null}
-    log: {output: out/x.store, dtype: bfloat16, batch_size: 64, chunk_rows: null}
+    log: {output: out/x.store, dtype: bfloat16, batch_size: 64, chunk_rows: null, stats: null}
+                                 # stats: kfac -> K-FAC statistics of the log pass saved beside the store
+    fit: {kind: ekfac, damping: null, relative_damping: 0.1, fisher: empirical, num_samples: 1, ...}
+    score: {split: test, queries_output: ..., mode: cosine, top_k: 10, output: ...}
 
 Relative paths are taken relative to the current directory.
 """
@@ -26,15 +38,21 @@ Relative paths are taken relative to the current directory.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import os
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import yaml
 from flax import nnx
 
-SECTIONS = ("name", "seed", "model", "data", "logra", "log", "fit", "score")
+__all__ = ["ConfigError", "Field", "Schema", "REQUIRED", "read_yaml", "apply_overrides", "merge", "load_config",
+           "PIPELINE", "normalize_config", "build_data", "build_model", "build_tokenizer", "prepare", "save_model",
+           "load_model", "store_extra", "MODEL_KINDS", "DATA_KINDS", "SECTIONS"]
+
 MODEL_KINDS = ("mlp", "cnn", "gpt", "token_mlp")
 DATA_KINDS = ("digits", "mnist", "fashion-mnist", "text")
 
@@ -43,71 +61,263 @@ class ConfigError(ValueError):
     """A config file is missing something or has a bad value (the message names the key)."""
 
 
-def load_config(path: str | os.PathLike) -> dict:
-    """Read and check a YAML config; returns a plain dict with defaults filled in."""
+# ----------------------------------------------------------------------------------------------- schema
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+REQUIRED = _Marker("REQUIRED")   # a Field default: the key must be given
+_UNSET = _Marker("UNSET")        # a Field default: optional, left absent when not given
+NoneType = type(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config key: the accepted types (``float`` also takes ints and numeric strings such as YAML 1.1's
+    ``1e-3``; ``list`` also takes tuples; ``None`` in ``types`` allows null), a default (``REQUIRED``, or
+    omitted: the key stays absent when not given), optional allowed values and a help line."""
+
+    types: tuple = (object,)
+    default: Any = _UNSET
+    choices: tuple | None = None
+    help: str = ""
+
+    def check(self, value: Any, key: str, where: str) -> Any:
+        types = self.types if isinstance(self.types, tuple) else (self.types,)
+        types = tuple(NoneType if t is None else t for t in types)
+        out = _coerce(value, types)
+        if out is _UNSET:
+            names = " or ".join("null" if t is NoneType else t.__name__ for t in types)
+            raise ConfigError(f"{where}: {key} must be {names}, got {type(value).__name__} {value!r}")
+        if self.choices is not None and out not in self.choices:
+            raise ConfigError(f"{where}: {key} must be one of {list(self.choices)}, got {out!r}")
+        return out
+
+
+def _coerce(v: Any, types: tuple) -> Any:
+    if object in types or (v is None and NoneType in types):
+        return v
+    if isinstance(v, bool):
+        return v if bool in types else _UNSET
+    if isinstance(v, int) and int in types:
+        return v
+    if float in types:
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                pass
+    if list in types and isinstance(v, (list, tuple)):
+        return list(v)
+    for t in types:
+        if t not in (int, float, bool, list, NoneType) and isinstance(v, t):
+            return v
+    return _UNSET
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """A mapping's allowed keys: ``{key: Field | Schema}`` (a nested :class:`Schema` is a section, checked
+    when present; null counts as empty). ``extra=True`` lets unknown keys through unchecked. ``finalize(cfg, where)``
+    runs after the checks (cross-key defaults and rules)."""
+
+    fields: Mapping[str, Field | Schema]
+    extra: bool = False
+    finalize: Callable[[dict, str], dict] | None = None
+
+    def validate(self, cfg: Any, where: str = "config", prefix: str = "") -> dict:
+        """The checked mapping (a copy) with defaults filled in; :class:`ConfigError` on the first problem."""
+        if cfg is None:
+            cfg = {}
+        if not isinstance(cfg, Mapping):
+            what = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+            raise ConfigError(f"{where}: {what} must be a mapping of keys to values, got {type(cfg).__name__}")
+        out = dict(cfg)
+        if not self.extra:
+            unknown = [k for k in out if k not in self.fields]
+            if unknown:
+                k = unknown[0]
+                near = difflib.get_close_matches(str(k), [str(f) for f in self.fields], n=1)
+                hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+                raise ConfigError(f"{where}: unknown key '{prefix}{k}'{hint}; allowed keys"
+                                  f"{' in ' + prefix.rstrip('.') if prefix else ''}: {sorted(map(str, self.fields))}")
+        for k, f in self.fields.items():
+            if isinstance(f, Schema):  # a section: checked when given (null = empty), else left absent
+                if k in out:
+                    out[k] = f.validate(out[k], where, f"{prefix}{k}.")
+                continue
+            if k in out:
+                out[k] = f.check(out[k], prefix + k, where)
+            elif f.default is REQUIRED:
+                raise ConfigError(f"{where}: {prefix}{k} is required" + (f" ({f.help})" if f.help else ""))
+            elif f.default is not _UNSET:
+                out[k] = copy.deepcopy(f.default)
+        return self.finalize(out, where) if self.finalize is not None else out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The YAML mapping in ``path`` (an empty file is ``{}``); :class:`ConfigError` if it is missing, not
+    YAML, or not a mapping at the top."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"config file {path} not found") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"config file {path} is a directory, not a YAML file") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-    return normalize_config(cfg, where=path)
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(cfg).__name__}")
+    return cfg
+
+
+def merge(a: Mapping, b: Mapping) -> dict:
+    """``a`` with ``b``'s entries, nested mappings merged (for profiles such as an experiment's ``tiny:``)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def apply_overrides(cfg: Mapping, overrides: Sequence[str] = ()) -> dict:
+    """``cfg`` with ``key=value`` overrides (``section.key=value`` for nested keys; values parsed as YAML)."""
+    out = copy.deepcopy(dict(cfg))
+    for ov in overrides or ():
+        key, eq, text = str(ov).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {ov!r} must look like key=value (or section.key=value)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: the value is not valid YAML ({' '.join(str(e).split())})") from e
+        node, parts = out, key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline schema
+
+SECTIONS = ("name", "seed", "model", "data", "logra", "log", "fit", "score")
+
+_PATH = (str, None)
+_TRAIN = Schema({"steps": Field((int,)), "batch_size": Field((int,)), "lr": Field((float,)), "seed": Field((int,)),
+                 "weight_decay": Field((float,)), "split": Field((str, None))})
+_MODEL = Schema({
+    "kind": Field((str,), REQUIRED, MODEL_KINDS, "one of " + " | ".join(MODEL_KINDS)),
+    "seed": Field((int,)),
+    "checkpoint": Field(_PATH, help="a checkpoint written by save_model"),
+    "train": _TRAIN,
+    "save_trained": Field(_PATH),
+    "sizes": Field((list,), help="mlp layer widths"),
+    "in_channels": Field((int,)), "num_classes": Field((int,)),                       # cnn
+    "size": Field((str,)), "vocab_size": Field((int,)), "block_size": Field((int,)),   # gpt
+    "d_model": Field((int,)), "n_layer": Field((int,)), "n_head": Field((int,)), "d_mlp": Field((int, None)),
+    "tie_embeddings": Field((bool,)),
+    "n_block": Field((int,)), "hidden": Field((int,)),                                 # token_mlp
+})
+_DATA = Schema({
+    "kind": Field((str,), REQUIRED, DATA_KINDS, "one of " + " | ".join(DATA_KINDS)),
+    "split": Field((str,), "train", ("train", "test", "all")),
+    "seed": Field((int,)),
+    "limit": Field((int, None)),
+    "test_fraction": Field((float,)),
+    "data_dir": Field(_PATH),
+    "corpus": Field((str, None)),
+    "tokenizer": Field((str,), choices=("char", "word")),
+    "vocab_size": Field((int, None)),
+    "block_len": Field((int,)),
+    "stride": Field((int, None)),
+})
+_LOGRA = Schema({"rank": Field((int, list, None), 64), "init": Field((str,), "gaussian"), "seed": Field((int,)),
+                 "layers": Field((str, list, None), None)})
+_LOG = Schema({"output": Field((str,), REQUIRED, help="the store path"), "dtype": Field((str,), "bfloat16"),
+               "batch_size": Field((int,), 64), "chunk_rows": Field((int, None), None),
+               "stats": Field((str, None), None, (None, "kfac"), "kfac: also save the K-FAC statistics beside the store")})
+_FIT = Schema({"kind": Field((str,), "ekfac", ("identity", "raw", "kfac", "ekfac")), "damping": Field((float, None)),
+               "relative_damping": Field((float, None)), "fisher": Field((str,), "empirical", ("empirical", "sampled")),
+               "num_samples": Field((int,), 1), "batch_size": Field((int,)), "output": Field(_PATH)})
+_SCORE = Schema({"split": Field((str,), "test"), "queries_output": Field(_PATH), "mode": Field((str,), "cosine",
+                 ("dot", "cosine", "relative", "l2")), "top_k": Field((int,), 10), "output": Field(_PATH)})
+
+
+def _finalize_pipeline(cfg: dict, where: str) -> dict:
+    """Cross-key defaults of the pipeline config: every section's seed defaults to the top-level one; the
+    preconditioner and query-store paths sit beside the training store."""
+    seed = cfg["seed"]
+    for sec, schema in (("model", _MODEL), ("data", _DATA), ("logra", _LOGRA), ("log", _LOG)):
+        if cfg.get(sec) is None:
+            cfg[sec] = schema.validate({}, where, f"{sec}.")   # raises for its required keys
+    cfg["model"].setdefault("seed", seed)
+    cfg["data"].setdefault("seed", seed)
+    cfg["logra"].setdefault("seed", seed)
+    lo = cfg["log"]
+    ft = cfg["fit"] = _FIT.validate(cfg.get("fit"), where, "fit.")
+    if ft.get("relative_damping") is None and ft.get("damping") is None:
+        ft["relative_damping"] = 0.1
+    ft.setdefault("damping", None)
+    ft.setdefault("relative_damping", None)
+    ft.setdefault("batch_size", lo["batch_size"])
+    if not ft.get("output"):
+        ft["output"] = f"{lo['output'].rstrip('/')}.{ft['kind']}.precond"
+    sc = cfg["score"] = _SCORE.validate(cfg.get("score"), where, "score.")
+    here = os.path.dirname(lo["output"].rstrip("/")) or "."
+    if not sc.get("queries_output"):
+        sc["queries_output"] = os.path.join(here, "queries.store")
+    if not sc.get("output"):
+        sc["output"] = os.path.join(here, "scores")
+    return cfg
+
+
+PIPELINE = Schema({"name": Field((str,)), "seed": Field((int,), 0), "model": _MODEL, "data": _DATA,
+                   "logra": _LOGRA, "log": _LOG, "fit": _FIT, "score": _SCORE}, finalize=_finalize_pipeline)
+"""The config of ``jaxval log | fit | score`` (the module docstring shows its sections)."""
 
 
 def normalize_config(cfg: Any, where: str = "config") -> dict:
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping with sections {SECTIONS}")
-    unknown = sorted(set(cfg) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown top-level keys {unknown}; allowed: {list(SECTIONS)}")
-    cfg = copy.deepcopy(cfg)
-    seed = int(cfg.get("seed", 0))
-    cfg["seed"] = seed
-    for sec in ("model", "data", "logra", "log"):
-        if not isinstance(cfg.get(sec, {}), dict):
-            raise ConfigError(f"{where}: section '{sec}' must be a mapping")
-    m = cfg.setdefault("model", {})
-    if m.get("kind") not in MODEL_KINDS:
-        raise ConfigError(f"{where}: model.kind must be one of {MODEL_KINDS}, got {m.get('kind')!r}")
-    m.setdefault("seed", seed)
-    d = cfg.setdefault("data", {})
-    if d.get("kind") not in DATA_KINDS:
-        raise ConfigError(f"{where}: data.kind must be one of {DATA_KINDS}, got {d.get('kind')!r}")
-    d.setdefault("split", "train")
-    if d["split"] not in ("train", "test", "all"):
-        raise ConfigError(f"{where}: data.split must be train, test or all, got {d['split']!r}")
-    d.setdefault("seed", seed)
-    lg = cfg.setdefault("logra", {})
-    lg.setdefault("rank", 64)
-    lg.setdefault("init", "gaussian")
-    lg.setdefault("seed", seed)
-    lg.setdefault("layers", None)
-    lo = cfg.setdefault("log", {})
-    if not lo.get("output"):
-        raise ConfigError(f"{where}: log.output (the store path) is required")
-    lo.setdefault("dtype", "bfloat16")
-    lo.setdefault("batch_size", 64)
-    lo.setdefault("chunk_rows", None)
-    ft = cfg.setdefault("fit", {}) or {}
-    cfg["fit"] = ft
-    ft.setdefault("kind", "ekfac")
-    ft.setdefault("damping", None)
-    ft.setdefault("relative_damping", None if ft.get("damping") is not None else 0.1)
-    ft.setdefault("fisher", "empirical")
-    ft.setdefault("num_samples", 1)
-    ft.setdefault("batch_size", lo["batch_size"])
-    ft.setdefault("output", f"{lo['output'].rstrip('/')}.{ft['kind']}.precond")
-    sc = cfg.setdefault("score", {}) or {}
-    cfg["score"] = sc
-    sc.setdefault("split", "test")
-    sc.setdefault("queries_output", os.path.join(os.path.dirname(lo["output"].rstrip("/")) or ".", "queries.store"))
-    sc.setdefault("mode", "cosine")
-    sc.setdefault("top_k", 10)
-    sc.setdefault("output", os.path.join(os.path.dirname(lo["output"].rstrip("/")) or ".", "scores"))
-    return cfg
+    """A pipeline config mapping checked against :data:`PIPELINE`, with defaults filled in."""
+    return PIPELINE.validate(cfg, where)
 
+
+def load_config(path: str | os.PathLike, schema: Schema | None = PIPELINE, *, overrides: Sequence[str] = (),
+                profile: str | None = None, profiles: Sequence[str] = ()) -> dict:
+    """Read, merge and check a YAML config; returns a plain dict with defaults filled in.
+
+    schema: the keys allowed (default :data:`PIPELINE`); ``None``: a free-form mapping, not checked
+      (experiment scripts, which read their own keys).
+    overrides: ``key=value`` / ``section.key=value`` strings applied last (the CLI's ``--set``).
+    profile: a top-level section of overrides merged in first (e.g. ``"tiny"``: an experiment at a
+      smoke-test size); a config without it is an error.
+    profiles: the names of every profile section the config may hold; they are removed from the result
+      whether applied or not.
+    """
+    where = os.fspath(path)
+    cfg = read_yaml(path)
+    if profile is not None:
+        if not isinstance(cfg.get(profile), Mapping):
+            raise ConfigError(f"{where}: no '{profile}:' mapping of overrides to apply (keys: {sorted(cfg)})")
+        cfg = merge(cfg, cfg[profile])
+    for name in {*profiles, *([profile] if profile else [])}:
+        cfg.pop(name, None)
+    cfg = apply_overrides(cfg, overrides)
+    return cfg if schema is None else schema.validate(cfg, where)
 
 # ----------------------------------------------------------------------------------------------- data
 

@@ -44,10 +44,9 @@ def batched_grads(logra: LoGra, model, data: dict, batch_size: int, desc: str) -
 
 
 def plot(images_test, images_train, y_test, y_train, queries, top, bottom, scores, path: str):
-    import matplotlib
+    from jaxval.evaluation.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = top.shape[1]
     fig, axes = plt.subplots(len(queries), 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.9 * len(queries)))

@@ -69,10 +69,9 @@ def write_report(out_dir: str, query_ids, train_ids, top_vals, top_idx, bot_vals
 
 
 def _plot_row(out_dir, q, query, top, bottom) -> str:
-    import matplotlib
+    from jaxval.evaluation.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = len(top)
     fig, axes = plt.subplots(1, 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.9))

@@ -1,4 +1,7 @@
-"""Evaluation of influence scores: retraining harness, LDS, leave-one-out, brittleness.
+"""Retraining harness for evaluating influence scores: retrain, leave-one-out, brittleness, removal effect.
+
+The metrics computed from the retrained models' outputs (LDS, LOO correlation, brittleness masks) are in
+:mod:`jaxval.evaluation.metrics`; the figures in :mod:`jaxval.evaluation.plots`.
 
 Sign convention (the whole package): ``score[q, i] > 0`` means training on example ``i`` LOWERS the
 loss of query ``q`` (``i`` is a proponent). Hence
@@ -39,36 +42,10 @@ from tqdm.auto import tqdm
 
 from jaxval._src import checkpoint
 from jaxval._src.logra import model_fingerprint
+from jaxval.evaluation.metrics import brittleness_masks
 
-__all__ = [
-    "RetrainConfig", "retrain", "lds_masks", "lds", "LDSResult", "spearman", "pearson",
-    "leave_one_out", "loo_correlation", "brittleness_masks", "brittleness", "removal_effect", "subset_seeds",
-]
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def _rank(a: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Average ranks (ties share their mean rank) along ``axis``."""
-    from scipy.stats import rankdata
-
-    return rankdata(a, axis=axis)
-
-
-def pearson(a, b, axis: int = 0) -> np.ndarray:
-    """Pearson correlation of ``a`` and ``b`` along ``axis`` (nan where one side is constant)."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    a = a - a.mean(axis, keepdims=True)
-    b = b - b.mean(axis, keepdims=True)
-    den = np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(axis) / np.where(den > 0, den, 1), np.nan)
-
-
-def spearman(a, b, axis: int = 0) -> np.ndarray:
-    """Spearman rank correlation of ``a`` and ``b`` along ``axis``."""
-    return pearson(_rank(np.asarray(a), axis), _rank(np.asarray(b), axis), axis)
+__all__ = ["RetrainConfig", "retrain", "subset_seeds", "leave_one_out", "brittleness", "removal_effect", "fit", "Cost",
+           "masks_n"]
 
 
 # ----------------------------------------------------------------------------- retraining harness
@@ -229,51 +206,6 @@ def subset_seeds(num_subsets: int, num_seeds: int, base: int = 0) -> np.ndarray:
     return (base * 1_000_003 + np.arange(num_subsets * num_seeds)).reshape(num_subsets, num_seeds) % (2**31)
 
 
-# ----------------------------------------------------------------------------- LDS
-
-def lds_masks(n: int, num_subsets: int, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
-    """``[M, N]`` boolean masks, each selecting exactly ``round(α N)`` examples at random."""
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    k = int(round(alpha * n))
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((num_subsets, n), bool)
-    for m in range(num_subsets):
-        masks[m, rng.choice(n, k, replace=False)] = True
-    return masks
-
-
-@dataclasses.dataclass
-class LDSResult:
-    mean: float
-    std: float
-    per_query: np.ndarray  # [Q] Spearman correlations
-
-    def __str__(self):
-        return f"{self.mean:.3f} ± {self.std:.3f}"
-
-
-def lds(scores, masks, measured) -> LDSResult:
-    """Linear datamodeling score.
-
-    scores: ``[Q, N]`` (positive = proponent); masks: ``[M, N]`` subsets; measured: ``[M, Q]`` query
-    losses of the models trained on each subset (or ``[M, S, Q]``: averaged over the S seeds first).
-    Per query: Spearman over the M subsets between the predicted loss ``−Σ_{i∈S_m} score[q, i]`` and the
-    measured loss. Returns mean ± std over queries (nan queries, e.g. constant losses, are dropped)."""
-    scores = np.asarray(scores, np.float64)
-    masks = np.asarray(masks, np.float64)
-    measured = np.asarray(measured, np.float64)
-    if measured.ndim == 3:
-        measured = measured.mean(1)
-    if scores.shape[1] != masks.shape[1] or measured.shape != (masks.shape[0], scores.shape[0]):
-        raise ValueError(f"shapes disagree: scores {scores.shape} [Q, N], masks {masks.shape} [M, N], "
-                         f"measured {measured.shape} [M, Q]")
-    predicted = -(masks @ scores.T)  # [M, Q]
-    per = spearman(predicted, measured, axis=0)
-    ok = per[np.isfinite(per)]
-    return LDSResult(float(ok.mean()) if ok.size else float("nan"), float(ok.std()) if ok.size else float("nan"), per)
-
-
 # ----------------------------------------------------------------------------- leave-one-out
 
 def leave_one_out(make_model, loss_fn, train, indices, seeds, config: RetrainConfig, eval_data, *,
@@ -293,29 +225,7 @@ def leave_one_out(make_model, loss_fn, train, indices, seeds, config: RetrainCon
     return (out[1:] - out[:1]).mean(1).T
 
 
-def loo_correlation(scores, deltas) -> dict:
-    """Per-query Pearson / Spearman between ``scores [Q, n]`` and LOO loss changes ``deltas [Q, n]``."""
-    p = pearson(scores, deltas, axis=1)
-    s = spearman(scores, deltas, axis=1)
-    return {"pearson_mean": float(np.nanmean(p)), "pearson_min": float(np.nanmin(p)),
-            "spearman_mean": float(np.nanmean(s)), "pearson": p, "spearman": s}
-
-
 # ----------------------------------------------------------------------------- brittleness
-
-def brittleness_masks(scores, ks, seed: int = 0, random: bool = False) -> np.ndarray:
-    """``[Q, K, N]`` masks removing, for each query, its top-``k`` proponents (largest scores), or ``k``
-    random examples with ``random=True``."""
-    scores = np.asarray(scores)
-    q, n = scores.shape
-    rng = np.random.default_rng(seed)
-    out = np.ones((q, len(ks), n), bool)
-    for i in range(q):
-        order = rng.permutation(n) if random else np.argsort(-scores[i], kind="stable")
-        for j, k in enumerate(ks):
-            out[i, j, order[:k]] = False
-    return out
-
 
 def _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, seeds, config, eval_fn, key,
                           cache_dir, random_seed, progress, tag) -> dict:
@@ -369,6 +279,7 @@ def removal_effect(make_model, loss_fn, train, test_points, methods: Mapping[str
 
 
 def masks_n(train) -> int:
+    """N, the number of training examples of an array pytree."""
     return jax.tree.leaves(train)[0].shape[0]
 
 
@@ -433,26 +344,3 @@ def fit(make_model, loss_fn, train, config: RetrainConfig, seed: int = 0, warm_s
     out = make_model(nnx.Rngs(0))
     nnx.update(out, params)
     return out
-
-
-def plot_brittleness(curves: Mapping[str, np.ndarray], ks, path: str, title: str = "",
-                     ylabel: str = "fraction of test predictions flipped") -> str:
-    """Flip rate (or ``ylabel``) vs k, one line per method (``random`` dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, ys in curves.items():
-        ax.plot(list(ks), np.asarray(ys), "--" if name == "random" else "-o", label=name, ms=4,
-                color="gray" if name == "random" else None)
-    ax.set_xlabel("k = training points removed")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title or "brittleness")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

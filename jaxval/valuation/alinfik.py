@@ -34,13 +34,13 @@ When every weight is 0 (e.g. all scores ≤ 0 under ``"positive"``, or all score
 and the budget still has to be paid out; ``if_no_value="zero"`` pays nothing (the sum is then 0, not the
 total: use it when an unspent budget is preferable to paying for no value). :func:`statement` explains to
 each provider what each of their samples earned and why.
+
+This module holds the algorithms only; the ``jaxval alinfik`` command is in :mod:`jaxval.cli.alinfik`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -51,12 +51,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxval.valuation.linfik import rankdata, spearman, pearson
+from jaxval._src.stats import pearson, rankdata, spearman
 
 __all__ = [
     "Student", "fit_student", "select", "price", "statement", "format_statement",
-    "hashed_ngram_embed", "make_embed_fn", "default_embed_fn",
-    "cli_alinfik", "add_alinfik_parser",
+    "hashed_ngram_embed", "make_embed_fn", "default_embed_fn", "PRICE_RULES",
 ]
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
@@ -458,81 +457,3 @@ def format_statement(st: Mapping, max_rows: int = 5) -> str:
         if len(r["samples"]) > max_rows:
             lines.append(f"| … {len(r['samples']) - max_rows} more | | | | |")
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def add_alinfik_parser(sub) -> None:
-    """Register ``jaxval alinfik train|score|select|price`` on an argparse sub-parser collection."""
-    p = sub.add_parser("alinfik", help="ALinFiK student: train / score / select / price")
-    a = p.add_subparsers(dest="action", required=True)
-    t = a.add_parser("train", help="distil LinFiK (from `jaxval linfik`) into a student")
-    t.add_argument("--pool", required=True, help="pool.jsonl with a 'text' field per line")
-    t.add_argument("--values", required=True, help="linfik.npy, one value per pool line")
-    t.add_argument("--out", required=True, help="student checkpoint folder")
-    t.add_argument("--config", default=None, help="YAML with fit_student keyword arguments (+ 'fraction')")
-    t.add_argument("--fraction", type=float, default=None, help="fraction of the pool to label (default 0.2)")
-    t.add_argument("--embed", default=None, help="minilm | hashed[:dim=..]")
-    t.add_argument("--seed", type=int, default=0)
-    s = a.add_parser("score", help="predicted LinFiK of texts")
-    s.add_argument("--student", required=True)
-    s.add_argument("--texts", required=True, help="jsonl with a 'text' field per line")
-    s.add_argument("--out", required=True, help=".npy of scores")
-    se = a.add_parser("select", help="top-budget sample indices")
-    se.add_argument("--scores", required=True)
-    se.add_argument("--budget", type=int, required=True)
-    se.add_argument("--out", required=True, help=".json list of indices")
-    pr = a.add_parser("price", help="prices and per-provider statements")
-    pr.add_argument("--scores", required=True)
-    pr.add_argument("--total", type=float, required=True)
-    pr.add_argument("--providers", default=None, help="jsonl with a 'provider' field per line (default: one provider per line id)")
-    pr.add_argument("--rule", default="positive", choices=PRICE_RULES)
-    pr.add_argument("--out", required=True, help="statement .json (a .md beside it)")
-    p.set_defaults(func=cli_alinfik)
-
-
-def cli_alinfik(args) -> int:
-    if args.action == "train":
-        from jaxval.valuation.linfik import load_config
-
-        cfg = load_config(args.config)
-        frac = args.fraction if args.fraction is not None else float(cfg.pop("fraction", 0.2))
-        cfg.pop("fraction", None)
-        rows = _read_jsonl(args.pool)
-        v = np.load(args.values)
-        if len(rows) != len(v):
-            raise ValueError(f"{args.pool} has {len(rows)} lines but {args.values} has {len(v)} values")
-        idx = np.sort(np.random.default_rng(args.seed).permutation(len(v))[: max(8, int(round(frac * len(v))))])
-        fn = make_embed_fn(args.embed) if args.embed else None
-        st = fit_student([rows[i]["text"] for i in idx], v[idx], fn, seed=args.seed, **cfg)
-        st.meta["labelled_indices"] = idx.tolist()
-        st.save(args.out, overwrite=True)
-        print(f"student saved to {args.out}: val spearman {st.meta['val_spearman']:.3f} (epoch {st.meta['best_epoch']})")
-    elif args.action == "score":
-        st = Student.load(args.student)
-        pred = st.score([r["text"] for r in _read_jsonl(args.texts)])
-        np.save(args.out, pred)
-        print(f"scored {len(pred)} texts -> {args.out}")
-    elif args.action == "select":
-        idx = select(np.load(args.scores), args.budget)
-        with open(args.out, "w") as f:
-            json.dump(idx.tolist(), f)
-        print(f"selected {len(idx)} -> {args.out}")
-    elif args.action == "price":
-        pred = np.load(args.scores)
-        provs = ([str(r.get("provider", i)) for i, r in enumerate(_read_jsonl(args.providers))]
-                 if args.providers else [str(i) for i in range(len(pred))])
-        st = statement(pred, args.total, provs, rule=args.rule)
-        with open(args.out, "w") as f:
-            json.dump(st, f, indent=1)
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write(format_statement(st))
-        print(f"priced {len(pred)} samples for {len(st['providers'])} providers -> {args.out}")
-    else:
-        raise ValueError(f"unknown alinfik action {args.action!r}")
-    return 0

@@ -41,13 +41,15 @@ Choices (and why):
 Proposition tools (the paper's justification for scoring early): :func:`gradient_stability` returns, for
 a set of samples and a list of checkpoints, each sample's gradient direction cosine to its direction at a
 reference (late) checkpoint, and the Spearman correlations of the per-sample gradient norms between every
-pair of checkpoints; :func:`plot_stability` draws both.
+pair of checkpoints; :func:`jaxval.evaluation.plots.plot_stability` draws both.
+
+This module holds the algorithm only; the WikiText pipeline and the ``jaxval linfik`` command are in
+:mod:`jaxval.cli.linfik`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,7 @@ import numpy as np
 from jaxval._src import precision
 from jaxval._src.batching import batch_size as _batch_size, padded_batches
 from jaxval._src.logra import LoGra
+from jaxval._src.stats import pearson, rankdata
 
 __all__ = [
     "linfik",
@@ -63,49 +66,12 @@ __all__ = [
     "pool_gradients",
     "layer_normalize",
     "gradient_stability",
-    "plot_stability",
-    "spearman",
-    "pearson",
-    "rankdata",
-    "cli_linfik",
-    "add_linfik_parser",
 ]
 
 _HI = precision.MATMUL
 
 
-# ----------------------------------------------------------------------------- small statistics
-
-def rankdata(x) -> np.ndarray:
-    """Ranks 1..n of ``x`` (ties get their average rank), as ``scipy.stats.rankdata``."""
-    x = np.asarray(x, np.float64).reshape(-1)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), np.float64)
-    xs = x[order]
-    # boundaries of runs of equal values
-    starts = np.r_[0, np.flatnonzero(np.diff(xs)) + 1]
-    ends = np.r_[starts[1:], len(x)]
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def pearson(a, b) -> float:
-    a = np.asarray(a, np.float64).reshape(-1)
-    b = np.asarray(b, np.float64).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"pearson needs equal lengths, got {a.shape} and {b.shape}")
-    a, b = a - a.mean(), b - b.mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation (Pearson of average ranks)."""
-    return pearson(rankdata(a), rankdata(b))
-
-
-# ----------------------------------------------------------------------------- batching
+# ----------------------------------------------------------------------------- gradients
 
 def layer_normalize(logra: LoGra, g: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Scale each layer block of every row of ``g [B, D]`` to unit L2 norm (zero blocks stay zero)."""
@@ -144,7 +110,7 @@ def task_gradient(logra: LoGra, model, task, batch_size: int = 64, normalize=Non
     normalize = _check_normalize(normalize)
     m = _batch_size(task)
     total = jnp.zeros((logra.dim,), jnp.float32)
-    for _, nv, batch in _batches(task, batch_size):
+    for _, nv, batch in padded_batches(task, batch_size):
         g = _grads(logra, model, batch, normalize)
         total = total + jnp.sum(g[:nv], axis=0)
     return total / m
@@ -244,152 +210,6 @@ def gradient_stability(logra: LoGra, checkpoints: Sequence, data, batch_size: in
             cos[c, start:start + nv] = np.asarray(jnp.sum(us[c] * us[ref], axis=1))[:nv]
             if c < c_n - 1:
                 cons[c, start:start + nv] = np.asarray(jnp.sum(us[c] * us[c + 1], axis=1))[:nv]
-    rho = np.array([[spearman(norms[a], norms[b]) for b in range(c_n)] for a in range(c_n)])
+    r = rankdata(norms, axis=1)
+    rho = pearson(np.broadcast_to(r[:, None], (c_n, c_n, n)), np.broadcast_to(r[None], (c_n, c_n, n)), axis=-1)
     return {"norms": norms, "cosine": cos, "norm_spearman": rho, "cosine_consecutive": cons, "reference": ref}
-
-
-def plot_stability(stats: Mapping, path: str, steps: Sequence[int] | None = None, title: str = "") -> str:
-    """Two panels: (left) distribution of cos(g_z(θ_c), g_z(θ_ref)) per checkpoint (median and 10–90%
-    band); (right) Spearman of gradient norms of every checkpoint vs the reference and vs the first.
-    Saved to ``path`` (PNG); returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cos = np.asarray(stats["cosine"])
-    rho = np.asarray(stats["norm_spearman"])
-    ref = int(stats.get("reference", cos.shape[0] - 1))
-    c_n = cos.shape[0]
-    x = np.asarray(steps if steps is not None else np.arange(c_n))
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    med = np.median(cos, axis=1)
-    lo, hi = np.percentile(cos, 10, axis=1), np.percentile(cos, 90, axis=1)
-    ax[0].fill_between(x, lo, hi, alpha=0.3, label="10–90%")
-    ax[0].plot(x, med, "o-", label="median")
-    if "cosine_consecutive" in stats:
-        cc = np.median(np.asarray(stats["cosine_consecutive"]), axis=1)
-        ax[0].plot(x[1:], cc, "s--", label="median cos to previous ckpt")
-    ax[0].set_xlabel("checkpoint (training step)")
-    ax[0].set_ylabel(f"cos(g(θ_c), g(θ_{x[ref]}))")
-    ax[0].set_title("gradient direction vs reference")
-    ax[0].legend(fontsize=8)
-    ax[1].plot(x, rho[:, ref], "o-", label=f"vs step {x[ref]}")
-    ax[1].plot(x, rho[:, 0], "s--", label=f"vs step {x[0]}")
-    ax[1].set_ylim(min(0.0, float(np.nanmin(rho)) - 0.05), 1.02)
-    ax[1].set_xlabel("checkpoint (training step)")
-    ax[1].set_ylabel("Spearman of per-sample ‖g‖")
-    ax[1].set_title("rank stability of gradient norms")
-    ax[1].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------- LM pipeline + CLI
-
-def lm_setup(cfg: Mapping) -> dict:
-    """Build the WikiText-style LM valuation setup from a config dict (used by ``jaxval linfik`` and
-    ``experiments/linfik_wikitext.py``).
-
-    Keys (defaults): ``pool_corpus`` ("wikitext-2-valid"), ``task_corpus`` ("wikitext-2-test"),
-    ``offdomain_corpus`` (None, e.g. "tinyshakespeare"), ``offdomain_fraction`` (0.2), ``vocab_size``
-    (4096), ``block_len`` (128), ``max_pool`` (None), ``n_task`` (64), ``n_task_eval`` (128), ``seed`` (0).
-    Tokenizer: word level, vocab from the pool corpus only (the task corpus is unseen). Returns
-    ``{"tok", "pool", "pool_texts", "pool_source", "task", "task_eval", "task_texts"}``; pool blocks are
-    shuffled with the seed; off-domain blocks are marked ``pool_source == 1``.
-    """
-    from jaxval.data import load_text
-    from jaxval.data.text import WordTokenizer, make_blocks
-
-    seed = int(cfg.get("seed", 0))
-    rng = np.random.default_rng(seed)
-    blen = int(cfg.get("block_len", 128))
-    pool_text = load_text(cfg.get("pool_corpus", "wikitext-2-valid"))
-    tok = WordTokenizer.from_text(pool_text, vocab_size=int(cfg.get("vocab_size", 4096)), eos="<eos>")
-    pool = make_blocks(tok.encode(pool_text), blen)
-    src = np.zeros(len(pool["tokens"]), np.int32)
-    off = cfg.get("offdomain_corpus")
-    if off:
-        ob = make_blocks(tok.encode(load_text(off)), blen)
-        k = int(round(float(cfg.get("offdomain_fraction", 0.2)) * len(src) / (1 - float(cfg.get("offdomain_fraction", 0.2)))))
-        k = min(k, len(ob["tokens"]))
-        pick = np.sort(rng.choice(len(ob["tokens"]), k, replace=False))
-        pool = {key: np.concatenate([pool[key], ob[key][pick]]) for key in pool}
-        src = np.r_[src, np.ones(k, np.int32)]
-    perm = rng.permutation(len(src))
-    if cfg.get("max_pool"):
-        perm = perm[: int(cfg["max_pool"])]
-    pool = {k: v[perm] for k, v in pool.items()}
-    src = src[perm]
-    task_all = make_blocks(tok.encode(load_text(cfg.get("task_corpus", "wikitext-2-test"))), blen)
-    tperm = rng.permutation(len(task_all["tokens"]))
-    nt, ne = int(cfg.get("n_task", 64)), int(cfg.get("n_task_eval", 128))
-    task = {k: v[tperm[:nt]] for k, v in task_all.items()}
-    task_eval = {k: v[tperm[nt:nt + ne]] for k, v in task_all.items()}
-    texts = [tok.decode(t) for t in pool["tokens"]]
-    return {"tok": tok, "pool": pool, "pool_texts": texts, "pool_source": src, "task": task,
-            "task_eval": task_eval, "task_texts": [tok.decode(t) for t in task["tokens"]]}
-
-
-def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict:
-    """YAML config plus ``key=value`` overrides (values parsed as YAML)."""
-    import yaml
-
-    cfg = {}
-    if path:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    for ov in overrides or ():
-        if "=" not in ov:
-            raise ValueError(f"override {ov!r} must look like key=value")
-        k, v = ov.split("=", 1)
-        cfg[k] = yaml.safe_load(v)
-    return cfg
-
-
-def add_linfik_parser(sub) -> None:
-    """Register ``jaxval linfik`` on an argparse sub-parser collection."""
-    p = sub.add_parser("linfik", help="LinFiK scores of an LM text pool w.r.t. a task set (from a YAML config)")
-    p.add_argument("--config", required=True, help="YAML config (see configs/linfik_wikitext.yaml)")
-    p.add_argument("--out", required=True, help="output folder: pool.jsonl (texts), linfik.npy, meta.json")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    p.set_defaults(func=cli_linfik)
-
-
-def cli_linfik(args) -> int:
-    """``jaxval linfik --config C --out DIR``: train the small GPT of the config on its pool for
-    ``warmup_steps`` (the early checkpoint), compute LinFiK of every pool block w.r.t. the task blocks and
-    write ``DIR/pool.jsonl`` ({"id", "text", "source"} per line), ``DIR/linfik.npy`` and ``DIR/meta.json``."""
-    import json
-    import os
-
-    from flax import nnx
-
-    from jaxval.models.gpt import GPT, GPTConfig, loss_fn
-    from jaxval._src.train import train
-
-    cfg = load_config(args.config, getattr(args, "set", ()))
-    setup = lm_setup(cfg)
-    seed = int(cfg.get("seed", 0))
-    gcfg = GPTConfig(vocab_size=setup["tok"].vocab_size, block_size=int(cfg.get("block_len", 128)),
-                     d_model=int(cfg.get("d_model", 128)), n_layer=int(cfg.get("n_layer", 2)),
-                     n_head=int(cfg.get("n_head", 4)))
-    model = GPT(gcfg, rngs=nnx.Rngs(seed))
-    train(model, loss_fn, setup["pool"], steps=int(cfg.get("warmup_steps", 200)),
-          batch_size=int(cfg.get("train_batch", 16)), lr=float(cfg.get("train_lr", 3e-3)), seed=seed, progress=False)
-    logra = LoGra(model, loss_fn, rank=int(cfg.get("rank", 16)), seed=seed, layers=cfg.get("layers"))
-    v = linfik(logra, model, setup["pool"], setup["task"], lr=float(cfg.get("linfik_lr", 1.0)),
-               batch_size=int(cfg.get("batch_size", 32)), normalize=cfg.get("normalize"))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pool.jsonl"), "w") as f:
-        for i, (t, s) in enumerate(zip(setup["pool_texts"], setup["pool_source"])):
-            f.write(json.dumps({"id": i, "text": t, "source": int(s)}) + "\n")
-    np.save(os.path.join(args.out, "linfik.npy"), v)
-    with open(os.path.join(args.out, "meta.json"), "w") as f:
-        json.dump({"config": cfg, "n_pool": int(len(v)), "logra": logra.config()}, f, indent=1, default=str)
-    print(f"wrote {len(v)} LinFiK scores to {args.out}")
-    return 0

@@ -1,0 +1,89 @@
+"""Every matplotlib figure of the library (the only library module that imports matplotlib).
+
+matplotlib is an optional dependency (``pip install 'jaxval[plots]'``), imported lazily by
+:func:`pyplot` when a figure is drawn, never by ``import jaxval``. Figures are written with the
+non-interactive ``Agg`` backend, so they work on headless machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["pyplot", "plot_stability", "plot_brittleness"]
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the ``Agg`` backend; a clear error naming the extra if it is missing."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("jaxval's figures need matplotlib: pip install 'jaxval[plots]' "
+                          "(or pip install matplotlib)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_stability(stats: Mapping, path: str, steps: Sequence[int] | None = None, title: str = "") -> str:
+    """The two panels of :func:`jaxval.gradient_stability`'s statistics, saved to ``path`` (PNG).
+
+    Left: distribution of ``cos(g_z(θ_c), g_z(θ_ref))`` per checkpoint (median and 10–90% band, and the
+    median cosine to the previous checkpoint); right: Spearman of the per-sample gradient norms of every
+    checkpoint vs the reference and vs the first. ``steps`` labels the checkpoints (default 0..C-1).
+    Returns ``path``."""
+    plt = pyplot()
+    cos = np.asarray(stats["cosine"])
+    rho = np.asarray(stats["norm_spearman"])
+    ref = int(stats.get("reference", cos.shape[0] - 1))
+    c_n = cos.shape[0]
+    x = np.asarray(steps if steps is not None else np.arange(c_n))
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    med = np.median(cos, axis=1)
+    lo, hi = np.percentile(cos, 10, axis=1), np.percentile(cos, 90, axis=1)
+    ax[0].fill_between(x, lo, hi, alpha=0.3, label="10–90%")
+    ax[0].plot(x, med, "o-", label="median")
+    if "cosine_consecutive" in stats:
+        cc = np.median(np.asarray(stats["cosine_consecutive"]), axis=1)
+        ax[0].plot(x[1:], cc, "s--", label="median cos to previous ckpt")
+    ax[0].set_xlabel("checkpoint (training step)")
+    ax[0].set_ylabel(f"cos(g(θ_c), g(θ_{x[ref]}))")
+    ax[0].set_title("gradient direction vs reference")
+    ax[0].legend(fontsize=8)
+    ax[1].plot(x, rho[:, ref], "o-", label=f"vs step {x[ref]}")
+    ax[1].plot(x, rho[:, 0], "s--", label=f"vs step {x[0]}")
+    ax[1].set_ylim(min(0.0, float(np.nanmin(rho)) - 0.05), 1.02)
+    ax[1].set_xlabel("checkpoint (training step)")
+    ax[1].set_ylabel("Spearman of per-sample ‖g‖")
+    ax[1].set_title("rank stability of gradient norms")
+    ax[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_brittleness(curves: Mapping[str, np.ndarray], ks, path: str, title: str = "",
+                     ylabel: str = "fraction of test predictions flipped") -> str:
+    """Flip rate (or ``ylabel``) vs ``k``, one line per method (``random`` dashed grey), saved to ``path``.
+
+    ``curves``: ``{method: [K] values}`` as returned by :func:`jaxval.brittleness` or
+    :func:`jaxval.removal_effect`. Returns ``path``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, ys in curves.items():
+        ax.plot(list(ks), np.asarray(ys), "--" if name == "random" else "-o", label=name, ms=4,
+                color="gray" if name == "random" else None)
+    ax.set_xlabel("k = training points removed")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "brittleness")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
