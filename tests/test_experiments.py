@@ -91,3 +91,125 @@ def test_linfik_wikitext_tiny(tmp_path):
     assert res["n_labelled"] + res["n_heldout"] == res["n_pool"] and res["selection"]
     assert (tmp_path / "stability.png").exists() and (tmp_path / "scatter.png").exists()
 
+
+
+# ---------------------------------------------------------------------------------------------- one loader
+
+def _common():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("experiments_common", ROOT / "experiments" / "common.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_shipped_config_loads_through_the_one_loader():
+    """Pipeline configs against the pipeline schema, the linfik/alinfik CLI configs against theirs, the
+    experiments' configs through experiments/common.load_config (the library's loader), tiny or not."""
+    import yaml
+
+    from jaxval.cli import config as C
+    from jaxval.cli.alinfik import STUDENT
+    from jaxval.cli.linfik import LINFIK, LM_DATA
+
+    common = _common()
+    seen = set()
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if {"model", "data", "log"} <= set(raw):
+            cfg = C.load_config(path)
+            assert cfg["log"]["output"] and cfg["fit"]["output"]
+        elif path.name == "linfik_cli.yaml":
+            assert C.load_config(path, LINFIK)["warmup_steps"] == raw["warmup_steps"]
+        elif path.name == "linfik_student.yaml":
+            assert C.load_config(path, STUDENT)["fraction"] == raw["fraction"]
+        else:
+            for tiny in ((False, True) if "tiny" in raw else (False,)):
+                cfg = common.load_config(str(path), tiny)
+                want = {**raw, **(raw["tiny"] if tiny else {})}
+                assert "tiny" not in cfg and cfg.get("out") == want.get("out") and set(cfg) == set(want) - {"tiny"}
+            if path.name == "linfik_wikitext.yaml":
+                LM_DATA.validate(raw["data"], str(path))         # the data keys lm_setup reads
+        seen.add(path.name)
+    assert {"digits_mlp.yaml", "linfik_cli.yaml", "linfik_student.yaml", "lds_logreg.yaml"} <= seen
+
+
+def test_config_schema_errors_and_merging(tmp_path):
+    from jaxval.cli import config as C
+
+    schema = C.Schema({"lr": C.Field((float,), 0.1), "steps": C.Field((int,), C.REQUIRED),
+                       "mode": C.Field((str,), "dot", ("dot", "cosine")),
+                       "opt": C.Schema({"name": C.Field((str,), "adam"), "decay": C.Field((float, None), None)})})
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 3\nlr: 1e-3\nopt: {decay: 2}\nsmall: {steps: 1, opt: {name: sgd}}\n")
+    cfg = C.load_config(p, schema, profiles=("small",))
+    assert cfg == {"steps": 3, "lr": 1e-3, "mode": "dot", "opt": {"name": "adam", "decay": 2.0}}   # YAML's 1e-3 str
+    assert isinstance(cfg["lr"], float) and isinstance(cfg["opt"]["decay"], float)
+    small = C.load_config(p, schema, profile="small", overrides=["opt.decay=null", "mode=cosine"])
+    assert small == {"steps": 1, "lr": 1e-3, "mode": "cosine", "opt": {"name": "sgd", "decay": None}}
+    cases = {"stpes: 3": "unknown key 'stpes' (did you mean 'steps'?)",
+             "steps: 3\nopt: {nme: x}": "unknown key 'opt.nme' (did you mean 'opt.name'?)",
+             "steps: true": "steps must be int, got bool True",
+             "steps: 2.5": "steps must be int, got float 2.5",
+             "steps: 3\nlr: fast": "lr must be float, got str 'fast'",
+             "steps: 3\nmode: l3": "mode must be one of ['dot', 'cosine'], got 'l3'",
+             "lr: 0.1": "steps is required",
+             "steps: 3\nopt: 5": "section 'opt' must be a mapping",
+             "- 1": "the top level must be a mapping",
+             "steps: [1": "is not valid YAML"}
+    for text, msg in cases.items():
+        p.write_text(text)
+        with pytest.raises(C.ConfigError) as e:
+            C.load_config(p, schema)
+        assert msg in str(e.value) and "\n" not in str(e.value), (text, str(e.value))
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.apply_overrides({}, ["steps"])
+    p.write_text("a: 1")
+    with pytest.raises(C.ConfigError, match="no 'tiny:'"):
+        C.load_config(p, None, profile="tiny")
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load_config(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_library_and_application_are_apart():
+    """argparse only in jaxval/cli; matplotlib only in jaxval/evaluation/plots.py; `import jaxval` pulls in
+    none of the optional extras ([llm], [plots]) nor scipy (a test-only dependency)."""
+    pkg = ROOT / "jaxval"
+    users = {m: sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if m in _imports(p))
+             for m in ("argparse", "matplotlib", "scipy")}
+    assert users["argparse"] and all(u.startswith("cli/") for u in users["argparse"]), users["argparse"]
+    assert users["matplotlib"] == ["evaluation/plots.py"], users["matplotlib"]
+    assert users["scipy"] == [], users["scipy"]
+    code = ("import sys, jaxval, jaxval.distributed, jaxval.evaluation; "
+            "print(sorted(m for m in ('matplotlib', 'tokenizers', 'gguf', 'safetensors', 'scipy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+
+
+def test_distributed_module_launches(tmp_path):
+    """`python -m jaxval.distributed -n 2 -- CMD` (the launcher's own entry point, argparse in jaxval.cli):
+    every process sees its id; a failing process's code is the launcher's exit code."""
+    child = "import os, sys; print('pid', os.environ['JAXVAL_PROCESS_ID'], os.environ['JAXVAL_NUM_PROCESSES'])"
+    r = subprocess.run([sys.executable, "-m", "jaxval.distributed", "-n", "2", "--timeout", "120", "--",
+                        sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert "[p0] pid 0 2" in r.stdout and "[p1] pid 1 2" in r.stdout
+    fail = "import os, sys; sys.exit(3 if os.environ['JAXVAL_PROCESS_ID'] == '1' else 0)"
+    r = subprocess.run([sys.executable, "-m", "jaxval.distributed", "-n", "2", "--timeout", "120", "--",
+                        sys.executable, "-c", fail], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stdout + r.stderr[-2000:]
