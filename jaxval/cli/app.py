@@ -221,6 +221,7 @@ def _score(args):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxval", description="Data valuation for large models in JAX.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="influence of training digits on test digits (MLP, LoGra)")
     d.add_argument("--out", default="out/demo")
@@ -286,13 +287,14 @@ def main(argv=None) -> int:
         from jaxval._src import parallel as distributed
 
         distributed.initialize()  # no-op for one process; jax.distributed under `jaxval launch` or on a pod
-    from jaxval.cli.config import ConfigError
-    from jaxval._src.store import StoreError
+    from jaxval._src.errors import JaxvalError
 
     try:
         return int(args.func(args) or 0)
-    except (StoreError, ConfigError, FileNotFoundError) as e:
-        print(f"jaxval {args.command}: error: {e}", file=sys.stderr)
+    except (JaxvalError, FileNotFoundError) as e:  # ConfigError, StoreError, ...: what was wrong, what to do
+        if args.debug:
+            raise
+        print(f"jaxval {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -49,6 +49,8 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from jaxval._src.errors import JaxvalError
+
 __all__ = ["ConfigError", "Field", "Schema", "REQUIRED", "read_yaml", "apply_overrides", "merge", "load_config",
            "PIPELINE", "normalize_config", "build_data", "build_model", "build_tokenizer", "prepare", "save_model",
            "load_model", "store_extra", "MODEL_KINDS", "DATA_KINDS", "SECTIONS"]
@@ -57,8 +59,9 @@ MODEL_KINDS = ("mlp", "cnn", "gpt", "token_mlp")
 DATA_KINDS = ("digits", "mnist", "fashion-mnist", "text")
 
 
-class ConfigError(ValueError):
-    """A config file is missing something or has a bad value (the message names the key)."""
+class ConfigError(JaxvalError, ValueError):
+    """A config file (or a command-line input) is missing something or has a bad value; the message names
+    the key, what was expected and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------- schema
