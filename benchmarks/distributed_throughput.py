@@ -58,9 +58,9 @@ def worker(args):
                      "rows_per_s_aggregate": rows / dt}
 
     kw = dict(batch_size=args.batch, dtype="bfloat16", chunk_rows=args.batch * 4)
-    timed("log", lambda p: dist.log_gradients(logra, model, data, p, **kw), n)
-    timed("fit_kfac", lambda p: dist.fit_preconditioner(logra, model, data, kind="kfac", damping=1e-3,
-                                                        batch_size=args.batch * topo.device_count), n)
+    timed("log", lambda p: jv.log_gradients(logra, model, data, p, progress=False, **kw), n)
+    timed("fit_kfac", lambda p: jv.fit_preconditioner(logra, model, data, kind="kfac", damping=1e-3,
+                                                      batch_size=args.batch * topo.device_count, progress=False), n)
     from jaxval._src.store import GradientStore
 
     store = GradientStore.open(f"{root}/log")

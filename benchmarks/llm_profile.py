@@ -64,7 +64,7 @@ def main(argv=None):
         return jax.grad(lambda n: jnp.sum(llama.loss_fn(nnx.merge(graphdef, n, rest), batch)))(norms)
 
     lg = jv.LoGra(model, llama.loss_fn, rank=64, layers="mlp")
-    step = lg._step(graphdef)
+    step = lg.compiled_step(graphdef)
     train = train_step_fn(model, llama.loss_fn)
 
     h = jax.random.normal(jax.random.key(0), (b, t, model.cfg.d_model))

@@ -138,8 +138,8 @@ def run_throughput(args) -> list[dict]:
 
     import jaxval as jv
     from jaxval.models import gpt, token_mlp
-    from jaxval._src.logging import _compiled_step, log_gradients
-    from jaxval._src.store import _normalize_dtype
+    from jaxval._src.logging import log_gradients
+    from jaxval._src.store import normalize_dtype
 
     workloads = []
     m = token_mlp.TokenMLP(rngs=nnx.Rngs(0))
@@ -163,7 +163,7 @@ def run_throughput(args) -> list[dict]:
             jax.block_until_ready(outs)
 
         graphdef, state = nnx.split(model)
-        step = _compiled_step(logra, graphdef, _normalize_dtype(args.dtype), None)
+        step = logra.compiled_step(graphdef, dtype=normalize_dtype(args.dtype))
 
         def step_alone():
             outs = [step(state, bt, logra.projections) for bt in batches]

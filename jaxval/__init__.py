@@ -10,7 +10,10 @@ from jaxval.valuation.linfik import gradient_stability, linfik
 from jaxval._src.scoring import cached_self_influence, influence, self_influence, top_k
 from jaxval._src.layers import Layer, discover
 from jaxval._src.logging import log_gradients
-from jaxval._src.preconditioner import Preconditioner, fit_preconditioner, pca_projections
+from jaxval._src.preconditioner import Preconditioner
+from jaxval._src import curvature
+from jaxval._src.curvature import (EigenState, KFACState, RawState, fit_from_store, fit_preconditioner,
+                                   load_statistics, pca_projections, save_statistics)
 from jaxval._src.store import GradientStore, StoreError
 from jaxval._src.projection import init_projections, layer_key, projection_matrix
 
@@ -25,6 +28,13 @@ __all__ = [
     "Preconditioner",
     "discover",
     "fit_preconditioner",
+    "fit_from_store",
+    "curvature",
+    "EigenState",
+    "KFACState",
+    "RawState",
+    "load_statistics",
+    "save_statistics",
     "pca_projections",
     "explicit_grads",
     "RetrainConfig",

@@ -79,7 +79,7 @@ def test_precast_kernels_give_identical_results_and_are_reused():
     m, loss_fn, batch = _token_model()
     lg = jv.LoGra(m, loss_fn, rank=8, types=(nnx.Linear,), compute_dtype="bfloat16")
     graphdef, state = nnx.split(m)
-    step = lg._step(graphdef)
+    step = lg.compiled_step(graphdef)
     a = np.asarray(step(state, batch, lg.projections)[0])                 # kernels converted in the step
     cast = lg.step_state(m, state)
     kinds = {tuple(p): v.get_value().dtype for p, v in nnx.to_flat_state(cast)}

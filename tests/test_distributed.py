@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+import jaxval as jv
 from jaxval import distributed as dist
 
 SETUP = textwrap.dedent('''
@@ -67,14 +68,14 @@ WORKER = textwrap.dedent('''
     print(f"init {time.time() - T0:.1f}s", flush=True)
 
     path = os.path.join(out, "store")
-    dist.log_gradients(logra, model, data, path, **LOG)
+    jv.log_gradients(logra, model, data, path, progress=False, **LOG)
     with open(os.path.join(out, f"writes_{topo.process_index}.json"), "w") as f:
         json.dump({"writes": writes[0]}, f)
     print(f"logged {time.time() - T0:.1f}s", flush=True)
     store = GradientStore.open(path)
     G = store.read(0, len(store))
     q = np.asarray(logra.grads(model, qdata))
-    pc = dist.fit_preconditioner(logra, model, data, **FIT)
+    pc = jv.fit_preconditioner(logra, model, data, progress=False, **FIT)   # the global mesh: every process
     print(f"fitted {time.time() - T0:.1f}s", flush=True)
     res = {"store": G, "done": store.done_mask().astype(np.int64), "HG": np.asarray(pc.apply(G)),
            "eig": np.concatenate([pc.eigenvalues(n) for n in pc.names]),
@@ -91,18 +92,16 @@ def reference(tmp):
     """The one-process, one-device run with the plain library (in this pytest process)."""
     import importlib
 
-    from jaxval._src import preconditioner as pcm
-
     inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
 
     ns = {}
     exec(SETUP, ns)
     logra, model, data = ns["logra"], ns["model"], ns["data"]
-    store = dist.log_gradients(logra, model, data, str(tmp / "store"), **ns["LOG"])
+    store = jv.log_gradients(logra, model, data, str(tmp / "store"), progress=False, **ns["LOG"])
     G = store.read(0, len(store))
-    assert np.allclose(G, np.asarray(logra.grads(model, data)), rtol=1e-6, atol=1e-7)
-    pc = pcm.fit_preconditioner(logra, model, data, progress=False, **ns["FIT"])
-    pc1 = dist.fit_preconditioner(logra, model, data, **ns["FIT"])   # the global-mesh path, one process
+    assert np.allclose(G, np.asarray(logra.grads(model, data)), rtol=1e-5, atol=1e-6)   # batch 8 vs 96: float order
+    pc = jv.fit_preconditioner(logra, model, data, progress=False, **ns["FIT"])
+    pc1 = jv.fit_preconditioner(logra, model, data, mesh=dist.global_mesh(), progress=False, **ns["FIT"])
     q = np.asarray(logra.grads(model, ns["qdata"]))
     v, i = inf.top_k(q, store, k=5, precond=pc, mode="dot")
     return {"store": G, "HG": np.asarray(pc.apply(G)), "HG1": np.asarray(pc1.apply(G)),

@@ -69,7 +69,7 @@ def test_logra_step_has_no_weight_gradient_products(setup, types):
         warnings.simplefilter("ignore")
         logra = jv.LoGra(model, token_mlp.loss_fn, rank=RANK, types=types)
     graphdef, state = nnx.split(model)
-    hlo = logra._step(graphdef).lower(state, batch, logra.projections).compile().as_text()
+    hlo = logra.compiled_step(graphdef).lower(state, batch, logra.projections).compile().as_text()
     shapes = matmul_shapes(hlo)
     assert shapes, "no matrix products found: the HLO scan is broken"
     bad = [s for s in shapes if s in weight_shapes(model)]

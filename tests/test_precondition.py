@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxval as jv
-from jaxval._src import preconditioner as pcm
+from jaxval._src import curvature
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 
@@ -130,12 +130,13 @@ def test_kfac_counts_only_tokens_that_reach_the_loss():
     mask[1, 3:] = 0
     mask[4, 1:] = 0
     lg = jv.LoGra(m, loss_fn, rank=None, init="identity", layers="fc")
-    st = pcm.accumulate(lg, m, {"tokens": tokens, "mask": mask}, "kfac", batch_size=4, progress=False)
-    assert float(st["fc"]["tokens"]) == mask.sum()
+    st = curvature.accumulate(lg, m, {"tokens": tokens, "mask": mask}, "kfac", batch_size=4, progress=False)
+    assert isinstance(st, jv.KFACState)
+    assert float(st.tokens["fc"]) == mask.sum()
     # A from the counted tokens only, by hand
     z = np.tanh(np.asarray(m.emb.embedding[...], np.float64)[tokens])
     xa = np.concatenate([z, np.ones(z.shape[:2] + (1,))], -1)[mask > 0]
-    assert rel_err(np.asarray(st["fc"]["A"]), xa.T @ xa) <= 1e-5
+    assert rel_err(np.asarray(st.A["fc"]), xa.T @ xa) <= 1e-5
 
 
 # ----------------------------------------------------------------------------- leave-one-out
@@ -293,7 +294,7 @@ def test_relative_damping_and_save_load(tiny, tmp_path):
 
 def test_pca_projections_are_top_eigenvectors(tiny):
     m, data, _, pieces, _ = tiny
-    proj = pcm.pca_projections(m, ce_loss, data, rank=(3, 2), batch_size=16, progress=False)
+    proj = jv.pca_projections(m, ce_loss, data, rank=(3, 2), batch_size=16, progress=False)
     for name, (x, dy) in pieces.items():
         p_in, p_out = (np.asarray(p, np.float64) for p in proj[name])
         for p, mat in ((p_in, x.T @ x / len(x)), (p_out, dy.T @ dy / len(x))):
@@ -360,7 +361,7 @@ def test_ekfac_refit_from_factors_equals_refit_from_gradients(seq):
     def both(state):
         _, pairs = projected_pairs(graphdef, state, loss_fn, lg.layers, lg.projections, batch)
         g = blocks_from_pairs(lg.layers, pairs)
-        return g, pcm.batch_statistics(lg, "ekfac", g, pairs, basis)
+        return g, curvature.batch_statistics(lg, curvature.init(lg, "ekfac", basis), g, pairs)
 
     g, stats = both(state)
     explicit = np.asarray(jv.explicit_grads(model, loss_fn, lg.projections, batch), np.float64)
@@ -370,4 +371,4 @@ def test_ekfac_refit_from_factors_equals_refit_from_gradients(seq):
         qa, qs = (np.asarray(x, np.float64) for x in basis[l.name])
         gb = explicit[:, slice(*offs[l.name])].reshape(-1, l.k_in, l.k_out)
         ref = (np.einsum("ki,bkl,lj->bij", qa, gb, qs) ** 2).sum(0)
-        assert rel_err(np.asarray(stats[l.name]["L"]), ref) <= 1e-4
+        assert rel_err(np.asarray(stats.L[l.name]), ref) <= 1e-4

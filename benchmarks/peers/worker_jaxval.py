@@ -22,7 +22,7 @@ import jaxval as jv  # noqa: E402
 from jaxval._src.store import GradientStore  # noqa: E402
 from jaxval._src.scoring import influence as jv_influence  # noqa: E402
 from jaxval.evaluation.baselines import streamed_scores  # noqa: E402
-from jaxval._src.preconditioner import fit_preconditioner  # noqa: E402
+from jaxval._src.curvature import fit_preconditioner  # noqa: E402
 from jaxval.models import llama, mlp, token_mlp  # noqa: E402
 from jaxval._src.train import train_step_fn  # noqa: E402
 
@@ -55,7 +55,7 @@ def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0, com
                      compute_dtype=compute_dtype)
     graphdef, state = nnx.split(model)
     state = logra.step_state(model, state)       # Linear kernels pre-cast once with compute_dtype
-    step = logra._step(graphdef)
+    step = logra.compiled_step(graphdef)
     train = train_step_fn(model, loss_fn)
     log_b = [jax.tree.map(jnp.asarray, b) for b in common.batches(workload, n_log, seed=1)]
     score_b = [jax.tree.map(jnp.asarray, b) for b in common.batches(workload, n_score, seed=2)]
@@ -63,7 +63,7 @@ def setup(workload, weights, rank=64, n_log=128, n_score=1024, q=64, seed=0, com
     S.update(workload=workload, model=model, loss_fn=loss_fn, logra=logra, state=state, step=step,
              train=train, tstate=nnx.state(model), log_b=log_b, score_b=score_b, q_b=q_b)
     t0 = time.perf_counter()
-    g, losses = _block(step(state, log_b[0], logra.projections))
+    g, losses, _ = _block(step(state, log_b[0], logra.projections))
     t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
     _block(train(S["tstate"], log_b[0]))
@@ -101,7 +101,7 @@ def _log(batches, path, dtype="bfloat16"):
     start = 0
     pending = None
     for b in batches:
-        g, _ = S["step"](S["state"], b, logra.projections)
+        g, _, _ = S["step"](S["state"], b, logra.projections)
         if pending is not None:            # write the previous block while this one computes
             store.write(pending[0], np.asarray(pending[1]), mark_done=True)
         pending = (start, g)

@@ -319,8 +319,8 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
     if stats is not None and stats not in STATS_KINDS:
-        raise ValueError(f"stats must be None or one of {STATS_KINDS} (ekfac needs a second pass: use "
-                         f"jaxval.fit_preconditioner), got {stats!r}")
+        raise ValueError(f"stats must be None or one of {STATS_KINDS}, got {stats!r} (for EK-FAC log with "
+                         "stats='kfac', then jaxval.fit_from_store(store, stats, kind='ekfac'))")
     if int(max_inflight) < 1:
         raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
     dtype = normalize_dtype(dtype)

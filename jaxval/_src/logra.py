@@ -10,6 +10,9 @@ cotangents ``dy``; they are projected (``P_out dy``) and each example's block is
 which equals ``P_in (∂loss_b/∂W) P_outᵀ`` because ``∂loss_b/∂W = Σ_t x_t dy_tᵀ``. No weight gradient and
 no full per-example gradient is ever formed.
 
+Every compiled use of the step (``LoGra.grads``, logging, curvature statistics, streamed scores) goes
+through ``LoGra.compiled_step``: one builder, one cache, with a pure ``reduce`` for what a caller keeps.
+
 Reference path (``explicit_grads``): ``vmap(grad)`` of the per-example loss with respect to the
 parameters, then the projection. For tests and tiny models.
 """
@@ -34,6 +37,8 @@ from jaxval._src.projection import INITS, Rank, init_projections, resolve_rank
 
 LossFn = Callable[[nnx.Module, Any], jax.Array]
 Projections = Mapping[str, tuple[jax.Array, jax.Array]]
+Pairs = Mapping[str, list[tuple[jax.Array, jax.Array, bool]]]
+Reduce = Callable[[Sequence[Layer], jax.Array, Pairs, jax.Array, Any], Any]
 
 _HI = precision.MATMUL
 
@@ -176,7 +181,7 @@ class _Recorder:
         calls.append((kind, spec))
         self.fwd.setdefault(name, []).append(fwd_proj)
         if self.eps is None:
-            self.shapes.setdefault(name, []).append(jax.ShapeDtypeStruct(y.shape, y.dtype))
+            self.shapes.setdefault(name, []).append((jax.ShapeDtypeStruct(y.shape, y.dtype), varying_axes(y)))
             return y
         return y + self.eps[name][i].astype(y.dtype)
 
@@ -247,6 +252,20 @@ def _install(model, refs, taps):
             object.__setattr__(parent, key, tap)
 
 
+def varying_axes(x) -> tuple[str, ...]:
+    """The ``shard_map`` mesh axes along which ``x`` varies (``()`` outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)                                          # jax >= 0.11
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())  # jax 0.10
+    return tuple(sorted(vma))
+
+
+def _varying_zeros(s: jax.ShapeDtypeStruct, axes) -> jax.Array:
+    z = jnp.zeros(s.shape, s.dtype)
+    return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
+
+
 def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], projections: Projections,
                     batch, compute_dtype: str | None = None
                     ) -> tuple[jax.Array, dict[str, list[tuple[jax.Array, jax.Array]]]]:
@@ -280,7 +299,7 @@ def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], p
 
     def shapes_only():
         losses, rec = run(None)
-        shape_rec["rec"] = rec
+        shape_rec["rec"], shape_rec["vma"] = rec, varying_axes(losses)
         return losses
 
     jax.eval_shape(shapes_only)
@@ -289,7 +308,12 @@ def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], p
     if missing:
         raise ValueError(f"tracked layers {missing} were never called by loss_fn (layers must be applied "
                          "through their __call__, or Embed.attend)")
-    eps0 = {name: [jnp.zeros(s.shape, s.dtype) for s in ss] for name, ss in rec0.shapes.items()}
+    # Under shard_map a constant zero is device-invariant: its cotangent would be summed over the devices,
+    # mixing each example's gradient with the other devices' examples, silently. So the perturbations vary
+    # like the output and the losses (a layer fed a constant, e.g. a position embedding, has an invariant
+    # output but per-example cotangents).
+    eps0 = {name: [_varying_zeros(s, set(vma) | set(shape_rec["vma"])) for s, vma in ss]
+            for name, ss in rec0.shapes.items()}
 
     def total(eps):
         losses, rec = run(eps)
@@ -331,7 +355,7 @@ class LoGra:
       rank: int, ``(k_in, k_out)``, a ``{layer name: rank, "default": rank}`` mapping, or None (full);
         clipped to each layer's size.
       init: ``gaussian`` | ``rademacher`` | ``orthogonal`` | ``identity`` (``pca``: pass ``projections``
-        from ``jaxval.precondition.pca_projections``).
+        from ``jaxval.pca_projections``).
       seed: projection seed; a layer's projection depends only on ``(seed, layer name)``.
       layers: layer selector (regex, list of regexes, or callable ``(name, module) -> bool``).
       types: optional tuple of layer types to keep.
@@ -354,7 +378,7 @@ class LoGra:
         if init not in INITS and not (init == "pca" and projections is not None):
             if init == "pca":
                 raise ValueError("init='pca' needs fitted projections: pass "
-                                 "projections=jaxval.precondition.pca_projections(...)")
+                                 "projections=jaxval.pca_projections(...)")
             raise ValueError(f"unknown projection init {init!r}; choose one of {INITS + ('pca',)}")
         found = discover(model, layers, types)
         recs = []
@@ -405,29 +429,59 @@ class LoGra:
             **({"compute_dtype": self.compute_dtype} if self.compute_dtype else {}),
         }
 
-    def _step(self, graphdef):
-        fn = self._compiled.get(graphdef)
-        if fn is None:
-            layers, loss_fn, dtype = self.layers, self.loss_fn, self.compute_dtype
+    def compiled_step(self, graphdef, reduce: Reduce | None = None, *, sample_fn: Callable | None = None,
+                      grads: bool = True, dtype: Any = None) -> Callable:
+        """THE compiled LoGra step (one builder, one cache on this object):
 
-            @jax.jit
-            def fn(state, batch, projections):
-                losses, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, dtype)
-                return blocks_from_pairs(layers, pairs), losses
+            step(state, batch, projections, keys=None, aux=None) -> (g [B, D] | None, losses [B], out)
 
-            self._compiled[graphdef] = fn
+        ``state``: ``nnx.split(model)[1]`` (or ``step_state`` of it). ``reduce(layers, losses, pairs, g, aux)``:
+        a pure, traceable function of the step's per-layer pairs (see ``projected_pairs``), its gradients
+        ``g [B, D]`` float32 and the caller's ``aux`` pytree, giving ``out`` (None without ``reduce``);
+        statistics, accumulators and contractions with query gradients are such reductions. The cache key
+        is ``(graphdef, reduce, sample_fn, grads, dtype)``: pass module-level functions (or keep the
+        callable), not a fresh lambda per call. ``sample_fn(model, batch, keys)``: the step runs on the
+        batch it returns (labels drawn from the model; ``keys``: one PRNG key per example).
+        ``grads=False``: ``g`` is not returned (XLA then forms it only where ``reduce`` reads it).
+        ``dtype``: ``g`` cast on the device (e.g. a store's bfloat16)."""
+        key = (graphdef, reduce, sample_fn, bool(grads), None if dtype is None else jnp.dtype(dtype).name)
+        fn = self._compiled.get(key)
+        if fn is not None:
+            return fn
+        layers, loss_fn, compute_dtype = self.layers, self.loss_fn, self.compute_dtype
+        out_dtype = None if dtype is None else jnp.dtype(dtype)
+
+        @jax.jit
+        def fn(state, batch, projections, keys=None, aux=None):
+            if sample_fn is not None:
+                batch = sample_fn(nnx.merge(graphdef, state), batch, keys)
+            losses, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, compute_dtype)
+            g = blocks_from_pairs(layers, pairs)  # dead code for XLA where nothing reads it
+            out = None if reduce is None else reduce(layers, losses, pairs, g, aux)
+            if not grads:
+                return None, losses, out
+            return (g if out_dtype is None or out_dtype == g.dtype else g.astype(out_dtype)), losses, out
+
+        self._compiled[key] = fn
         return fn
+
+    def step_for(self, model: nnx.Module, reduce: Reduce | None = None, **kw) -> tuple[Callable, Any]:
+        """``(compiled_step(graphdef, reduce, **kw), step_state)`` for ``model``; refuses models whose
+        examples interact (checked once per graphdef: BatchNorm's mode is static, part of the graphdef)."""
+        graphdef, state = nnx.split(model)
+        if not any(k[0] == graphdef for k in self._compiled):
+            check_independent_examples(model)
+        return self.compiled_step(graphdef, reduce, **kw), self.step_state(model, state)
 
     def grads_and_losses(self, model: nnx.Module, batch) -> tuple[jax.Array, jax.Array]:
         """``([B, D] float32 projected gradients, [B] losses)``."""
         batch_size(batch)
-        graphdef, state = nnx.split(model)
-        if graphdef not in self._compiled:  # BatchNorm's mode is static: part of the graphdef
-            check_independent_examples(model)
-        return self._step(graphdef)(self.step_state(model, state), batch, self.projections)
+        step, state = self.step_for(model)
+        g, losses, _ = step(state, batch, self.projections)
+        return g, losses
 
     def step_state(self, model: nnx.Module, state):
-        """The state ``_step`` wants: as is, or with Linear kernels already in ``compute_dtype``
+        """The state ``compiled_step`` wants: as is, or with Linear kernels already in ``compute_dtype``
         (converted once per set of weights: the last conversion is kept while its weights are)."""
         if self.compute_dtype is None:
             return state

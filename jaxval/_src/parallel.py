@@ -18,11 +18,12 @@ How the pipeline's stages divide the work (every process runs the same program):
 - **log**: :func:`owned_blocks` gives each process disjoint, chunk-aligned row blocks of the store;
   process 0 creates the store, the others open it (waiting for the manifest), every process writes
   and marks done only its own blocks, so a rerun after a crash recomputes exactly the missing blocks
-  (:func:`log_gradients`, a thin call of :func:`jaxval.pipeline.log_gradients`).
-- **fit**: each global batch is a global ``jax.Array`` sharded over the mesh's data axis; each process
-  materialises only its addressable rows (:func:`global_batch`), and the jitted statistics step's
-  sums over the batch axis become cross-process all-reduces (:func:`fit_preconditioner`). Batching is
-  identical to the one-process run, so the result is the same up to float summation order.
+  (``jaxval.log_gradients`` itself, whose process defaults come from jax).
+- **fit**: ``jaxval.fit_preconditioner`` with a mesh spanning the processes (the default under
+  ``jax.distributed``): each global batch is a global ``jax.Array`` sharded over the mesh's data axis,
+  each process materialising only its addressable rows (:func:`global_rows`), and the compiled step's
+  sums over the batch axis become cross-process all-reduces. Batching is identical to the one-process
+  run, so the result is the same up to float summation order.
   :func:`sum_across_processes` sums host-side statistics when a caller accumulates them per process.
 - **score**: :func:`score` / :func:`top_k` give each process a contiguous range of training rows, score
   it locally, and gather the ``[Q, N]`` matrix (or merge the per-process top-k) on every process; process
@@ -55,7 +56,7 @@ __all__ = [
     "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID",
     "Topology", "initialize", "topology", "global_mesh", "owned_blocks", "owned_range", "barrier",
     "sum_across_processes", "allgather_rows", "global_batch", "replicate", "to_host",
-    "log_gradients", "fit_preconditioner", "score", "top_k", "write_once",
+    "global_rows", "score", "top_k", "write_once",
     "launch", "LaunchResult", "free_port",
 ]
 
@@ -329,96 +330,11 @@ def global_batch(batch: Any, mesh, axis: str | None = None) -> Any:
 # ============================================================================ the stages
 
 
-def log_gradients(logra, model, data, path, **kw):
-    """``jaxval.pipeline.log_gradients`` with this process's share: every process writes only its own
-    chunk blocks (``owned_blocks``), process 0 creates the store, and under ``jax.distributed`` all meet
-    at a barrier at the end. A rerun after a crash computes only the blocks not yet done."""
-    import jax
-
-    from jaxval._src import logging as pipeline
-
-    kw.setdefault("progress", False)
-    return pipeline.log_gradients(logra, model, data, path, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), **kw)
-
-
-def fit_preconditioner(logra, model, data, kind: str = "ekfac", damping: float | None = 1e-3,
-                       relative_damping: float | None = None, batch_size: int = 64, mesh=None,
-                       fisher: str = "empirical", sample_fn: Callable | None = None, num_samples: int = 1,
-                       seed: int = 0, progress: bool = False):
-    """:func:`jaxval.precondition.fit_preconditioner` over a global mesh spanning every process.
-
-    ``data``: the whole dataset as a pytree with leading axis N (the same on every process; arrays may be
-    lazy, e.g. memmaps: each process reads only the rows of its addressable shards). Global batches of
-    ``batch_size`` (a multiple of the device count for full sharding) are the same as in a one-process
-    run, so the statistics, and the preconditioner, match it up to float summation order. The statistics
-    are summed across devices and processes inside the compiled step; the result is a host-side
-    preconditioner, identical on every process.
-    """
-    import jax
-
-    from jaxval._src import preconditioner as pcm
-    from jaxval._src.batching import batch_size as _n, example_keys
-    from jaxval._src.logra import check_independent_examples
-
-    pcm._check_kind(kind)
-    if kind == "identity":
-        return pcm.finalize(pcm.init(logra, kind), logra, kind)
-    if fisher not in ("empirical", "sampled"):
-        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
-    if fisher == "sampled" and sample_fn is None:
-        raise ValueError("fisher='sampled' needs sample_fn(model, batch, keys)")
-    check_independent_examples(model)
-    mesh = mesh if mesh is not None else global_mesh()
-    n = _n(data)
-    from flax import nnx
-
-    state_model = replicate(to_host(nnx.state(model)), mesh)
-    projections = replicate(to_host(logra.projections), mesh)
-    samples = num_samples if fisher == "sampled" else 1
-    ndev = mesh.size
-
-    def one_pass(k, basis):
-        step = pcm.statistics_step(logra, model, k, basis, sample_fn if fisher == "sampled" else None)
-        rbasis = replicate(to_host(basis), mesh) if basis is not None else None
-        inner = _inner_step(step)
-        state = None
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            # the sharded part of a batch is a multiple of the device count; a small tail is replicated
-            cuts = [(start, start + (stop - start) // ndev * ndev), (start + (stop - start) // ndev * ndev, stop)]
-            for s, e in cuts:
-                if e <= s:
-                    continue
-                batch = global_batch(_LazyRows(data, s, e), mesh)
-                for d in range(samples):
-                    keys = (global_batch(example_keys(seed, d, s, e - s), mesh)
-                            if fisher == "sampled" else None)
-                    _, _, stats = inner(state_model, batch, projections, keys, rbasis)
-                    stats = to_host(stats)
-                    state = stats if state is None else jax.tree_util.tree_map(np.add, state, stats)
-        return jax.tree_util.tree_map(jax.numpy.asarray, state)
-
-    if kind == "ekfac":
-        first = one_pass("kfac", None)
-        names = [l.name for l in logra.layers]
-        pcm._check_finite(first, names)
-        full = pcm.kfac_basis(first, names)
-        basis = {nm: (qa, qs) for nm, (qa, _, qs, _) in full.items()}
-        second = one_pass("ekfac", basis)
-        return pcm.finalize(second, logra, kind, damping, relative_damping, basis=full)
-    return pcm.finalize(one_pass(kind, None), logra, kind, damping, relative_damping)
-
-
-def _inner_step(step):
-    """The jitted ``step(state, batch, projections, keys, basis)`` inside ``statistics_step``'s wrapper."""
-    if hasattr(step, "jitted"):
-        return step.jitted
-    for cell in step.__closure__ or ():
-        fn = cell.cell_contents
-        if hasattr(fn, "lower") and callable(fn):
-            return fn
-    raise RuntimeError("jaxval.precondition.statistics_step changed shape: cannot find its jitted step")
+def global_rows(data: Any, start: int, stop: int, mesh) -> Any:
+    """Rows ``[start, stop)`` of ``data`` (a pytree with leading axis N, the same on every process; arrays
+    may be lazy, e.g. memmaps) as a global batch over ``mesh`` (:func:`global_batch`): each process reads
+    only the rows of its addressable shards."""
+    return global_batch(_LazyRows(data, start, stop), mesh)
 
 
 class _LazyRows:

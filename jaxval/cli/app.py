@@ -33,6 +33,8 @@ def _human(n) -> str:
 
 
 def _log(args):
+    import jax
+
     from jaxval.cli import config as C
     from jaxval._src.logging import log_gradients
 
@@ -52,15 +54,41 @@ def _log(args):
     n = len(ids)
     print(f"{cfg.get('name', args.config)}: {n} examples, LoGra {len(logra.layers)} layers, D = {logra.dim}, "
           f"dtype {lo['dtype']} -> {lo['output']}", flush=True)
-    store = log_gradients(logra, model, data, lo["output"], batch_size=int(lo["batch_size"]), dtype=lo["dtype"],
-                          ids=ids, chunk_rows=lo.get("chunk_rows"), overwrite=args.overwrite,
-                          process_index=args.process_index, process_count=args.process_count,
-                          progress=not args.no_progress, extra_config=extra)
+    stats = getattr(args, "stats", None) or lo.get("stats")
+    if stats and split and split != cfg["data"]["split"]:
+        stats = None  # statistics belong to the training split's store only
+    if stats and (args.process_count or 1) > 1 and jax.process_count() == 1:
+        raise C.ConfigError("log.stats with explicit --process-count needs jax.distributed (run under `jaxval "
+                            "launch`): each process alone would save only its share of the statistics")
+    out = log_gradients(logra, model, data, lo["output"], batch_size=int(lo["batch_size"]), dtype=lo["dtype"],
+                        ids=ids, chunk_rows=lo.get("chunk_rows"), overwrite=args.overwrite,
+                        process_index=args.process_index, process_count=args.process_count,
+                        progress=not args.no_progress, extra_config=extra, stats=stats)
+    store, st = out if stats else (out, None)
+    from jaxval._src import parallel as distributed
+    from jaxval._src.curvature import save_statistics
+
+    # the log pass is the only pass through the model: keep the model it used, and its statistics
+    distributed.write_once(model_path(lo["output"]), lambda p: C.save_model(model, p, meta={"model": cfg["model"]},
+                                                                             overwrite=True))
+    if st is not None:
+        distributed.write_once(stats_path(lo["output"]), lambda p: save_statistics(p, st, store, overwrite=True))
     t2 = time.perf_counter()
     info = store.info()
     print(f"rows done {info['rows_done']}/{info['rows_total']}, {_human(info['bytes_on_disk'])} on disk; "
-          f"setup {t1 - t0:.1f} s, logging {t2 - t1:.1f} s", flush=True)
+          f"setup {t1 - t0:.1f} s, logging {t2 - t1:.1f} s" + (f"; {stats} statistics saved" if st is not None else ""),
+          flush=True)
     return 0
+
+
+def model_path(store_path: str) -> str:
+    """Where ``jaxval log`` keeps the model it logged with (beside the store)."""
+    return f"{str(store_path).rstrip('/')}.model"
+
+
+def stats_path(store_path: str, kind: str = "kfac") -> str:
+    """Where ``jaxval log`` keeps the curvature statistics of its pass (beside the store)."""
+    return f"{str(store_path).rstrip('/')}.{kind}.stats"
 
 
 def _info(args):
@@ -109,8 +137,13 @@ def _classification_sampler(model, batch, keys):
 
 
 def _fit(args):
+    """Fit from the store and its logged statistics when it can (no pass through the model); else one
+    model pass with the model ``jaxval log`` saved (trained from the config only when there is none)."""
     from jaxval.cli import config as C
-    from jaxval._src.preconditioner import fit_preconditioner
+    from jaxval._src import parallel as distributed
+    from jaxval._src.curvature import fit_from_store, fit_preconditioner
+    from jaxval._src.logra import model_fingerprint
+    from jaxval._src.store import GradientStore, StoreError
 
     cfg = C.load_config(args.config)
     ft = cfg["fit"]
@@ -123,25 +156,42 @@ def _fit(args):
     if args.kind and not args.output:
         ft["output"] = f"{cfg['log']['output'].rstrip('/')}.{ft['kind']}.precond"
     t0 = time.perf_counter()
-    model, _loss_fn, data, _ids, logra = C.prepare(cfg, progress=not args.no_progress)
-    sample_fn = None
-    if ft["fisher"] == "sampled":
-        if cfg["model"]["kind"] not in ("mlp", "cnn"):
-            raise C.ConfigError("fit.fisher: sampled is built in for classifiers (mlp, cnn) only; use the "
-                                "Python API with your own sample_fn for other models")
-        sample_fn = _classification_sampler
-    import jax
-
-    from jaxval._src import parallel as distributed
-
-    fit = distributed.fit_preconditioner if jax.process_count() > 1 else fit_preconditioner
-    pc = fit(logra, model, data, kind=ft["kind"], damping=ft["damping"],
-                            relative_damping=ft["relative_damping"], batch_size=int(ft["batch_size"]),
-                            fisher=ft["fisher"], sample_fn=sample_fn, num_samples=int(ft["num_samples"]),
-                            seed=int(cfg["seed"]), progress=not args.no_progress)
+    out = cfg["log"]["output"]
+    try:
+        store = GradientStore.open(out)
+    except StoreError:
+        store = None
+    if store is not None and json.dumps(store.config.get("extra"), sort_keys=True) != json.dumps(
+            C.store_extra(cfg), sort_keys=True):
+        raise StoreError(f"the store at {out} was logged with another model or data config than {args.config}: "
+                         "rerun `jaxval log` (with --overwrite) first")
+    kind, has_stats = ft["kind"], os.path.exists(stats_path(out))
+    damp = dict(damping=ft["damping"], relative_damping=ft["relative_damping"])
+    if (store is not None and store.is_complete() and ft["fisher"] == "empirical" and not args.model_pass
+            and (kind in ("identity", "raw") or has_stats)):
+        pc = fit_from_store(store, stats_path(out) if has_stats and kind != "raw" else None, kind=kind,
+                            progress=not args.no_progress, **damp)
+        source, n = f"the store{' and its statistics' if kind in ('kfac', 'ekfac') else ''}", len(store)
+    else:
+        if store is not None and os.path.exists(model_path(out)):
+            cfg["model"] = dict(cfg["model"], checkpoint=model_path(out), save_trained=None)  # no retraining
+        model, _loss_fn, data, ids, logra = C.prepare(cfg, progress=not args.no_progress)
+        if store is not None and model_fingerprint(model) != store.config.get("model_fingerprint"):
+            raise StoreError(f"the model of {args.config} is not the one the store at {out} was logged with "
+                             "(fingerprints differ): rerun `jaxval log`")
+        sample_fn = None
+        if ft["fisher"] == "sampled":
+            if cfg["model"]["kind"] not in ("mlp", "cnn"):
+                raise C.ConfigError("fit.fisher: sampled is built in for classifiers (mlp, cnn) only; use the "
+                                    "Python API with your own sample_fn for other models")
+            sample_fn = _classification_sampler
+        pc = fit_preconditioner(logra, model, data, kind=kind, batch_size=int(ft["batch_size"]), fisher=ft["fisher"],
+                                sample_fn=sample_fn, num_samples=int(ft["num_samples"]), seed=int(cfg["seed"]),
+                                progress=not args.no_progress, **damp)
+        source, n = "a pass through the model", len(ids)
     distributed.write_once(ft["output"], lambda path: pc.save(path, overwrite=True))
-    lam = sorted(pc.damping.values())
-    print(f"{ft['kind']} preconditioner over {len(_ids)} examples, {len(pc.names)} layers, damping "
+    lam = sorted(pc.damping.values()) or [0.0]
+    print(f"{kind} preconditioner over {n} examples from {source}, {len(pc.names)} layers, damping "
           f"{lam[0]:.3g}..{lam[-1]:.3g} -> {ft['output']} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -233,13 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("log", help="log a dataset's LoGra gradients into a gradient store (resumable)",
                         description="Build the model, data and LoGra of a YAML config (training the model "
                         "first when the config gives no checkpoint) and log the projected gradients into "
-                        "a GradientStore. Rerun the same command to resume after an interruption.")
+                        "a GradientStore; the model is saved beside it (STORE.model), and with --stats kfac "
+                        "the K-FAC statistics of the same pass (STORE.kfac.stats), so that `jaxval fit` "
+                        "needs no pass through the model. Rerun the same command to resume.")
     lg.add_argument("--config", required=True, help="YAML config (see configs/digits_mlp.yaml)")
     lg.add_argument("--output", help="store path (overrides log.output)")
     lg.add_argument("--overwrite", action="store_true", help="replace an existing store with another config")
     lg.add_argument("--process-index", type=int, default=None, help="this process's index (default: JAX's)")
     lg.add_argument("--process-count", type=int, default=None, help="number of processes (default: JAX's)")
     lg.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lg.add_argument("--stats", choices=["kfac"], default=None,
+                    help="also save the K-FAC statistics of this pass beside the store (config: log.stats), so "
+                         "that `jaxval fit` needs no pass through the model")
     lg.add_argument("--split", default=None, choices=["train", "test", "all"],
                     help="log this split instead of data.split (the model still trains on data.split); "
                          "default output: score.queries_output")
@@ -256,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--damping", type=float, default=None, help="absolute λ (default: relative 0.1)")
     f.add_argument("--relative-damping", type=float, default=None)
     f.add_argument("--fisher", choices=["empirical", "sampled"], default=None)
+    f.add_argument("--model-pass", action="store_true",
+                   help="fit from a pass through the model even when the store and its statistics suffice")
     f.add_argument("--num-samples", type=int, default=None)
     f.add_argument("--output", default=None, help="checkpoint folder (default: beside the store)")
     f.add_argument("--no-progress", action="store_true")

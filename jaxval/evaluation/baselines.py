@@ -14,7 +14,6 @@ sign convention (positive = the training example lowers the query's loss).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any
 
 import jax
@@ -23,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxval._src.logra import LoGra, projected_pairs
+from jaxval._src.logra import LoGra
 from jaxval._src import precision
 from jaxval._src.batching import batch_size as _n, iterate_batches
-from jaxval._src.preconditioner import fit_preconditioner, pca_projections
+from jaxval._src.curvature import fit_preconditioner, pca_projections
 
 _HI = precision.MATMUL
 
@@ -36,44 +35,35 @@ def _grads_all(logra: LoGra, model, data, batch_size: int) -> np.ndarray:
 
 
 def streamed_scores(logra: LoGra, model, hq, train, batch_size: int = 64, normalize: bool = False) -> np.ndarray:
-    """``hq [Q, D] @ g_trainᵀ`` with training gradients computed batch by batch (``[N, D]`` never stored).
-    ``normalize``: divide each column by ``‖g_z‖`` (for cosine)."""
+    """``hq [Q, D] @ g_trainᵀ`` with training gradients computed batch by batch (``[N, D]`` never stored),
+    in LoGra's compiled step (a reduction of its pairs). ``normalize``: divide each column by ``‖g_z‖``
+    (for cosine)."""
+    step, state = logra.step_for(model, _contract_normalized if normalize else _contract, grads=False)
     hq = jnp.asarray(hq)
-    out = []
-    if normalize:
-        for _, b in iterate_batches(train, batch_size):
-            out.append(np.asarray(_block_scores(hq, logra.grads(model, b), normalize)))
-        return np.concatenate(out, axis=1)
-    graphdef, state = nnx.split(model)
-    state = logra.step_state(model, state)
-    layers, offs, loss_fn, dtype = logra.layers, logra.offsets(), logra.loss_fn, logra.compute_dtype
-
-    @jax.jit
-    def step(state, batch, projections, hq):
-        _, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, dtype)
-        total = 0.0
-        for l in layers:
-            hql = hq[:, slice(*offs[l.name])].reshape(-1, l.k_in, l.k_out)
-            calls = pairs[l.name]
-            if sum(a.shape[1] for a, _, _ in calls) <= 2:
-                # few tokens per example: Σ_t a_tᵀ (H⁻¹g_q) s_t straight from the layer's projected inputs and
-                # cotangents; the [B, k_in·k_out] gradient block is never written to memory
-                total += sum(jnp.einsum("btk,qkl,btl->qb", a, hql, c, precision=_HI) for a, c, _ in calls)
-            else:
-                blk = sum(jnp.einsum("btk,btl->bkl", a, c, precision=_HI) for a, c, _ in calls)
-                total += jnp.einsum("qkl,bkl->qb", hql, blk, precision=_HI)
-        return total
-
-    for _, b in iterate_batches(train, batch_size):
-        out.append(np.asarray(step(state, b, logra.projections, hq)))
+    out = [np.asarray(step(state, b, logra.projections, None, hq)[2]) for _, b in iterate_batches(train, batch_size)]
     return np.concatenate(out, axis=1)
 
 
-@partial(jax.jit, static_argnames="normalize")
-def _block_scores(hq, g, normalize: bool):
-    # one compiled contraction over D (no transposed copy of the [B, D] block, no eager dispatch)
+def _contract(layers, losses, pairs, g, hq):
+    """``[Q, B]``: ``hq · g_bᵀ`` per layer; with few tokens per example straight from the layer's projected
+    inputs and cotangents, ``Σ_t a_tᵀ (H⁻¹g_q) s_t`` (the ``[B, k_in·k_out]`` block is never written)."""
+    total, o = 0.0, 0
+    for l in layers:
+        hql = hq[:, o:o + l.k_in * l.k_out].reshape(-1, l.k_in, l.k_out)
+        o += l.k_in * l.k_out
+        calls = pairs[l.name]
+        if sum(a.shape[1] for a, _, _ in calls) <= 2:
+            total += sum(jnp.einsum("btk,qkl,btl->qb", a, hql, c, precision=_HI) for a, c, _ in calls)
+        else:
+            blk = sum(jnp.einsum("btk,btl->bkl", a, c, precision=_HI) for a, c, _ in calls)
+            total += jnp.einsum("qkl,bkl->qb", hql, blk, precision=_HI)
+    return total
+
+
+def _contract_normalized(layers, losses, pairs, g, hq):
+    """``[Q, B]``: ``hq · g_bᵀ / ‖g_b‖`` (one contraction over D)."""
     s = jax.lax.dot_general(hq, g, (((1,), (1,)), ((), ())), precision=_HI)
-    return s / jnp.maximum(jnp.linalg.norm(g, axis=1), 1e-30) if normalize else s
+    return s / jnp.maximum(jnp.linalg.norm(g, axis=1), 1e-30)
 
 
 def logra_scores(model, loss_fn, train, queries, *, rank=64, init: str = "gaussian", kind: str = "ekfac",
