@@ -276,9 +276,9 @@ def main(argv=None):
 
         import jax.numpy as jnp
 
-        from jaxval._src.scoring import _resolve_block_rows
+        from jaxval._src.scoring.sources import resolve_block_rows
 
-        B = B or _resolve_block_rows(None, N, D, None, 1, getattr(store, "chunk_rows", None))
+        B = B or resolve_block_rows(None, N, D, None, 1, getattr(store, "chunk_rows", None))
         results["config"]["block_rows"] = args.block_rows = B
         qa = jax.device_put(q)
         za = jax.device_put(store.read(0, N))

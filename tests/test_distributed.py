@@ -79,10 +79,13 @@ WORKER = textwrap.dedent('''
     print(f"fitted {time.time() - T0:.1f}s", flush=True)
     res = {"store": G, "done": store.done_mask().astype(np.int64), "HG": np.asarray(pc.apply(G)),
            "eig": np.concatenate([pc.eigenvalues(n) for n in pc.names]),
-           "scores": dist.score(q, store, pc, mode="dot", align=store.chunk_rows)}
+           "scores": jv.influence(q, store, precond=pc, mode="dot"),      # rows split across the processes
+           "cos": jv.influence(q, store, precond=pc, mode="cosine"),
+           "self": jv.self_influence(store, pc, mesh=dist.global_mesh())}
     res["psum"] = dist.sum_across_processes({"a": np.full((3, 2), jax.process_index() + 1.0, np.float32),
                                               "n": np.int64(jax.process_index() + 1)})["a"]
-    res["topv"], res["topi"] = dist.top_k(q, store, k=5, precond=pc, mode="dot", align=store.chunk_rows)
+    res["topv"], res["topi"] = jv.top_k(q, store, k=5, precond=pc, mode="dot")
+    res["botv"], res["boti"] = jv.top_k(q, store, k=70, precond=pc, mode="l2", largest=False)   # k > rows per process
     dist.write_once(os.path.join(out, f"result_{topo.process_count}.npz"), lambda p: np.savez(p, **res))
     print(f"worker done {time.time() - T0:.1f}s", flush=True)
 ''')
@@ -90,9 +93,6 @@ WORKER = textwrap.dedent('''
 
 def reference(tmp):
     """The one-process, one-device run with the plain library (in this pytest process)."""
-    import importlib
-
-    inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
 
     ns = {}
     exec(SETUP, ns)
@@ -103,11 +103,14 @@ def reference(tmp):
     pc = jv.fit_preconditioner(logra, model, data, progress=False, **ns["FIT"])
     pc1 = jv.fit_preconditioner(logra, model, data, mesh=dist.global_mesh(), progress=False, **ns["FIT"])
     q = np.asarray(logra.grads(model, ns["qdata"]))
-    v, i = inf.top_k(q, store, k=5, precond=pc, mode="dot")
+    v, i = jv.top_k(q, store, k=5, precond=pc, mode="dot")
+    bv, bi = jv.top_k(q, store, k=70, precond=pc, mode="l2", largest=False)
     return {"store": G, "HG": np.asarray(pc.apply(G)), "HG1": np.asarray(pc1.apply(G)),
             "eig": np.concatenate([pc.eigenvalues(n) for n in pc.names]),
-            "scores": np.asarray(inf.influence(q, store, precond=pc, mode="dot")),
-            "scores1": dist.score(q, store, pc1, mode="dot"), "topv": np.asarray(v), "topi": np.asarray(i)}
+            "scores": np.asarray(jv.influence(q, store, precond=pc, mode="dot")),
+            "cos": jv.influence(q, store, precond=pc, mode="cosine"), "self": jv.self_influence(store, pc),
+            "scores1": jv.influence(q, store, precond=pc1, mode="dot"), "topv": np.asarray(v), "topi": np.asarray(i),
+            "botv": bv, "boti": bi}
 
 
 def live_in_group(pgid, wait=5.0):
@@ -176,6 +179,9 @@ def test_two_processes_equal_one_process(runs):
     assert rel(b["HG"], a["HG"]) < 1e-5
     assert rel(b["eig"], a["eig"]) < 1e-5
     assert rel(b["scores"], a["scores"]) < 1e-5
+    assert rel(b["cos"], a["cos"]) < 1e-5 and rel(b["self"], a["self"]) < 1e-5
+    assert rel(b["botv"], a["botv"]) < 1e-5
+    np.testing.assert_array_equal(b["boti"], a["boti"])
     assert rel(b["topv"], a["topv"]) < 1e-5
     np.testing.assert_array_equal(b["topi"], a["topi"])
     np.testing.assert_array_equal(b["psum"], np.full((3, 2), 3.0))          # 1 + 2 over the two processes

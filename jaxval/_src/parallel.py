@@ -25,9 +25,10 @@ How the pipeline's stages divide the work (every process runs the same program):
   sums over the batch axis become cross-process all-reduces. Batching is identical to the one-process
   run, so the result is the same up to float summation order.
   :func:`sum_across_processes` sums host-side statistics when a caller accumulates them per process.
-- **score**: :func:`score` / :func:`top_k` give each process a contiguous range of training rows, score
-  it locally, and gather the ``[Q, N]`` matrix (or merge the per-process top-k) on every process; process
-  0 alone writes the result file.
+- **score**: :func:`jaxval.influence` / :func:`jaxval.top_k` / :func:`jaxval.self_influence` themselves
+  give each process a contiguous range of training rows (:func:`owned_range`, chunk-aligned for a store),
+  score it locally, and gather the ``[Q, N]`` matrix (or merge the per-process top-k) on every process;
+  process 0 alone writes the result file (:func:`write_once`).
 
 The local launcher :func:`launch` (``jaxval launch -n 2 -- jaxval log ...``, the command in
 :mod:`jaxval.cli.launch`) starts ``n`` processes on
@@ -56,7 +57,7 @@ __all__ = [
     "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID",
     "Topology", "initialize", "topology", "global_mesh", "owned_blocks", "owned_range", "barrier",
     "sum_across_processes", "allgather_rows", "global_batch", "replicate", "to_host",
-    "global_rows", "score", "top_k", "write_once",
+    "global_rows", "write_once",
     "launch", "LaunchResult", "free_port",
 ]
 
@@ -363,62 +364,6 @@ class _RowView:
 
 def _rows_tree(lazy):
     return lazy.leaves() if isinstance(lazy, _LazyRows) else lazy
-
-
-class _RowSlice:
-    """Store-like view of rows ``[start, stop)`` of a store or array (``__len__``, ``dim``, ``read``)."""
-
-    def __init__(self, train, start, stop):
-        self.train, self.start, self.stop = train, start, stop
-        self.dim = int(train.dim if hasattr(train, "dim") and not isinstance(train, np.ndarray) else train.shape[1])
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def read(self, start, stop):
-        s, e = self.start + start, self.start + stop
-        if hasattr(self.train, "read"):
-            return self.train.read(s, e)
-        return np.asarray(self.train[s:e])
-
-
-def score(queries, train, precond=None, mode: str = "dot", *, mesh=None, align: int = 1, **kw) -> np.ndarray:
-    """``[Q, N]`` influence scores, training rows split across processes, gathered on every process.
-
-    Each process scores a contiguous range of rows (``owned_range``; pass the store's ``chunk_rows`` as
-    ``align`` so each process reads whole chunks) on its local devices (``mesh``: a mesh of local
-    devices, or None), then the column blocks are gathered in process order.
-    """
-    from jaxval._src.scoring import influence
-
-    n = len(train)
-    s, e = owned_range(n, align=align)
-    q = np.asarray(queries, np.float32)
-    local = np.asarray(influence(q, _RowSlice(train, s, e), precond=precond, mode=mode, mesh=mesh, **kw)) \
-        if e > s else np.zeros((q.shape[0], 0), np.float32)
-    return allgather_rows(local, axis=1)
-
-
-def top_k(queries, train, k: int = 10, precond=None, mode: str = "dot", *, largest: bool = True, mesh=None,
-          align: int = 1, **kw) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k over training rows split across processes: local top-k per process, then a merge of the
-    ``P·k`` candidates (ties: lower training index first, as :func:`jaxval.influence.top_k`)."""
-    from jaxval._src.scoring import top_k as local_top_k
-
-    n = len(train)
-    s, e = owned_range(n, align=align)
-    q = np.asarray(queries, np.float32)
-    kk = min(k, e - s)
-    if kk > 0:
-        v, i = local_top_k(q, _RowSlice(train, s, e), k=kk, precond=precond, mode=mode, largest=largest,
-                         mesh=mesh, **kw)
-        v, i = np.asarray(v, np.float32), np.asarray(i, np.int64) + s
-    else:
-        v, i = np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
-    v, i = allgather_rows(v, axis=1), allgather_rows(i, axis=1)
-    key = -v if largest else v
-    order = np.lexsort((i, key), axis=-1)[:, :min(k, n)]
-    return np.take_along_axis(v, order, 1), np.take_along_axis(i, order, 1)
 
 
 def write_once(path: str, write: Callable[[str], Any]) -> None:

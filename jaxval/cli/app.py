@@ -226,10 +226,7 @@ def _score(args):
 
     from jaxval._src import parallel as distributed
 
-    if jax.process_count() > 1:  # rows split across processes, results gathered on every process
-        align = getattr(train, "chunk_rows", 1)
-        influence = lambda q_, t_, **kw: distributed.score(q_, t_, align=align, **kw)  # noqa: E731
-        top_k = lambda q_, t_, k_, **kw: distributed.top_k(q_, t_, k_, align=align, **kw)  # noqa: E731
+    # under several processes the engine splits the rows (whole chunks) and gathers on every process
     if len(q) * len(train) <= args.max_matrix:
         s = influence(q, train, precond=pc, mode=args.mode, progress=not args.no_progress)
         np.save(os.path.join(args.out, "scores.npy"), s)
