@@ -2,7 +2,7 @@
 exactly like one process; a process that dies mid-run is reported and a rerun resumes; no process is left.
 
 Every launch has a hard timeout (the launcher kills its children's process groups), so the module stays
-well under 90 s even on a loaded 2-core machine.
+bounded even on a loaded 2-core machine (the limits are generous: on a busy CI box JAX alone can take 40 s to start).
 """
 
 import io
@@ -48,7 +48,7 @@ WORKER = textwrap.dedent('''
     import json, os, sys, time
     T0 = time.time()
     from jaxval import distributed as dist
-    topo = dist.initialize(timeout=60)          # from the JAXVAL_* env vars set by the launcher
+    topo = dist.initialize(timeout=180)         # from the JAXVAL_* env vars set by the launcher
 ''') + SETUP + textwrap.dedent('''
     from jaxval._src.store import GradientStore
     out = sys.argv[1]
@@ -155,11 +155,11 @@ def runs(tmp_path_factory):
     two = tmp_path_factory.mktemp("two")
     (two / "worker.py").write_text(WORKER)
     # process 1 dies right after its first block is marked done (the other blocks are not)
-    codes_crash, log_crash = run(2, two, timeout=60, CRASH_PROCESS=1)
+    codes_crash, log_crash = run(2, two, timeout=240, CRASH_PROCESS=1)  # generous: a loaded 2-core CI box
     from jaxval._src.store import GradientStore
 
     done_after_crash = GradientStore.open(str(two / "store")).done_mask()
-    codes2, log2 = run(2, two, timeout=75)                  # the rerun resumes
+    codes2, log2 = run(2, two, timeout=300)                # the rerun resumes
     assert list(codes2) == [0, 0], log2
     ref = reference(tmp_path_factory.mktemp("one"))
     return {"ref": ref, "two": two, "crash": (codes_crash, log_crash), "log2": log2,

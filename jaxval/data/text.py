@@ -35,7 +35,20 @@ def load_text(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | Non
     return path.read_text(encoding="utf-8")
 
 
-class CharTokenizer:
+class _Vocabulary:
+    """What both tokenizers share: ``vocab`` (list of tokens) and its size."""
+
+    vocab: list
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+
+class CharTokenizer(_Vocabulary):
     """Character-level tokenizer. ``vocab`` is a sequence of distinct single characters; id = position.
 
     ``CharTokenizer.from_text(text)`` builds the vocab from the sorted distinct characters of ``text``.
@@ -63,13 +76,6 @@ class CharTokenizer:
         chars = sorted(set(text) | ({unk} if unk else set()))
         return cls(chars, unk=unk)
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
     def encode(self, text: str) -> np.ndarray:
         """int32 [len(text)] ids."""
         cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64)
@@ -95,7 +101,7 @@ class CharTokenizer:
         return self._cps[ids].astype("<u4").tobytes().decode("utf-32-le")
 
 
-class WordTokenizer:
+class WordTokenizer(_Vocabulary):
     """Whitespace word tokenizer with a fixed vocab; words outside it map to ``unk``.
 
     Vocab order: ``unk``, then ``eos`` (if any), then words. ``from_text(text, vocab_size=V)`` keeps the
@@ -137,13 +143,6 @@ class WordTokenizer:
                 raise ValueError(f"vocab_size must be at least {len(specials)} (the special tokens)")
             words = words[: vocab_size - len(specials)]
         return cls(specials + words, unk=unk, eos=eos)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
 
     def encode(self, text: str) -> np.ndarray:
         u = self.index[self.unk]

@@ -41,3 +41,10 @@ def module_from_weights(make: Callable[[], M], weights: dict[str, np.ndarray], d
         raise ValueError(f"weights not used by the model: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
+
+
+def require_positive(cfg, names) -> None:
+    """Raise ``ValueError`` naming the first of ``cfg``'s fields ``names`` that is below 1."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be >= 1, got {getattr(cfg, name)}")

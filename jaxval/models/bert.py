@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxval.models.assemble import module_from_weights
+from jaxval.models.assemble import module_from_weights, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,8 @@ class BertConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_position", "type_vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"BertConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_position",
+                                "type_vocab_size"))
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
 

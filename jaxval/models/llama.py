@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxval.models.assemble import module_from_weights
+from jaxval.models.assemble import module_from_weights, require_positive
 
 from jaxval.models.gpt import lm_loss_fn, param_count, sequence_loss  # noqa: F401 (re-exported)
 
@@ -70,9 +70,7 @@ class LlamaConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LlamaConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len"))
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} "
                              "(grouped-query attention shares each key/value head by a group of query heads)")
