@@ -114,7 +114,8 @@ class TrainRows:
                 )
             return block
         if self.on_device:
-            return self.rows[s:e].astype(jnp.float32)
+            block = self.rows if (s, e) == (0, self.total) else self.rows[s:e]  # all rows: no slicing op
+            return block if block.dtype == jnp.float32 else block.astype(jnp.float32)
         block = self.rows[s:e]
         if isinstance(block, np.memmap):
             # materialise the pages here (possibly in the prefetch thread), not lazily in the transfer
