@@ -562,7 +562,7 @@ def test_fit_from_bf16_store_is_close_and_fallback_uses_the_saved_model(tmp_path
     g = store.read()
     # eigenvalues re-fitted from bfloat16-rounded rows: close, not equal
     err = np.max(np.abs(pc.apply(g) - ref.apply(g))) / np.max(np.abs(ref.apply(g)))
-    assert 0 < err <= 3e-2, err
+    assert 0 < err <= 5e-3, err   # measured 4.6e-4
     # no statistics: `jaxval fit --kind ekfac` makes the model pass with the saved model, never retrains
     import shutil
 
