@@ -8,15 +8,15 @@ import sys
 
 from jaxval._src.parallel import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, LaunchResult, Topology,
                                   allgather_rows, barrier, free_port, global_batch, global_mesh,
-                                  global_rows, initialize, is_initialized, launch,
-                                  owned_blocks, owned_range, replicate, sum_across_processes, to_host,
-                                  topology, write_once)
+                                  global_rows, initialize, is_initialized, launch, make_mesh,
+                                  owned_blocks, owned_range, replicate, shard_params, sum_across_processes,
+                                  to_host, to_mesh, topology, write_once)
 from jaxval.cli.launch import main
 
 __all__ = ["ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "LaunchResult", "Topology", "allgather_rows",
            "barrier", "free_port", "global_batch", "global_mesh", "global_rows", "initialize",
-           "is_initialized", "launch", "main", "owned_blocks", "owned_range", "replicate",
-           "sum_across_processes", "to_host", "topology", "write_once"]
+           "is_initialized", "launch", "main", "make_mesh", "owned_blocks", "owned_range", "replicate",
+           "shard_params", "sum_across_processes", "to_host", "to_mesh", "topology", "write_once"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -55,8 +55,8 @@ import numpy as np
 
 __all__ = [
     "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID",
-    "Topology", "initialize", "topology", "global_mesh", "owned_blocks", "owned_range", "barrier",
-    "sum_across_processes", "allgather_rows", "global_batch", "replicate", "to_host",
+    "Topology", "initialize", "topology", "global_mesh", "make_mesh", "shard_params", "owned_blocks", "owned_range", "barrier",
+    "sum_across_processes", "allgather_rows", "global_batch", "replicate", "to_host", "to_mesh",
     "global_rows", "write_once",
     "launch", "LaunchResult", "free_port",
 ]
@@ -173,6 +173,81 @@ def global_mesh(axis: str = "data", devices: Sequence | None = None):
     devs = list(devices) if devices is not None else jax.devices()
     devs = sorted(devs, key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(devs), (axis,))
+
+
+def make_mesh(devices: Sequence | None = None, **axes: int):
+    """A mesh over ``devices`` (default: every process's devices, process-major) with Auto axes of the
+    given sizes, in the order given: ``make_mesh(data=2, model=4)``; one size may be ``-1`` (the rest).
+
+    The first axis is the batch axis of jaxval's ``mesh=`` arguments. Auto, not Explicit axes
+    (``jax.make_mesh``'s default): under Explicit axes ``nnx.Embed``'s ``jnp.take`` of a sharded table
+    raises ``ShardingTypeError`` and contractions over a sharded batch need ``out_sharding``. Process-major
+    order: with ``data`` = the process count, each process holds one ``data`` row of the mesh.
+    """
+    import jax
+    from jax.sharding import Mesh
+
+    if not axes:
+        raise ValueError("give the mesh axes and their sizes, e.g. make_mesh(data=2, model=4)")
+    devs = sorted(list(devices) if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id))
+    sizes = [int(s) for s in axes.values()]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh axis sizes must be positive, with at most one -1; got {dict(axes)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes and len(devs) % known == 0:
+        sizes[sizes.index(-1)] = len(devs) // known
+    if math.prod(sizes) != len(devs):
+        raise ValueError(f"a mesh {dict(axes)} needs {known if -1 in sizes else math.prod(sizes)}·k devices, "
+                         f"there are {len(devs)}: change the axis sizes (or pass devices=)")
+    return Mesh(np.array(devs).reshape(sizes), tuple(axes))
+
+
+def shard_params(model, mesh, axis: str = "model",
+                 rules: Callable[[str, tuple[int, ...]], Any] | None = None):
+    """Place every array of ``model``'s state on ``mesh``, in place (FSDP / tensor parallel); returns ``model``.
+
+    A leaf at path ``p`` (``"blocks/0/mlp/fc/kernel"``) of shape ``s`` gets ``NamedSharding(mesh,
+    rules(p, s))`` when ``rules`` gives a ``PartitionSpec``; otherwise (no rules, or ``rules`` returned None)
+    its largest dimension that ``mesh.shape[axis]`` divides is split over ``axis`` and the leaf is
+    replicated over the other axes (no such dimension: fully replicated; PRNG keys: replicated).
+    Under ``jax.distributed`` every process calls it with the same values (same seed or checkpoint); each
+    materialises only its addressable shards. The jaxval stages keep these shardings: the compiled steps
+    take the state as it is placed.
+    """
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if axis not in mesh.shape:
+        raise ValueError(f"mesh has axes {tuple(mesh.axis_names)}, not {axis!r}: pass axis= one of them")
+    size = int(mesh.shape[axis])
+
+    def spec(path: str, shape: tuple[int, ...]):
+        s = rules(path, shape) if rules is not None else None
+        if s is not None:
+            return s
+        dims = [i for i, n in enumerate(shape) if n >= size and n % size == 0]
+        if not dims:
+            return PartitionSpec()
+        i = max(dims, key=lambda d: (shape[d], -d))
+        return PartitionSpec(*(axis if d == i else None for d in range(len(shape))))
+
+    def place(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:   # already global: reshard on device
+            return jax.jit(lambda a: a, out_shardings=sharding)(x)
+        host = np.asarray(x)          # from the host: no slicing program compiled per leaf shape
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    def one(kp, x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = place(jax.random.key_data(x), NamedSharding(mesh, PartitionSpec()))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        path = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp
+                        if not isinstance(k, jax.tree_util.GetAttrKey))
+        return place(x, NamedSharding(mesh, spec(path, tuple(np.shape(x)))))
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(one, nnx.state(model)))
+    return model
 
 
 def barrier(name: str = "jaxval") -> None:
@@ -298,6 +373,18 @@ def replicate(tree: Any, mesh) -> Any:
             return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
         a = np.asarray(x)
         return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def to_mesh(tree: Any, mesh) -> Any:
+    """``tree`` on ``mesh``: arrays that already span several processes stay as they are (sharded parameters
+    keep their sharding, see :func:`shard_params`); every other value (on the host or on this process's
+    devices, the same on every process) is replicated on every device of ``mesh`` (:func:`replicate`)."""
+    import jax
+
+    def one(x):
+        return x if isinstance(x, jax.Array) and not x.is_fully_addressable else replicate(x, mesh)
 
     return jax.tree_util.tree_map(one, tree)
 
