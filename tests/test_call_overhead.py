@@ -251,3 +251,19 @@ def test_preconditioner_classification(rows):
         jv.influence(q, rows, precond=WrongShape())
     with pytest.raises(TypeError, match="apply"):
         jv.influence(q, rows, precond=np.eye(D))
+
+
+def test_disk_cached_self_influence_follows_rows_rewritten_in_place(rows, tmp_path):
+    from jaxval._src.store import GradientStore
+
+    pc = make_pc()
+    s = GradientStore.create(tmp_path / "s", dim=D, num_rows=N, dtype="float32", chunk_rows=8)
+    s.write(0, rows, mark_done=True)
+    a = jv.cached_self_influence(s, pc, key="k")
+    assert rel(a, np.einsum("nd,de,ne->n", rows, h_inverse(pc), rows)) < 1e-5
+    s.write(0, 3.0 * rows, mark_done=True)        # same manifest, other rows
+    b = jv.cached_self_influence(GradientStore.open(tmp_path / "s"), pc, key="k")
+    assert rel(b, 9.0 * a) < 1e-5
+    # the same key for another damping: recomputed, not served
+    c = jv.cached_self_influence(s, pc.with_damping(damping=5.0), key="k")
+    assert rel(c, 9.0 * np.einsum("nd,de,ne->n", rows, h_inverse(pc.with_damping(damping=5.0)), rows)) < 1e-5

@@ -10,22 +10,48 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
+import jax
 import numpy as np
 
 from jaxval._src.scoring.engine import self_influence
+from jaxval._src.scoring.memo import files_fingerprint
 
 __all__ = ["cached_self_influence"]
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
-def _store_fingerprint(store) -> dict:
+def _precond_fingerprint(precond) -> str | None:
+    """A hash of a pytree preconditioner's structure and leaf values (None for other objects)."""
+    if precond is None:
+        return "identity"
+    leaves = jax.tree_util.tree_leaves(precond)
+    if not leaves or not all(isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves):
+        return None
+    # the type and the leaves (the structure's printed form can hold object addresses: not stable)
+    h = hashlib.sha256(f"{type(precond).__module__}.{type(precond).__qualname__}".encode("utf-8"))
+    for x in leaves:
+        a = np.asarray(x)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _store_fingerprint(store, precond=None) -> dict:
     """What must not change for a cached self-influence to stay valid."""
     fp = {"num_rows": int(len(store)), "dim": int(store.dim)}
+    pfp = _precond_fingerprint(precond)
+    if pfp is not None:  # a key reused for another preconditioner (or damping) is noticed
+        fp["precond_sha256"] = pfp
     manifest = getattr(store, "manifest", None)
     if isinstance(manifest, Mapping):  # GradientStore: config hash + creation time identify the data
         blob = json.dumps(manifest, sort_keys=True, default=str).encode("utf-8")
         fp["manifest_sha256"] = hashlib.sha256(blob).hexdigest()
+    path = getattr(store, "path", None)
+    if isinstance(path, (str, os.PathLike)):
+        # the manifest's creation time has one-second resolution and rows can be rewritten in place: the
+        # store's files (sizes, inodes, modification times) must be unchanged too
+        fp["files_sha256"] = files_fingerprint(str(path))
     return fp
 
 
@@ -54,11 +80,14 @@ def cached_self_influence(
     """Self-influence ``g_zᵀ H⁻¹ g_z`` of a store's rows, cached in the store's folder.
 
     The cache is two files inside the folder ``store.path``: ``self_influence_<key>.npy`` (float32
-    ``[N]``) and ``self_influence_<key>.json`` (the store fingerprint it was computed from: N, D and,
-    for a :class:`~jaxval.store.GradientStore`, a hash of its manifest, so a store overwritten or
-    re-created with other data is never served stale values).  ``key`` names the preconditioner (e.g.
-    ``"ekfac_d1e-3"``); it is required when ``precond`` is not None (the engine cannot tell two
-    preconditioners apart) and defaults to ``"identity"`` otherwise.
+    ``[N]``) and ``self_influence_<key>.json`` (the store fingerprint it was computed from: N, D,
+    for a :class:`~jaxval.store.GradientStore` a hash of its manifest, and a hash of the sizes, inodes and
+    modification times of the files in its folder, so a store overwritten, re-created or rewritten in
+    place is never served stale values).  ``key`` names the preconditioner (e.g.
+    ``"ekfac_d1e-3"``); it is required when ``precond`` is not None and defaults to ``"identity"``
+    otherwise.  For a pytree preconditioner (e.g. :class:`jaxval.Preconditioner`) the fingerprint also
+    holds a hash of its structure and arrays, so a key reused for another preconditioner or damping is
+    recomputed, not served; for other preconditioner objects the key alone tells them apart.
 
     A cached value is reused when its fingerprint matches and ``overwrite`` is False; otherwise it is
     computed with :func:`self_influence` and written atomically (temporary file + rename, ``.npy`` then
@@ -86,7 +115,7 @@ def cached_self_influence(
         return compute()
     npy = Path(path) / f"self_influence_{key}.npy"
     meta = Path(path) / f"self_influence_{key}.json"
-    fp = _store_fingerprint(store)
+    fp = _store_fingerprint(store, precond)
     if not overwrite and npy.exists() and meta.exists():
         try:
             ok = json.loads(meta.read_text()) == fp

@@ -34,7 +34,7 @@ import numpy as np
 from jaxval._src.scoring.kernels import PreconditionerSpec
 from jaxval._src.scoring.sources import TrainRows
 
-__all__ = ["MAX_BYTES", "identify", "lookup", "remember", "clear"]
+__all__ = ["MAX_BYTES", "identify", "lookup", "remember", "clear", "files_fingerprint"]
 
 MAX_BYTES = 256 * 2**20
 
@@ -57,7 +57,7 @@ def _train_identity(src: TrainRows) -> tuple[tuple, list] | None:
     from jaxval._src.store import GradientStore
 
     if isinstance(obj, GradientStore) and obj.is_complete():
-        files = _files_fingerprint(obj.path)
+        files = files_fingerprint(obj.path)
         if files is None:
             return None
         blob = json.dumps(obj.manifest, sort_keys=True, default=str).encode("utf-8")
@@ -65,7 +65,7 @@ def _train_identity(src: TrainRows) -> tuple[tuple, list] | None:
     return None
 
 
-def _files_fingerprint(path: str) -> str | None:
+def files_fingerprint(path: str) -> str | None:
     """A hash of every file under a local store folder (name, size, inode, modification and change times,
     in nanoseconds), so rows rewritten or a store re-created within the manifest's one-second timestamp
     are noticed; None for a folder that is not local.  The engine's own cache files (``self_influence_*``)
