@@ -93,35 +93,24 @@ def _env_int(name: str) -> int | None:
 
 
 def _cluster_detected() -> bool:
-    """Whether JAX's own cluster detection would find a multi-process environment."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    """Whether this process is one of several that a cluster manager started (read from the environment
+    variables the managers set; JAX's own detection then finds the coordinator)."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
         return True
-    try:  # jax's registry of cluster environments (private, so guarded)
-        from jax._src import clusters
-
-        for env in getattr(clusters.ClusterEnv, "_cluster_types", []):
-            try:
-                if env.is_env_present():
-                    return True
-            except Exception:  # noqa: BLE001 - a detector that cannot run is simply absent
-                continue
-        return False
-    except Exception:  # noqa: BLE001
-        pass
-    if _env_int("SLURM_NTASKS") and _env_int("SLURM_NTASKS") > 1:
+    if env.get("SLURM_JOB_ID") and (_env_int("SLURM_NTASKS") or 1) > 1:
         return True
-    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") and "," in os.environ["TPU_WORKER_HOSTNAMES"])
+    if env.get("OMPI_MCA_orte_hnp_uri") and (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return True
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def is_initialized() -> bool:
+    """Whether ``jax.distributed`` has been started in this process."""
     import jax
 
-    fn = getattr(jax.distributed, "is_initialized", None)
-    if fn is not None:
-        return bool(fn())
-    from jax._src import distributed as _d  # older jax
-
-    return _d.global_state.client is not None
+    return bool(jax.distributed.is_initialized())
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
@@ -480,30 +469,24 @@ def _pump(stream, prefix: str, out, lock):
     stream.close()
 
 
+def _signal_group(pid: int, sig) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _kill_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
     """SIGTERM the child's process group (it leads its own session), then SIGKILL after ``grace`` s."""
-    if proc.poll() is not None:
-        try:  # the leader is gone; its group may still hold children
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    if proc.poll() is not None:  # the leader is gone; its group may still hold children
+        _signal_group(proc.pid, signal.SIGKILL)
         return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        _signal_group(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def launch(n: int, cmd: Sequence[str] | str, port: int | None = None, timeout: float | None = 3600.0, *,
