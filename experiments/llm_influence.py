@@ -33,9 +33,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
-
 import jaxval as jv
+from jaxval.cli import config
 from jaxval.data.text import load_text
 from jaxval.models import llama
 
@@ -123,7 +122,7 @@ def main(argv=None):
     p.add_argument("--blocks-per-corpus", type=int, default=None, help="override the config")
     p.add_argument("--report", default=None, help="override the config's report path")
     args = p.parse_args(argv)
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg = config.load_config(args.config, None)
     if args.blocks_per_corpus is not None:
         cfg["blocks_per_corpus"] = args.blocks_per_corpus
     if args.report is not None:

@@ -48,3 +48,13 @@ def require_positive(cfg, names) -> None:
     for name in names:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{type(cfg).__name__}.{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def optional_module(name: str, extra: str = "llm"):
+    """``import name`` for an optional dependency; a clear error naming the pip extra when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(f"{name} is needed here but not installed: pip install 'jaxval[{extra}]'") from e

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxval.models.assemble import module_from_weights, require_positive
+from jaxval.models.assemble import module_from_weights, optional_module, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +215,7 @@ class BertTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, max_length: int = 256, pad_to: int = 16) -> "BertTokenizer":
-        from tokenizers import Tokenizer
-
+        Tokenizer = optional_module("tokenizers").Tokenizer
         return cls(Tokenizer.from_file(str(path)), max_length=max_length, pad_to=pad_to)
 
     def encode(self, text: str) -> list[int]:
@@ -331,7 +330,7 @@ def load_bert_dir(path: str | Path, dtype: str = "float32",
                   max_length: int | None = None) -> tuple[BertEncoder, BertTokenizer]:
     """``(encoder, tokenizer)`` from a Hugging Face / sentence-transformers BERT folder
     (``config.json``, ``model.safetensors``, ``tokenizer.json``, optional ``sentence_bert_config.json``)."""
-    from safetensors.numpy import load_file
+    load_file = optional_module("safetensors.numpy").load_file
 
     path = Path(path)
     cfg = config_from_hf(json.loads((path / "config.json").read_text()), dtype=dtype)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxval.models.assemble import module_from_weights, require_positive
+from jaxval.models.assemble import module_from_weights, optional_module, require_positive
 
 from jaxval.models.gpt import lm_loss_fn, param_count, sequence_loss  # noqa: F401 (re-exported)
 
@@ -408,7 +408,9 @@ def tokenizer_from_gguf(reader) -> LlamaTokenizer:
     Pre-tokenisation of SmolLM2 (llama.cpp pre-tokenizer "smollm", Hugging Face tokenizer.json):
     every digit separately, then GPT-2's byte-level regex without a prefix space.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    tk = optional_module("tokenizers")
+    AddedToken, Tokenizer, decoders, models, pre_tokenizers = (tk.AddedToken, tk.Tokenizer, tk.decoders, tk.models,
+                                                               tk.pre_tokenizers)
 
     f = reader.fields
     kind = f["tokenizer.ggml.model"].contents()
@@ -547,8 +549,7 @@ def _tokenizer_meta(tok: LlamaTokenizer) -> dict:
 
 
 def _tokenizer_from_meta(meta: dict) -> LlamaTokenizer:
-    from tokenizers import Tokenizer
-
+    Tokenizer = optional_module("tokenizers").Tokenizer
     return LlamaTokenizer(Tokenizer.from_str(meta["tokenizer_json"]), bos_id=meta["bos_id"],
                           eos_id=meta["eos_id"], pad_id=meta["pad_id"], chat_template=meta["chat_template"],
                           stop_ids=meta["stop_ids"])
@@ -579,8 +580,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", cache_dir: str | 
                 return from_weights(cfg, weights), _tokenizer_from_meta(meta["tokenizer"])
             except (KeyError, ValueError, TypeError):
                 entry = None  # stale entry (older layout): convert again, leave it alone
-    import gguf
-
+    gguf = optional_module("gguf")
     reader = gguf.GGUFReader(str(path))
     cfg = config_from_gguf(reader, dtype=dtype)
     tok = tokenizer_from_gguf(reader)
