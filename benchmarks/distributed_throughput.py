@@ -61,7 +61,7 @@ def worker(args):
     timed("log", lambda p: jv.log_gradients(logra, model, data, p, progress=False, **kw), n)
     timed("fit_kfac", lambda p: jv.fit_preconditioner(logra, model, data, kind="kfac", damping=1e-3,
                                                       batch_size=args.batch * topo.device_count, progress=False), n)
-    from jaxval._src.store import GradientStore
+    from jaxval import GradientStore
 
     store = GradientStore.open(f"{root}/log")
     timed("score", lambda p: jv.influence(q, store, None, mode="dot"), n)   # rows split across processes
@@ -87,7 +87,7 @@ def main():
     if args.worker:
         return worker(args)
 
-    from jaxval._src.parallel import launch
+    from jaxval.distributed import launch
 
     rows = []
     for p in args.procs:

@@ -59,7 +59,7 @@ def memory_child(n: int, out_dir: str, rank: int, batch: int) -> dict:
 
     import jaxval as jv
     from jaxval.models import mlp
-    from jaxval._src.logging import log_gradients
+    from jaxval import log_gradients
 
     sizes = (784, 512, 512, 10)
     model = mlp.MLP(sizes, rngs=nnx.Rngs(0))
@@ -138,7 +138,7 @@ def run_throughput(args) -> list[dict]:
 
     import jaxval as jv
     from jaxval.models import gpt, token_mlp
-    from jaxval._src.logging import log_gradients
+    from jaxval import log_gradients
     from jaxval._src.store import normalize_dtype
 
     workloads = []

@@ -98,7 +98,7 @@ class RowView:
 def make_store(path: Path, n: int, dim: int, dtype: str, seed: int):
     """Create and fill a store with seeded random rows; returns (store, kind)."""
     try:
-        from jaxval._src.store import GradientStore
+        from jaxval import GradientStore
     except ImportError:
         GradientStore = None
     rng = np.random.default_rng(seed)
@@ -119,7 +119,7 @@ def make_store(path: Path, n: int, dim: int, dtype: str, seed: int):
 
 def open_store(path: Path, n: int, dim: int):
     try:
-        from jaxval._src.store import GradientStore
+        from jaxval import GradientStore
 
         return GradientStore.open(path)
     except ImportError:

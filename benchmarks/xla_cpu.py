@@ -50,7 +50,7 @@ def child(batch: int, reps: int) -> dict:
     from flax import nnx
 
     sys.path.insert(0, str(ROOT))
-    from jaxval._src.logra import LoGra
+    from jaxval import LoGra
     from jaxval.models.token_mlp import TokenMLP, loss_fn, random_batch
     from jaxval._src.train import train_step_fn
 

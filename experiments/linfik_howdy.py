@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cached, load_config  # noqa: E402
 
 from jaxval import LoGra, log_gradients  # noqa: E402
-from jaxval._src.store import GradientStore, StoreError  # noqa: E402
+from jaxval import GradientStore, StoreError  # noqa: E402
 from jaxval.valuation import alinfik as al
 from jaxval.evaluation import pearson, rankdata, spearman
 from jaxval.valuation.linfik import layer_normalize, linfik

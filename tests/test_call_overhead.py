@@ -195,7 +195,7 @@ def test_cache_is_really_used_and_only_for_immutable_inputs(rows):
 
 
 def test_complete_store_cached_recreated_store_not_stale(rows, tmp_path):
-    from jaxval._src.store import GradientStore
+    from jaxval import GradientStore
 
     memo.clear()
     q = np.random.default_rng(6).standard_normal((Q, D)).astype(np.float32)
@@ -254,7 +254,7 @@ def test_preconditioner_classification(rows):
 
 
 def test_disk_cached_self_influence_follows_rows_rewritten_in_place(rows, tmp_path):
-    from jaxval._src.store import GradientStore
+    from jaxval import GradientStore
 
     pc = make_pc()
     s = GradientStore.create(tmp_path / "s", dim=D, num_rows=N, dtype="float32", chunk_rows=8)

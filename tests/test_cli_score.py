@@ -6,8 +6,8 @@ import numpy as np
 import yaml
 
 from jaxval.cli.app import main
-from jaxval._src.preconditioner import Preconditioner
-from jaxval._src.store import GradientStore
+from jaxval import Preconditioner
+from jaxval import GradientStore
 
 
 def test_log_fit_score_end_to_end(tmp_path):

@@ -50,7 +50,7 @@ WORKER = textwrap.dedent('''
     from jaxval import distributed as dist
     topo = dist.initialize(timeout=180)         # from the JAXVAL_* env vars set by the launcher
 ''') + SETUP + textwrap.dedent('''
-    from jaxval._src.store import GradientStore
+    from jaxval import GradientStore
     out = sys.argv[1]
     # count this process's store writes; optionally die right after its first block is marked done
     crash = int(os.environ.get("CRASH_PROCESS", "-1")) == jax.process_index()
@@ -156,7 +156,7 @@ def runs(tmp_path_factory):
     (two / "worker.py").write_text(WORKER)
     # process 1 dies right after its first block is marked done (the other blocks are not)
     codes_crash, log_crash = run(2, two, timeout=240, CRASH_PROCESS=1)  # generous: a loaded 2-core CI box
-    from jaxval._src.store import GradientStore
+    from jaxval import GradientStore
 
     done_after_crash = GradientStore.open(str(two / "store")).done_mask()
     codes2, log2 = run(2, two, timeout=300)                # the rerun resumes

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxval._src.logra import LoGra, explicit_grads
+from jaxval import LoGra, explicit_grads
 from jaxval.evaluation import plot_stability
 from jaxval.valuation.linfik import gradient_stability, layer_normalize, linfik
 

@@ -27,7 +27,7 @@ from jaxval._src import curvature
 from jaxval.cli.app import main as cli_main
 from jaxval.models import mlp, token_mlp
 from jaxval._src.logging import log_gradients, store_config
-from jaxval._src.store import GradientStore, StoreError
+from jaxval import GradientStore, StoreError
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 
@@ -304,7 +304,7 @@ def test_mesh_data_parallel_on_4_devices(tmp_path, small):
         warnings.simplefilter("ignore")
         sys.path.insert(0, sys.argv[1])
         from test_pipeline import _small
-        from jaxval._src.logging import log_gradients
+        from jaxval import log_gradients
         model, logra, data = _small()
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
         store, st = log_gradients(logra, model, data, sys.argv[2], batch_size=32, chunk_rows=64, dtype="float32",
@@ -336,7 +336,7 @@ _CHILD = textwrap.dedent("""
     warnings.filterwarnings("ignore")
     sys.path.insert(0, sys.argv[1])
     from test_pipeline import _crash_setup
-    from jaxval._src.logging import log_gradients
+    from jaxval import log_gradients
     path, pi, pc = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     model, logra, data, ids = _crash_setup()
     print("ready", flush=True)

@@ -296,7 +296,7 @@ def test_missing_manifest_but_arrays_present(tmp_path):
 
 _RO_CHECK = textwrap.dedent("""
     import os, sys
-    from jaxval._src.store import GradientStore, StoreError
+    from jaxval import GradientStore, StoreError
     if os.geteuid() == 0:                 # root ignores permissions: drop to 'nobody' after importing
         os.setgid(65534)
         os.setuid(65534)
@@ -383,7 +383,7 @@ def test_kvstore_spec_and_gcs_url(tmp_path):
 
 _WORKER = textwrap.dedent("""
     import sys, numpy as np
-    from jaxval._src.store import GradientStore
+    from jaxval import GradientStore
     x = np.load(sys.argv[1])
     for job in sys.argv[2:]:                      # PATH=a:b,c:d,...
         path, rows = job.split("=")

@@ -19,10 +19,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxval as jv  # noqa: E402
-from jaxval._src.store import GradientStore  # noqa: E402
-from jaxval._src.scoring import influence as jv_influence  # noqa: E402
+from jaxval import GradientStore  # noqa: E402
+from jaxval import influence as jv_influence  # noqa: E402
 from jaxval.evaluation.baselines import streamed_scores  # noqa: E402
-from jaxval._src.curvature import fit_preconditioner  # noqa: E402
+from jaxval import fit_preconditioner  # noqa: E402
 from jaxval.models import llama, mlp, token_mlp  # noqa: E402
 from jaxval._src.train import train_step_fn  # noqa: E402
 
