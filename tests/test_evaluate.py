@@ -251,3 +251,41 @@ def test_streamed_scores_equal_explicit_gradient_scores(toy, seq):
     hq = np.asarray(jax.random.normal(jax.random.key(4), (6, lg.dim)), np.float32)
     got = bl.streamed_scores(lg, model, hq, train, batch_size=7)
     np.testing.assert_allclose(got, hq.astype(np.float64) @ g.T, rtol=1e-4, atol=1e-5 * np.abs(hq @ g.T).max())
+
+
+@pytest.mark.parametrize("seq,kind,rank", [(None, "ekfac", None), (None, "kfac", 2), (2, "ekfac", None),
+                                           (5, "ekfac", 3)])
+def test_ekfac_streamed_scores_equal_float64_solve_on_explicit_gradients(toy, seq, kind, rank):
+    """``ekfac_streamed_scores`` (eigenbasis route: rotated pairs, no ``apply``, no ``[B, D]`` block) equals
+    ``(H⁻¹ G_q) G_trainᵀ`` with ``G`` explicit per-example gradients (vmap(grad)) and ``H⁻¹`` solved per layer
+    in float64 numpy from the fitted factors; un-projected and projected, 1 / 2 (pair route) / 5 tokens
+    (block route). A RAW preconditioner is refused."""
+    if seq is None:
+        train, test = toy
+        model, loss = Lin(nnx.Rngs(0)), ce
+    else:
+        from jaxval.models.token_mlp import TokenMLP, loss_fn as loss
+
+        model = TokenMLP(vocab_size=13, d_model=8, n_block=1, hidden=12, rngs=nnx.Rngs(0))
+        tok = np.asarray(jax.random.randint(jax.random.key(3), (30, seq), 0, 13))
+        data = {"tokens": tok, "mask": np.ones((30, seq), np.float32)}
+        train, test = jax.tree.map(lambda a: a[:24], data), jax.tree.map(lambda a: a[24:], data)
+    lg = jv.LoGra(model, loss, rank=rank, init="identity" if rank is None else "gaussian")
+    pc = jv.fit_preconditioner(lg, model, train, kind=kind, relative_damping=0.1, batch_size=8)
+    g = np.asarray(jv.explicit_grads(model, loss, lg.projections, jax.tree.map(jnp.asarray, train)), np.float64)
+    gq = np.asarray(jv.explicit_grads(model, loss, lg.projections, jax.tree.map(jnp.asarray, test)), np.float64)
+    hq, o = [], 0
+    for l in lg.layers:
+        f = {k: np.asarray(v, np.float64) for k, v in pc.factors[l.name].items()}
+        blk = gq[:, o:o + l.k_in * l.k_out].reshape(-1, l.k_in, l.k_out)
+        o += l.k_in * l.k_out
+        r = np.einsum("ki,bkl,lj->bij", f["QA"], blk, f["QS"]) / (f["L"] + float(pc.damping[l.name]))
+        hq.append(np.einsum("ki,bij,lj->bkl", f["QA"], r, f["QS"]).reshape(len(blk), -1))
+    want = np.concatenate(hq, axis=1) @ g.T
+    got = bl.ekfac_streamed_scores(lg, model, test, train, pc, batch_size=7)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    if seq is None and rank is None:
+        raw = jv.fit_preconditioner(lg, model, train, kind="raw", relative_damping=0.1, batch_size=8)
+        with pytest.raises(ValueError, match="'kfac' or 'ekfac'"):
+            bl.ekfac_streamed_scores(lg, model, test, train, raw)

@@ -21,7 +21,7 @@ from flax import nnx  # noqa: E402
 import jaxval as jv  # noqa: E402
 from jaxval import GradientStore  # noqa: E402
 from jaxval import influence as jv_influence  # noqa: E402
-from jaxval.evaluation.baselines import streamed_scores  # noqa: E402
+from jaxval.evaluation.baselines import ekfac_streamed_scores, streamed_scores  # noqa: E402
 from jaxval import fit_preconditioner  # noqa: E402
 from jaxval.models import llama, mlp, token_mlp  # noqa: E402
 from jaxval._src.train import train_step_fn  # noqa: E402
@@ -168,18 +168,27 @@ def ekfac_fit(relative_damping=0.1, damping=None, fisher="empirical", warm=False
             "mean_eigenvalue": {n: float(jnp.mean(pc.factors[n]["L"])) for n in pc.names}}
 
 
-def ekfac_score(out, relative_damping=None, damping=None, warm=False):
-    """Scores [Q, N] -> ``out`` (.npy): query gradients, H⁻¹ per layer, training gradients streamed in
-    batches (``[N, D]`` never stored). ``damping`` / ``relative_damping``: re-damp the fitted factors
-    (untimed) instead of the fit's damping. ``warm``: score against the first training batch only."""
+def ekfac_score(out, relative_damping=None, damping=None, warm=False, route="eigen"):
+    """Scores [Q, N] -> ``out`` (.npy), training gradients streamed in batches (``[N, D]`` never stored).
+    ``route="eigen"``: ``baselines.ekfac_streamed_scores`` (queries and training pairs rotated into the
+    EK-FAC eigenbasis, no ``apply``); ``"apply"``: query gradients, ``pc.apply``, ``streamed_scores``.
+    ``damping`` / ``relative_damping``: re-damp the fitted factors (untimed) instead of the fit's damping.
+    ``warm``: score against the first training batch only."""
     pc, lg, model = S["ek_pc"], S["ek_logra"], S["model"]
     if damping is not None or relative_damping is not None:
         pc = pc.with_damping(damping=damping, relative_damping=None if damping is not None else relative_damping)
     t0 = time.perf_counter()
-    gq = jnp.concatenate([lg.grads(model, b) for b in S["ek_q"]])
-    hq = pc.apply(gq)
     train = S["ek_train"][:1] if warm else S["ek_train"]
-    s = _block(jnp.asarray(streamed_scores(lg, model, hq, train, S["ek_batch"])))
+    if route == "eigen":
+        qs = {k: jnp.concatenate([b[k] for b in S["ek_q"]]) for k in S["ek_q"][0]}
+        tr = {k: jnp.concatenate([b[k] for b in train]) for k in train[0]}
+        s = ekfac_streamed_scores(lg, model, qs, tr, pc, S["ek_batch"])
+    elif route == "apply":
+        gq = jnp.concatenate([lg.grads(model, b) for b in S["ek_q"]])
+        hq = pc.apply(gq)
+        s = _block(jnp.asarray(streamed_scores(lg, model, hq, train, S["ek_batch"])))
+    else:
+        raise ValueError(f"route must be 'eigen' or 'apply', got {route!r}")
     dt = time.perf_counter() - t0
     s = np.asarray(s)
     np.save(out, s)

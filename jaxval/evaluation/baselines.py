@@ -66,6 +66,68 @@ def _contract_normalized(layers, losses, pairs, g, hq):
     return s / jnp.maximum(jnp.linalg.norm(g, axis=1), 1e-30)
 
 
+def ekfac_streamed_scores(logra: LoGra, model, queries, train, precond, batch_size: int = 64) -> np.ndarray:
+    """``[Q, N]`` scores ``g_qᵀ H⁻¹ g_z`` for a K-FAC / EK-FAC ``precond`` (``H = Q_A diag(L) Q_Sᵀ``-factored
+    per layer, plus its damping ``λ``), computed in the eigenbasis: no ``pc.apply`` and no ``[B, D]`` block.
+
+    Per layer, each example's pairs are rotated, ``ã_t = Q_Aᵀ a_t`` ``[k_in]`` and ``s̃_t = Q_Sᵀ s_t``
+    ``[k_out]``; the query side is ``M_q = (Σ_t ã_t s̃_tᵀ) / (L + λ)`` ``[Q, k_in, k_out]`` (cost
+    ``Q·T·(k_in² + k_out² + k_in·k_out)`` instead of ``apply``'s ``Q·(k_in²·k_out + k_in·k_out²)``), and a
+    training example's score is ``Σ_t ã_btᵀ M_q s̃_bt`` (``M_q`` is consumed as one row-major GEMM
+    ``[Q·k_in, k_out] @ s̃ᵀ``). Equal in exact arithmetic to ``precond.apply(g_q) @ g_zᵀ``.
+    ``queries`` / ``train``: data (pytrees with a leading example axis) streamed in ``batch_size`` batches."""
+    if getattr(precond, "kind", None) not in ("kfac", "ekfac"):
+        raise ValueError(f"ekfac_streamed_scores needs a 'kfac' or 'ekfac' Preconditioner, got "
+                         f"{getattr(precond, 'kind', type(precond).__name__)!r}; use streamed_scores with "
+                         "hq = precond.apply(g_query) for other kinds")
+    precond.check_config(logra.config())
+    names = tuple(l.name for l in logra.layers)
+    shapes = tuple((l.k_in, l.k_out) for l in logra.layers)
+    if tuple(precond.names) != names or tuple(precond.shapes) != shapes:
+        raise ValueError(f"the preconditioner's layers {list(precond.names)} {list(precond.shapes)} are not this "
+                         f"LoGra's {list(names)} {list(shapes)}; fit the preconditioner with this LoGra")
+    rot = {n: (precond.factors[n]["QA"], precond.factors[n]["QS"]) for n in names}
+    inv = {n: 1.0 / (precond.factors[n]["L"] + jnp.asarray(precond.damping[n], jnp.float32)) for n in names}
+    qstep, state = logra.step_for(model, _rotated_blocks, grads=False)
+    parts = [qstep(state, b, logra.projections, None, rot)[2] for _, b in iterate_batches(queries, batch_size)]
+    m = {n: jnp.concatenate([p[n] for p in parts]) * inv[n] for n in names}
+    tstep, _ = logra.step_for(model, _eigen_contract, grads=False)
+    out = [np.asarray(tstep(state, b, logra.projections, None, (rot, m))[2])
+           for _, b in iterate_batches(train, batch_size)]
+    return np.concatenate(out, axis=1)
+
+
+def _rotated(pairs, name, qa, qs):
+    """Per call ``(ã [B,T,k_in], s̃ [B,T,k_out])``: the layer's pairs in the factors' eigenbasis."""
+    return [(jnp.matmul(a.astype(jnp.float32), qa, precision=_HI), jnp.matmul(c.astype(jnp.float32), qs, precision=_HI))
+            for a, c, _ in pairs[name]]
+
+
+def _rotated_blocks(layers, losses, pairs, g, rot):
+    """``{name: [B, k_in, k_out]}``: ``Q_Aᵀ G_b Q_S = Σ_t ã_t s̃_tᵀ``."""
+    return {l.name: sum(jnp.einsum("btk,btl->bkl", a, c, precision=_HI) for a, c in _rotated(pairs, l.name, *rot[l.name]))
+            for l in layers}
+
+
+def _eigen_contract(layers, losses, pairs, g, aux):
+    """``[Q, B]``: ``Σ_layers Σ_t ã_btᵀ M_q s̃_bt`` (few tokens) or ``⟨M_q, Σ_t ã_bt s̃_btᵀ⟩`` (many)."""
+    rot, m = aux
+    total = 0.0
+    for l in layers:
+        mq = m[l.name]
+        q = mq.shape[0]
+        calls = _rotated(pairs, l.name, *rot[l.name])
+        if sum(a.shape[1] for a, _ in calls) <= 2:
+            for a, c in calls:
+                b, t = a.shape[:2]
+                ms = jnp.matmul(mq.reshape(q * l.k_in, l.k_out), c.reshape(b * t, l.k_out).T, precision=_HI)
+                total += jnp.einsum("qkbt,btk->qb", ms.reshape(q, l.k_in, b, t), a, precision=_HI)
+        else:
+            blk = sum(jnp.einsum("btk,btl->bkl", a, c, precision=_HI) for a, c in calls)
+            total += jnp.matmul(mq.reshape(q, -1), blk.reshape(blk.shape[0], -1).T, precision=_HI)
+    return total
+
+
 def logra_scores(model, loss_fn, train, queries, *, rank=64, init: str = "gaussian", kind: str = "ekfac",
                  seed: int = 0, layers=None, fit_data=None, batch_size: int = 64, precond_kw: Mapping | None = None,
                  store_train: bool = True, progress: bool = False) -> np.ndarray:
