@@ -239,29 +239,40 @@ def _influence_local(plan: _Plan, prefetch, progress) -> list[np.ndarray]:
     outs = [np.empty((plan.nq, plan.n), dtype=np.float32) for _ in plan.sels]
     bar = progress_bar(plan.n_blocks, progress, "influence")
 
-    def collect(pending):
-        start, stop, res = pending
+    def dispatch(start, stop, block, ex):
+        zself = plan.z_self(block, ex)
+        res = score(plan.qts, plan.qself, block, zself)  # async dispatch
+        plan.keep(start, stop, zself)
+        return res
+
+    def collect(start, stop, res):
         for o, r in zip(outs, res):
             o[:, start:stop] = np.asarray(r)[:, : stop - start]
-        if bar is not None:
-            bar.update(1)
 
+    _pipelined(plan.blocks(prefetch), dispatch, collect, bar)
+    plan.finish()
+    return outs
+
+
+def _pipelined(blocks, dispatch, collect, bar) -> None:
+    """``dispatch`` each block (asynchronously); ``collect`` a block's result only once the next block has
+    been dispatched, so the host copy of one block overlaps the next block's GEMM."""
     pending = None
     try:
-        for start, stop, block, ex in plan.blocks(prefetch):
-            zself = plan.z_self(block, ex)
-            res = score(plan.qts, plan.qself, block, zself)  # async dispatch
-            plan.keep(start, stop, zself)
+        for start, stop, block, ex in blocks:
+            res = dispatch(start, stop, block, ex)
             if pending is not None:
-                collect(pending)  # host copy of the previous block overlaps this block's GEMM
+                collect(*pending)
+                if bar is not None:
+                    bar.update(1)
             pending = (start, stop, res)
         if pending is not None:
-            collect(pending)
+            collect(*pending)
+            if bar is not None:
+                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    plan.finish()
-    return outs
 
 
 def top_k(
@@ -412,24 +423,10 @@ def _self_influence_local(src, mesh, precond, block_rows, sels, prefetch, progre
     outs = [np.empty((src.n,), np.float32) for _ in sels]
     bar = progress_bar(-(-src.n // br), progress, "self_influence")
 
-    def collect(p):
-        start, stop, res = p
+    def collect(start, stop, res):
         for o, r in zip(outs, res):
             o[start:stop] = np.asarray(r)[: stop - start]
-        if bar is not None:
-            bar.update(1)
 
-    pending = None
-    try:
-        for start, stop, block, _ in device_blocks(src, br, placer, (), prefetch):
-            res = fn(block)
-            if pending is not None:
-                collect(pending)
-            pending = (start, stop, res)
-        if pending is not None:
-            collect(pending)
-    finally:
-        if bar is not None:
-            bar.close()
+    _pipelined(device_blocks(src, br, placer, (), prefetch), lambda s, e, z, ex: fn(z), collect, bar)
     memo.remember(ident, outs)
     return outs
