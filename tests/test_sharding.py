@@ -51,6 +51,15 @@ SETUP = textwrap.dedent('''
     LOGRA = dict(rank=4, seed=0)
     LOG = dict(batch_size=16, dtype="float32", chunk_rows=16, progress=False)
     FIT = dict(kind="ekfac", damping=0.1, batch_size=16, progress=False)
+    # uneven work across 2 processes: 3 chunks of 8 rows, process 0 owns chunks 0 and 2 (4 batches of 4),
+    # process 1 chunk 1 (2 batches, then 2 padding steps); K-FAC statistics in the same pass
+    SUB = 24
+    sub = {k: v[:SUB] for k, v in data.items()}
+    UNEVEN = dict(batch_size=4, dtype="float32", chunk_rows=8, progress=False, stats="kfac")
+
+    def flat_stats(state, tag="kfac"):
+        return {tag + jax.tree_util.keystr(p): np.asarray(v)
+                for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
     def build():
         """The GPT with seeded numpy weights (the same on every process; no eager per-leaf init compiles)."""
@@ -110,6 +119,8 @@ SINGLE = SETUP + textwrap.dedent('''
     topi = np.argsort(-dot, axis=1, kind="stable")[:, :K]
     ref = {"G": G, "q": q, "rows": G, "HG": HG, "dot": dot, "cosine": cosine, "topi": topi,
            "topv": np.take_along_axis(dot, topi, 1)}
+    # the K-FAC sums of the first SUB examples from the fit driver (not log_gradients), one device
+    ref.update(flat_stats(jv.curvature.accumulate(logra, ref_model, sub, "kfac", batch_size=8, progress=False)))
     tick("reference")
     gd = nnx.graphdef(ref_model)
     explicit = jax.jit(lambda st, b: jv.explicit_grads(nnx.merge(gd, st), gpt.loss_fn, logra.projections, b))
@@ -184,6 +195,13 @@ WORKER = SETUP + textwrap.dedent('''
     def log():
         out["store"] = jv.log_gradients(logra, model, data, os.path.join(out_dir, "two.store"), mesh=mesh, **LOG)
         out["rows"] = out["store"].read(0, len(out["store"]))
+        path = os.path.join(out_dir, "uneven.store")
+        store, st = jv.log_gradients(logra, model, sub, path, mesh=mesh, **UNEVEN)
+        out["uneven_rows"] = store.read(0, len(store))
+        out.update(flat_stats(st))
+        # again on the complete store (a resume): nothing to write, the statistics recomputed from every row
+        _, st = jv.log_gradients(logra, model, sub, path, mesh=mesh, **UNEVEN)
+        out.update(flat_stats(st, "resumed"))
 
     def fit():
         out["pc"] = jv.fit_preconditioner(logra, model, data, mesh=mesh, **FIT)
@@ -308,12 +326,17 @@ def test_two_processes_sharded_params_and_grads(two, single):
 
 def test_two_processes_log_into_one_store(two, single):
     res, errors = two_processes(two)
-    if "is not the same on each process" in errors.get("log", ""):
-        pytest.xfail("jv.log_gradients(mesh=) with a mesh spanning processes: each process computes its own "
-                     "blocks and device_puts them onto the global mesh (logging._Run._dispatch -> "
-                     "batching.shard_batch), so parameters sharded across processes cannot be logged yet")
     assert "log" not in errors, errors["log"]
-    assert rel(res["rows"], single["ref"]["rows"]) < TOL
+    ref = single["ref"]
+    assert rel(res["rows"], ref["rows"]) < TOL
+    # uneven work (one process pads with repeats of its last batch): rows, and the K-FAC sums counted once
+    # per real row (global sums: the fit driver's on one device), on a fresh store and on a resume
+    assert rel(res["uneven_rows"], ref["rows"][:24]) < TOL
+    keys = sorted(k for k in ref if k.startswith("kfac"))
+    assert len(keys) > 4 and float(ref["kfac.examples"]) == 24
+    for key in keys:
+        for got in (res[key], res["resumed" + key[4:]]):
+            assert rel(got, ref[key]) < TOL, (key, got, ref[key])
 
 
 def test_two_processes_ekfac_fit(two, single):

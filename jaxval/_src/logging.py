@@ -44,7 +44,20 @@ How it works
   ``jaxval.curvature.finalize(stats, logra, damping=...)`` turns it into a preconditioner directly. The statistics cover every row owned by this process,
   also on a resume (blocks already stored are recomputed for the statistics only, not written).
   Under ``jax.distributed`` they are summed over processes; with explicit process arguments each
-  process gets its own share (sum them). Short batches are not padded in this mode.
+  process gets its own share (sum them). Short batches are not padded in this mode (one process, or a
+  mesh of this process's devices).
+* **A mesh spanning several processes** (``mesh=`` with other processes' devices, e.g. parameters
+  sharded with ``jaxval.distributed.shard_params``): a compiled step needs every process, so they run
+  in lockstep (SPMD). Each process still owns its blocks and cuts its own pending batches as above
+  (padded to one common local batch shape ``L``); they first agree on the largest step count and on
+  ``L`` (one small all-gather). At each step the global batch of ``P·L`` rows is assembled with
+  ``jax.make_array_from_process_local_data`` over the mesh's first axis, which must lay the rows out so
+  that each process's devices hold exactly its own ``L`` rows (checked; ``make_mesh`` does); each
+  process then copies back only its addressable rows of the output, i.e. its own examples, and writes
+  its own blocks through the same asynchronous writer. A process with fewer batches repeats its last
+  one (rows discarded). With ``stats=`` every row carries a weight (1 real, 0 padding) applied to its
+  contributions inside the step, whose sums are reduced over the mesh: the returned statistics are the
+  global sums, each real row counted once, and padding is used in this mode too.
 """
 
 from __future__ import annotations
@@ -67,6 +80,7 @@ from tqdm.auto import tqdm
 from jaxval._src.batching import batch_size as _batch_size, is_array_tree, shard_batch, take
 from jaxval._src import curvature
 from jaxval._src.logra import LoGra, check_independent_examples, model_fingerprint
+from jaxval._src.parallel import replicate, spans_processes, to_host, to_mesh
 from jaxval._src.store import (DTYPES, GradientStore, StoreError, StoreNotFoundError, config_diff, config_hash,
                                default_chunk_rows, location, normalize_dtype)
 
@@ -302,10 +316,13 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
       open_timeout: seconds a process other than 0 waits for process 0 to create the store.
       pad: pad short batches to the compiled batch shape (avoids recompiles; ignored with ``stats``).
       on_block: ``on_block(start, stop)`` called (from the writer thread) after a block is stored.
-      mesh: a ``jax.sharding.Mesh`` of this process's devices: each batch is split over its first axis
-        (data parallel within the process; batch sizes divisible by the axis size are sharded, others
-        replicated). Processes share the work by blocks, so under ``jax.distributed`` give each process a
-        mesh of its own ``jax.local_devices()``.
+      mesh: a ``jax.sharding.Mesh``; each batch is split over its first axis. A mesh of this process's
+        devices: data parallel within the process (batch sizes divisible by the axis size are sharded,
+        others replicated). A mesh spanning every process under ``jax.distributed`` (e.g. parameters
+        placed with ``jaxval.distributed.shard_params``): every process runs every compiled step (SPMD)
+        on a global batch assembled from the processes' own batches; the first axis must give each
+        process's devices their own rows (``jaxval.distributed.make_mesh``'s process-major order); array
+        ``data`` only. See the module docstring.
 
     Returns:
       The :class:`~jaxval.store.GradientStore` (``(store, stats)`` when ``stats`` is given).
@@ -336,9 +353,12 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
         raise ValueError("overwrite=True in a process other than 0 is racy without jax.distributed: remove "
                          "the old store first, or let process 0 alone create it with overwrite=True")
     check_independent_examples(model)
+    multi = spans_processes(mesh)
 
     # ---- the dataset: N and the ids
     array_mode = is_array_tree(data)
+    if multi:
+        _check_global_mesh(mesh, array_mode, coordinated, pc)
     if array_mode:
         n = _batch_size(data)
     else:
@@ -384,10 +404,12 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
     plan = [(s, e, s in pending) for s, e in owned if s in pending or stats is not None]
 
     acc = None
-    if plan:
+    if plan or multi:
         run = _Run(logra, model, store, dtype, stats, batch_size, max_inflight, progress, on_block, pad, pi, pc,
-                   mesh)
-        if array_mode:
+                   mesh, multi)
+        if multi:
+            acc = run.spmd(data, plan)
+        elif array_mode:
             acc = run.arrays(data, plan)
         else:
             acc = run.stream(data, plan, n)
@@ -398,40 +420,121 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
         _barrier(f"jaxval.log_gradients.done:{path}")
     if stats is None:
         return store
-    acc = jax.tree_util.tree_map(np.asarray, acc)
-    if coordinated:
-        from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils
 
-        acc = jax.tree_util.tree_map(lambda x: np.asarray(x).sum(0), multihost_utils.process_allgather(acc))
+    if multi:   # the global sums, already reduced inside the compiled step (each real row counted once)
+        acc = jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(acc, tiled=True))
+    else:
+        acc = jax.tree_util.tree_map(np.asarray, acc)
+        if coordinated:
+            acc = jax.tree_util.tree_map(lambda x: np.asarray(x).sum(0), multihost_utils.process_allgather(acc))
     return store, jax.tree_util.tree_map(jnp.asarray, acc)
+
+
+def masked_accumulate(layers, losses, pairs, g, aux):
+    """The ``reduce`` of LoGra's step that accumulates statistics with a weight per row: ``aux = (state,
+    w [B])``, ``w`` 1 for a real row and 0 for a padding row. Every statistic is a sum over rows of
+    products of the row's ``g`` / pairs (a token counts when its cotangent is not zero), so scaling a
+    row's ``g``, inputs and cotangents by 0 removes its contribution; ``examples`` becomes ``Σ w``."""
+    state, w = aux
+
+    def scale(x):
+        return x * w.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+    if pairs is not None:
+        pairs = {name: [(scale(a), scale(s), cot_is_s) for a, s, cot_is_s in calls] for name, calls in pairs.items()}
+    stats = curvature.batch_statistics(layers, state, scale(g), pairs)
+    return curvature.update(state, stats._replace(examples=jnp.sum(w)))
+
+
+def _check_global_mesh(mesh, array_mode: bool, coordinated: bool, pc: int) -> None:
+    """Refuse a mesh spanning processes that the SPMD pass cannot use (clear errors, before any work)."""
+    procs = {d.process_index for d in mesh.devices.flat}
+    if not coordinated or procs != set(range(jax.process_count())) or pc != jax.process_count():
+        raise ValueError(f"mesh= spans processes {sorted(procs)}: log_gradients then runs every step on every "
+                         f"process, which needs jax.distributed with all {jax.process_count()} processes in the "
+                         "mesh and the default process_index/process_count; or give each process a mesh of its "
+                         "own jax.local_devices()")
+    if not array_mode:
+        raise ValueError("with a mesh spanning processes, data must be the whole dataset as a pytree of arrays "
+                         "with a leading axis N (the same on every process; memmaps are read lazily), not an "
+                         "iterable of batches")
+    size = mesh.shape[mesh.axis_names[0]]
+    if size % pc:
+        raise ValueError(f"the mesh's first (batch) axis {mesh.axis_names[0]!r} has {size} positions, not a "
+                         f"multiple of the {pc} processes: each process must hold its own rows; build the mesh "
+                         f"with jaxval.distributed.make_mesh({mesh.axis_names[0]}={pc}·k, ...)")
+
+
+def _process_rows(sharding, rows: int, pc: int) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of a ``[rows, ...]`` array under ``sharding`` (split over its first axis) that
+    this process's devices hold: they must be ``rows / pc`` contiguous rows that no other process's device
+    holds, or ``ValueError`` (the mesh's first axis mixes processes)."""
+    me = jax.process_index()
+    spans: dict[int, set] = {}
+    for d, idx in sharding.devices_indices_map((rows,)).items():
+        r = range(rows)[idx[0]]
+        spans.setdefault(d.process_index, set()).add((r.start, r.stop))
+    mine = sorted(spans.get(me, ()))
+    lo, hi = (mine[0][0], mine[-1][1]) if mine else (0, 0)
+    contiguous = all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+    shared = any(s < hi and lo < e for p, ss in spans.items() if p != me for s, e in ss)
+    if not contiguous or shared or hi - lo != rows // pc:
+        raise ValueError("the mesh's first (batch) axis does not give each process its own rows (this process's "
+                         f"devices hold rows {mine} of {rows}, shared with another process: {shared}): order the "
+                         "mesh's devices process-major along that axis, e.g. with "
+                         "jaxval.distributed.make_mesh(data=<a multiple of the process count>, model=...)")
+    return lo, hi
 
 
 class _Run:
     """One logging pass of one process over its planned blocks."""
 
     def __init__(self, logra, model, store, dtype, stats, batch_size, max_inflight, progress, on_block, pad,
-                 pi, pc, mesh):
+                 pi, pc, mesh, multi: bool = False):
         self.logra, self.store, self.stats, self.bs = logra, store, stats, batch_size
         self.dim, self.np_dtype = store.dim, np.dtype(_JNP_DTYPES[dtype])
-        self.step, self.state = logra.step_for(model, curvature.accumulate_batch if stats else None,
-                                               dtype=_JNP_DTYPES[dtype])
+        reduce = (masked_accumulate if multi else curvature.accumulate_batch) if stats else None
+        self.step, self.state = logra.step_for(model, reduce, dtype=_JNP_DTYPES[dtype])
         self.pad = pad and stats is None
         self.max_inflight, self.progress, self.on_block = max_inflight, progress, on_block
-        self.pi, self.pc, self.mesh = pi, pc, mesh
+        self.pi, self.pc, self.mesh, self.multi = pi, pc, mesh, multi
+        self.projections = logra.projections
         self.acc = None
         if stats is not None:
             self.acc = curvature.init(logra, stats)
+        if multi:   # sharded parameters stay as placed; host-local values are replicated on the mesh
+            self.state = to_mesh(self.state, mesh)
+            self.projections = replicate(to_host(self.projections), mesh)
+            if self.acc is not None:
+                self.acc = replicate(to_host(self.acc), mesh)
         self.fetch: collections.deque = collections.deque()
 
     # -- the compute / fetch / write pipeline
 
-    def _dispatch(self, batch, weight: float):
-        if self.mesh is not None:
+    def _dispatch(self, batch, weight):
+        """The step on ``batch`` (already global in SPMD mode); ``weight``: a scalar, or (SPMD) ``[rows]``."""
+        if self.mesh is not None and not self.multi:
             batch = shard_batch(batch, self.mesh)
         if self.stats is None:
-            return self.step(self.state, batch, self.logra.projections)[0]
-        g, _, self.acc = self.step(self.state, batch, self.logra.projections, None, (self.acc, jnp.float32(weight)))
+            g = self.step(self.state, batch, self.projections)[0]
+        else:
+            w = weight if self.multi else jnp.float32(weight)
+            g, _, self.acc = self.step(self.state, batch, self.projections, None, (self.acc, w))
+        if self.multi and not g.sharding.is_equivalent_to(self.rows_sharding, g.ndim):
+            g = self._reshard(g)   # rows over the first axis, so that each process holds its own rows
         return g
+
+    def _host(self, g) -> np.ndarray:
+        """``g`` on the host: the whole batch, or (SPMD) this process's own rows ``[lo, hi)`` of it."""
+        if not self.multi:
+            return np.asarray(g)
+        lo, hi = self.own
+        out = np.empty((hi - lo,) + tuple(g.shape[1:]), g.dtype)
+        for sh in g.addressable_shards:      # replicas over the other axes hold the same rows
+            r = range(g.shape[0])[sh.index[0]]
+            out[r.start - lo:r.stop - lo] = np.asarray(sh.data)
+        return out
 
     def _drain(self, keep: int):
         while len(self.fetch) > keep:
@@ -440,15 +543,15 @@ class _Run:
             for blk, row_off, g_off, cnt in targets:
                 if blk.write:
                     if host is None:
-                        host = np.asarray(g)
+                        host = self._host(g)
                     blk.buf[row_off:row_off + cnt] = host[g_off:g_off + cnt]
                 blk.filled += cnt
                 if blk.filled == blk.stop - blk.start:
                     if blk.write:
                         self.writer.submit(blk.start, blk.buf)
                         blk.buf = None
-            if host is None and self.stats is not None:
-                jax.block_until_ready(g)  # stats-only batch: keep the queue bounded
+            if host is None:
+                jax.block_until_ready(g)  # stats-only or padding batch: keep the queue bounded
             self.bar.update(n)
 
     def _open(self, total: int):
@@ -480,6 +583,55 @@ class _Run:
                     self.fetch.append(([(blk, b0 - s, 0, b1 - b0)], b1 - b0, g))
                     self._drain(1)
                     self.writer.check()
+            ok = True
+        finally:
+            self._close(ok)
+        return self.acc
+
+    def spmd(self, data, plan):
+        """Every process in every step (a mesh spanning processes); see the module docstring."""
+        from jax.experimental import multihost_utils
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        cuts = [(s, e, w, b0, min(b0 + self.bs, e)) for s, e, w in plan for b0 in range(s, e, self.bs)]
+        local = min(self.bs, max((e - s for s, e, _ in plan), default=1))
+        agreed = np.asarray(multihost_utils.process_allgather(np.asarray([len(cuts), local], np.int64)))
+        steps, local = (int(v) for v in agreed.reshape(-1, 2).max(0))
+        if steps == 0:
+            return self.acc
+        axis = self.mesh.axis_names[0]
+        per_process = self.mesh.shape[axis] // self.pc   # data-axis positions each process's devices hold
+        local = -(-local // per_process) * per_process
+        rows = local * self.pc
+        self.rows_sharding = NamedSharding(self.mesh, PartitionSpec(axis))
+        self.own = _process_rows(self.rows_sharding, rows, self.pc)
+        self._reshard = jax.jit(lambda x: x, out_shardings=self.rows_sharding)
+
+        def place(tree):
+            return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(
+                self.rows_sharding, np.asarray(a), (rows,) + tuple(np.shape(a)[1:])), tree)
+
+        self._open(sum(e - s for s, e, _ in plan))
+        ok, blk, batch = False, None, None
+        try:
+            for i in range(steps):
+                if i < len(cuts):
+                    s, e, write, b0, b1 = cuts[i]
+                    if blk is None or blk.start != s:
+                        blk = _Block(s, e, self.dim, self.np_dtype, write)
+                    batch = take(data, b0, b1, local)
+                    targets, real = [(blk, b0 - s, 0, b1 - b0)], b1 - b0
+                else:   # padding: this process's last batch again (or row 0 when it has none), discarded
+                    if batch is None:
+                        batch = take(data, 0, 1, local)
+                    targets, real = [], 0
+                weight = None
+                if self.stats is not None:
+                    weight = place((np.arange(local) < real).astype(np.float32))
+                g = self._dispatch(place(batch), weight)
+                self.fetch.append((targets, real, g))
+                self._drain(1)
+                self.writer.check()
             ok = True
         finally:
             self._close(ok)

@@ -57,7 +57,7 @@ __all__ = [
     "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID",
     "Topology", "initialize", "topology", "global_mesh", "make_mesh", "shard_params", "owned_blocks", "owned_range", "barrier",
     "sum_across_processes", "allgather_rows", "global_batch", "replicate", "to_host", "to_mesh",
-    "global_rows", "write_once",
+    "global_rows", "spans_processes", "write_once",
     "launch", "LaunchResult", "free_port",
 ]
 
@@ -271,6 +271,13 @@ def owned_blocks(num_rows: int, chunk_rows: int, process_index: int | None = Non
         raise ValueError(f"need chunk_rows > 0 and num_rows >= 0, got {chunk_rows}, {num_rows}")
     chunks = math.ceil(num_rows / chunk_rows)
     return [(c * chunk_rows, min((c + 1) * chunk_rows, num_rows)) for c in range(p, chunks, n)]
+
+
+def spans_processes(mesh) -> bool:
+    """Whether ``mesh`` (a ``jax.sharding.Mesh`` or None) holds devices of processes other than this one."""
+    import jax
+
+    return mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
 
 
 def owned_range(num_rows: int, process_index: int | None = None, process_count: int | None = None,
