@@ -188,3 +188,55 @@ def test_cli_linfik_writes_scores_and_refuses_bad_configs(tmp_path, capsys):
     assert "warmup_steps must be int" in capsys.readouterr().err
     assert main(["linfik", "--config", str(tmp_path / "none.yaml"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+MESH_SCRIPT = '''
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+import jaxval as jv
+from jaxval.distributed import make_mesh, shard_params
+from jaxval.valuation.linfik import linfik, pool_gradients
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(6, 8, rngs=rngs)
+        self.l2 = nnx.Linear(8, 4, rngs=rngs)
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+def loss_fn(m, b):
+    return -jnp.take_along_axis(jax.nn.log_softmax(m(b["x"])), b["y"][:, None], axis=1)[:, 0]
+
+r = np.random.default_rng(0)
+pool = {"x": r.normal(size=(22, 6)).astype(np.float32), "y": r.integers(0, 4, 22).astype(np.int32)}
+task = {"x": r.normal(size=(10, 6)).astype(np.float32), "y": r.integers(0, 4, 10).astype(np.int32)}
+model = Tiny(nnx.Rngs(0))
+logra = jv.LoGra(model, loss_fn, rank=3, seed=1)
+ref = linfik(logra, model, pool, task, lr=0.5, batch_size=8, normalize="layer")
+g_ref = pool_gradients(logra, model, pool, batch_size=8)
+mesh = make_mesh(data=2, model=2)
+sharded = shard_params(model, mesh, axis="model")
+got = linfik(logra, sharded, pool, task, lr=0.5, batch_size=8, normalize="layer", mesh=mesh)
+g = pool_gradients(logra, sharded, pool, batch_size=8, mesh=mesh)
+kernel = nnx.state(sharded, nnx.Param)["l1"]["kernel"][...]
+print("MAXREL", float(np.abs(got - ref).max() / np.abs(ref).max()), float(np.abs(g - g_ref).max() / np.abs(g_ref).max()),
+      "SHARDED", not kernel.sharding.is_fully_replicated)
+'''
+
+
+def test_linfik_with_a_mesh_and_sharded_parameters_equals_one_device(tmp_path):
+    """4 simulated CPU devices, a (data 2 x model 2) mesh with the parameters split over `model`: the same
+    LinFiK scores and pool gradients as one device, and the parameters stay sharded."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "mesh.py"
+    script.write_text(MESH_SCRIPT)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("MAXREL"))
+    _, s_err, g_err, _, sharded = line.split()
+    assert float(s_err) < 1e-5 and float(g_err) < 1e-5, line
+    assert sharded == "True", line

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxval._src import precision
-from jaxval._src.batching import batch_size as _batch_size, padded_batches
+from jaxval._src.batching import batch_size as _batch_size, padded_batches, shard_batch
 from jaxval._src.logra import LoGra
 from jaxval._src.stats import pearson, rankdata
 
@@ -90,29 +90,51 @@ def _check_normalize(normalize):
     return None if normalize in (None, "none") else normalize
 
 
-def _grads(logra: LoGra, model, batch, normalize):
-    g = logra.grads(model, batch)
+def _grads(logra: LoGra, model, batch, normalize, mesh=None):
+    g = logra.grads(model, _place(batch, mesh))
     return layer_normalize(logra, g) if normalize == "layer" else g
 
 
-def pool_gradients(logra: LoGra, model, data, batch_size: int = 64, normalize=None) -> np.ndarray:
+def _place(batch, mesh):
+    """The batch split over ``mesh``'s first axis (a mesh spanning several processes: each process places
+    only the rows of its own devices; every process passes the same batch)."""
+    if mesh is None:
+        return batch
+    if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+        from jaxval._src.parallel import global_batch
+
+        return global_batch(batch, mesh)
+    return shard_batch(batch, mesh)
+
+
+def _host(x, mesh) -> np.ndarray:
+    """``x`` as a host array on every process (replicated first when it is sharded across processes)."""
+    if mesh is not None and isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        x = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, PartitionSpec()))(x)
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+
+def pool_gradients(logra: LoGra, model, data, batch_size: int = 64, normalize=None, mesh=None) -> np.ndarray:
     """All ``[N, D]`` projected (optionally layer-normalised) gradients of ``data`` as float32 numpy.
     Memory ``N·D·4`` bytes: for analysis of modest sets; :func:`linfik` streams instead."""
     normalize = _check_normalize(normalize)
     out = []
     for _, nv, batch in padded_batches(data, batch_size):
-        out.append(np.asarray(_grads(logra, model, batch, normalize))[:nv])
+        out.append(_host(_grads(logra, model, batch, normalize, mesh), mesh)[:nv])
     return np.concatenate(out, axis=0)
 
 
-def task_gradient(logra: LoGra, model, task, batch_size: int = 64, normalize=None) -> jax.Array:
+def task_gradient(logra: LoGra, model, task, batch_size: int = 64, normalize=None, mesh=None) -> jax.Array:
     """``ḡ_T [D]``: the mean of the task examples' projected (optionally layer-normalised) gradients."""
     normalize = _check_normalize(normalize)
     m = _batch_size(task)
     total = jnp.zeros((logra.dim,), jnp.float32)
     for _, nv, batch in padded_batches(task, batch_size):
-        g = _grads(logra, model, batch, normalize)
-        total = total + jnp.sum(g[:nv], axis=0)
+        g = _grads(logra, model, batch, normalize, mesh)
+        total = total + jnp.asarray(_host(jnp.sum(g[:nv], axis=0), mesh))
     return total / m
 
 
@@ -138,7 +160,7 @@ def _lrs(lr, c: int) -> list[float]:
 
 def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, batch_size: int = 64,
            precond=None, normalize: str | None = None, checkpoints: Sequence | None = None,
-           return_per_checkpoint: bool = False) -> np.ndarray:
+           return_per_checkpoint: bool = False, mesh=None) -> np.ndarray:
     """LinFiK scores ``[N]`` (float32 numpy) of the pool examples with respect to the task set.
 
     Args:
@@ -151,6 +173,9 @@ def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, b
       normalize: None (plain kernel) or ``"layer"`` (per-layer unit-normalised gradients).
       checkpoints: optional sequence of models; scores are summed over them.
       return_per_checkpoint: also return the ``[C, N]`` per-checkpoint terms.
+      mesh: optional ``jax.sharding.Mesh``: each batch is split over its first axis (also a mesh spanning
+        several processes under ``jax.distributed``: every process passes the same pool and task, and gets
+        the same scores); parameters placed with a ``NamedSharding`` stay sharded.
 
     See the module docstring for the meaning and the rationale of each option.
     """
@@ -161,15 +186,15 @@ def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, b
     _batch_size(task)
     per = np.zeros((len(models), n), np.float32)
     for c, (m, eta) in enumerate(zip(models, lrs)):
-        gt = task_gradient(logra, m, task, batch_size, normalize)
+        gt = task_gradient(logra, m, task, batch_size, normalize, mesh)
         if precond is not None:
             cfg = logra.config() if hasattr(precond, "check_config") else None
             gt = precond.apply(gt, cfg) if cfg is not None else precond.apply(gt)
-        gt = jnp.asarray(gt, jnp.float32).reshape(-1)
+        gt = _host(jnp.asarray(gt, jnp.float32).reshape(-1), mesh)  # host: usable with any mesh
         for start, nv, batch in padded_batches(pool, batch_size):
-            g = _grads(logra, m, batch, normalize)
+            g = _grads(logra, m, batch, normalize, mesh)
             s = eta * jnp.matmul(g, gt, precision=_HI)
-            per[c, start:start + nv] = np.asarray(s)[:nv]
+            per[c, start:start + nv] = _host(s, mesh)[:nv]
     total = per.sum(axis=0)
     return (total, per) if return_per_checkpoint else total
 
