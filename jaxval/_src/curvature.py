@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from jaxval._src import precision
 from jaxval._src.batching import example_keys, is_array_tree, iterate_batches, num_examples, shard_batch
+from jaxval._src.parallel import spans_processes
 from jaxval._src.preconditioner import Preconditioner
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
@@ -297,10 +298,6 @@ def finalize(state, logra, damping: float | None = 1e-3, relative_damping: float
 
 # ----------------------------------------------------------------------------- passes through the model
 
-def _spans_processes(mesh) -> bool:
-    return mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
-
-
 def accumulate(logra, model, data, kind: str, batch_size: int = 64, basis: Mapping | None = None,
                fisher: str = "empirical", sample_fn: Callable | None = None, num_samples: int = 1, seed: int = 0,
                mesh=None, progress: bool = True, desc: str | None = None):
@@ -318,7 +315,7 @@ def accumulate(logra, model, data, kind: str, batch_size: int = 64, basis: Mappi
         from jaxval._src.parallel import global_mesh
 
         mesh = global_mesh()
-    multi = _spans_processes(mesh)
+    multi = spans_processes(mesh)
     if multi:
         from jaxval._src.parallel import global_batch, global_rows, replicate, to_host, to_mesh
 

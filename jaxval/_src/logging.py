@@ -568,6 +568,12 @@ class _Run:
             self.bar.close()
             self.writer.close()  # waits for queued writes: what was computed is kept
 
+    def _queue(self, targets, count: int, g):
+        """Queue a dispatched batch's rows for their blocks; fetch the previous batch's to the host."""
+        self.fetch.append((targets, count, g))
+        self._drain(1)
+        self.writer.check()
+
     def arrays(self, data, plan):
         total = sum(e - s for s, e, _ in plan)
         eff = min(self.bs, max(e - s for s, e, _ in plan))
@@ -579,10 +585,7 @@ class _Run:
                 for b0 in range(s, e, self.bs):
                     b1 = min(b0 + self.bs, e)
                     batch = take(data, b0, b1, eff if self.pad else None)
-                    g = self._dispatch(batch, 1.0)
-                    self.fetch.append(([(blk, b0 - s, 0, b1 - b0)], b1 - b0, g))
-                    self._drain(1)
-                    self.writer.check()
+                    self._queue([(blk, b0 - s, 0, b1 - b0)], b1 - b0, self._dispatch(batch, 1.0))
             ok = True
         finally:
             self._close(ok)
@@ -628,10 +631,7 @@ class _Run:
                 weight = None
                 if self.stats is not None:
                     weight = place((np.arange(local) < real).astype(np.float32))
-                g = self._dispatch(place(batch), weight)
-                self.fetch.append((targets, real, g))
-                self._drain(1)
-                self.writer.check()
+                self._queue(targets, real, self._dispatch(place(batch), weight))
             ok = True
         finally:
             self._close(ok)
@@ -673,11 +673,7 @@ class _Run:
                     lo, hi = max(r0, s), min(r1, e)
                     targets.append((blk, lo - s, lo - r0, hi - lo))
                 weight = 1.0 if (k0 % self.pc) == self.pi else 0.0  # stats: each batch counted once
-                g = self._dispatch(batch, weight)
-                cnt = sum(t[3] for t in targets)
-                self.fetch.append((targets, cnt, g))
-                self._drain(1)
-                self.writer.check()
+                self._queue(targets, sum(t[3] for t in targets), self._dispatch(batch, weight))
                 for k in touched:
                     blk = blocks[k]
                     if blk.filled == blk.stop - blk.start:
