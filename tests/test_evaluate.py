@@ -232,20 +232,26 @@ def test_baselines_shapes_and_agreement(toy):
     assert rep.shape == (10, 50) and np.abs(rep).max() <= 1 + 1e-5
 
 
+def _scoring_problem(toy, seq, n: int):
+    """``(model, loss, train, test)``: the linear toy (``seq`` None) or a token MLP on ``n`` random sequences
+    of ``seq`` tokens (the first 24 train, the rest test)."""
+    if seq is None:
+        train, test = toy
+        return Lin(nnx.Rngs(0)), ce, train, test
+    from jaxval.models.token_mlp import TokenMLP, loss_fn
+
+    model = TokenMLP(vocab_size=13, d_model=8, n_block=1, hidden=12, rngs=nnx.Rngs(0))
+    tok = np.asarray(jax.random.randint(jax.random.key(3), (n, seq), 0, 13))
+    data = {"tokens": tok, "mask": np.ones((n, seq), np.float32)}
+    return model, loss_fn, jax.tree.map(lambda a: a[:24], data), jax.tree.map(lambda a: a[24:], data)
+
+
 @pytest.mark.parametrize("seq", [None, 2, 5])
 def test_streamed_scores_equal_explicit_gradient_scores(toy, seq):
     """``streamed_scores`` (training gradients never stored; for <= 2 tokens per example contracted straight
     from the layers' inputs and cotangents, else formed per batch) equals ``hq @ G_trainᵀ`` with ``G_train``
     the explicit per-example gradients (vmap(grad)), in float64."""
-    if seq is None:
-        train, _ = toy
-        model, loss = Lin(nnx.Rngs(0)), ce
-    else:
-        from jaxval.models.token_mlp import TokenMLP, loss_fn as loss
-
-        model = TokenMLP(vocab_size=13, d_model=8, n_block=1, hidden=12, rngs=nnx.Rngs(0))
-        tok = np.asarray(jax.random.randint(jax.random.key(3), (24, seq), 0, 13))
-        train = {"tokens": tok, "mask": np.ones((24, seq), np.float32)}
+    model, loss, train, _ = _scoring_problem(toy, seq, 24)
     lg = jv.LoGra(model, loss, rank=None, init="identity")
     g = np.asarray(jv.explicit_grads(model, loss, lg.projections, jax.tree.map(jnp.asarray, train)), np.float64)
     hq = np.asarray(jax.random.normal(jax.random.key(4), (6, lg.dim)), np.float32)
@@ -260,16 +266,7 @@ def test_ekfac_streamed_scores_equal_float64_solve_on_explicit_gradients(toy, se
     ``(H⁻¹ G_q) G_trainᵀ`` with ``G`` explicit per-example gradients (vmap(grad)) and ``H⁻¹`` solved per layer
     in float64 numpy from the fitted factors; un-projected and projected, 1 / 2 (pair route) / 5 tokens
     (block route). A RAW preconditioner is refused."""
-    if seq is None:
-        train, test = toy
-        model, loss = Lin(nnx.Rngs(0)), ce
-    else:
-        from jaxval.models.token_mlp import TokenMLP, loss_fn as loss
-
-        model = TokenMLP(vocab_size=13, d_model=8, n_block=1, hidden=12, rngs=nnx.Rngs(0))
-        tok = np.asarray(jax.random.randint(jax.random.key(3), (30, seq), 0, 13))
-        data = {"tokens": tok, "mask": np.ones((30, seq), np.float32)}
-        train, test = jax.tree.map(lambda a: a[:24], data), jax.tree.map(lambda a: a[24:], data)
+    model, loss, train, test = _scoring_problem(toy, seq, 30)
     lg = jv.LoGra(model, loss, rank=rank, init="identity" if rank is None else "gaussian")
     pc = jv.fit_preconditioner(lg, model, train, kind=kind, relative_damping=0.1, batch_size=8)
     g = np.asarray(jv.explicit_grads(model, loss, lg.projections, jax.tree.map(jnp.asarray, train)), np.float64)

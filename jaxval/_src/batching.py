@@ -52,7 +52,7 @@ def take(data, start: int, stop: int, pad_to: int | None = None):
     if pad_to is None or stop - start >= pad_to:
         return jax.tree_util.tree_map(lambda a: a[start:stop], data)
     idx = np.minimum(np.arange(start, start + pad_to), stop - 1)
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[idx] if isinstance(a, np.ndarray) else a[idx], data)
+    return jax.tree_util.tree_map(lambda a: a[idx], data)
 
 
 def padded_batches(data, size: int) -> Iterator[tuple[int, int, Any]]:

@@ -100,9 +100,9 @@ def _place(batch, mesh):
     only the rows of its own devices; every process passes the same batch)."""
     if mesh is None:
         return batch
-    if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
-        from jaxval._src.parallel import global_batch
+    from jaxval._src.parallel import global_batch, spans_processes
 
+    if spans_processes(mesh):
         return global_batch(batch, mesh)
     return shard_batch(batch, mesh)
 
