@@ -228,7 +228,7 @@ def leave_one_out(make_model, loss_fn, train, indices, seeds, config: RetrainCon
 # ----------------------------------------------------------------------------- brittleness
 
 def _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, seeds, config, eval_fn, key,
-                          cache_dir, random_seed, progress, tag) -> dict:
+                          cache_dir, random_seed, progress, tag, warm_start=None) -> dict:
     """``{name: [Q, K, S]}``: ``eval_fn(...)[key]`` of each test point under the removal of ITS OWN top-``k``
     proponents by each method (``"random"`` added: ``k`` random points), one retrained model per (point, k,
     seed). Retrained with cache tags ``f"{tag}-{name}"``."""
@@ -241,7 +241,7 @@ def _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, 
         m = brittleness_masks(np.zeros((q, n)) if sc is None else sc, ks, seed=random_seed, random=sc is None)
         rows = np.repeat(m.reshape(q * len(ks), -1), len(seeds), 0)
         res = retrain(make_model, loss_fn, train, rows, np.tile(seeds, q * len(ks)), config, test_points, eval_fn,
-                      cache_dir=cache_dir, tag=f"{tag}-{name}", progress=progress)[key]  # [Q*K*S, Q]
+                      warm_start=warm_start, cache_dir=cache_dir, tag=f"{tag}-{name}", progress=progress)[key]
         out[name] = res.reshape(q, len(ks), len(seeds), q)[np.arange(q), :, :, np.arange(q)]
     return out
 
@@ -262,19 +262,21 @@ def brittleness(make_model, loss_fn, train, test_points, methods: Mapping[str, n
 
 def removal_effect(make_model, loss_fn, train, test_points, methods: Mapping[str, np.ndarray], ks, seeds,
                    config: RetrainConfig, eval_fn=None, *, key: str = "loss", cache_dir=None, random_seed: int = 0,
-                   progress=True) -> dict:
+                   progress=True, warm_start=None) -> dict:
     """The brittleness test for models without a single prediction to flip (language models): the mean
     increase of each test point's own ``eval_fn(...)[key]`` (its loss) when its top-``k`` proponents
     under each method (or ``k`` random points, ``"random"``) are removed and the model retrained, relative
     to the model trained on all data with the same seed. Averaged over points and seeds.
 
-    methods: ``{name: scores [Q, N]}``. Returns ``{name: [K] mean increase}``."""
+    methods: ``{name: scores [Q, N]}``; warm_start: every model fine-tuned from this model (as in
+    :func:`retrain`). Returns ``{name: [K] mean increase}``."""
     seeds = np.asarray(seeds)
     eval_fn = eval_fn or _default_eval(loss_fn)
     base = retrain(make_model, loss_fn, train, np.ones((len(seeds), masks_n(train)), bool), seeds, config,
-                   test_points, eval_fn, cache_dir=cache_dir, tag="removal-base", progress=progress)[key]  # [S, Q]
+                   test_points, eval_fn, warm_start=warm_start, cache_dir=cache_dir, tag="removal-base",
+                   progress=progress)[key]  # [S, Q]
     own = _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, seeds, config, eval_fn,
-                                key, cache_dir, random_seed, progress, "removal")
+                                key, cache_dir, random_seed, progress, "removal", warm_start)
     return {name: (v - base.T[:, None, :]).mean((0, 2)) for name, v in own.items()}
 
 
