@@ -16,6 +16,7 @@ from jaxval._src.curvature import (EigenState, KFACState, RawState, fit_from_sto
                                    load_statistics, pca_projections, save_statistics)
 from jaxval._src.store import GradientStore, StoreError
 from jaxval._src.projection import init_projections, layer_key, projection_matrix
+from jaxval._src.token_influence import TokenInfluence, token_influence
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,8 @@ __all__ = [
     "init_projections",
     "self_influence",
     "top_k",
+    "token_influence",
+    "TokenInfluence",
     "layer_key",
     "model_fingerprint",
     "projection_matrix",
