@@ -5,6 +5,7 @@
     jaxval info STORE [--json]                   a store's manifest, rows done / total, bytes on disk
     jaxval fit --config configs/digits_mlp.yaml  fit a preconditioner; checkpoint beside the store
     jaxval score --store S --queries Q [--precond P] [--mode cosine] [--top-k 10] [--out DIR]
+    jaxval attribute --config C --prompt TEXT   a generation's top proponents / opponents, per token (HTML)
 """
 
 from __future__ import annotations
@@ -327,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_score)
 
-    from jaxval.cli import alinfik, launch, linfik
+    from jaxval.cli import alinfik, attribute, launch, linfik
 
+    attribute.add_parser(sub)
     linfik.add_parser(sub)
     alinfik.add_parser(sub)
     launch.add_parser(sub)
