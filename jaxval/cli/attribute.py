@@ -277,18 +277,19 @@ def run(args) -> int:
                                   if ti.query_tokens is not None else None))
             j += 1
         result[side].append(e)
-    os.makedirs(args.out, exist_ok=True)
+    out_dir = args.out or os.path.join(os.path.dirname(str(out).rstrip("/")) or ".", "attribution")
+    os.makedirs(out_dir, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(args.out, "attribution.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(out_dir, "attribution.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "attribution.html"), "w", encoding="utf-8") as f:
+        with open(os.path.join(out_dir, "attribution.html"), "w", encoding="utf-8") as f:
             f.write(render_html(result))
-        with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
+        with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
             f.write(_report_md(result))
     print(f"generation: {result['generation']!r}\n"
           f"top proponent {result['proponents'][0]['id']} ({top_v[0]:+.4g}), top opponent "
           f"{result['opponents'][0]['id']} ({bot_v[0]:+.4g}); {h} of each split over their tokens -> "
-          f"{os.path.join(args.out, 'attribution.html')} ({time.perf_counter() - t0:.1f} s)")
+          f"{os.path.join(out_dir, 'attribution.html')} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -306,7 +307,8 @@ def add_parser(sub) -> None:
     a.add_argument("--highlight", type=int, default=3,
                    help="of these, how many of each side are split over their tokens (a forward and backward "
                         "per token)")
-    a.add_argument("--out", default="out/attribution", help="folder for attribution.html, .json and report.md")
+    a.add_argument("--out", default=None,
+                   help="folder for attribution.html, .json and report.md (default: attribution/ beside the store)")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=run)
 
