@@ -1,10 +1,10 @@
 """Per-token influence: a pair's score split exactly over the training example's tokens and the query's.
 
-For a loss that is a weighted sum of token losses, ``loss_b = Σ_t mask_bt · ℓ_bt`` (jaxval's language-model
-convention: ``batch["mask"]`` weights the next-token losses), the projected gradient is linear in the
-mask: ``g_b = Σ_t g_bt`` where ``g_bt`` is the LoGra gradient of the same sequence with the one-hot mask
-``mask_bt · e_t``. So ``g_bt`` is an ordinary LoGra row (``logra.grads`` of a batch of copies of the
-sequence, each with one token's mask), and
+For a loss that is a sum of token losses selected or weighted by a mask, ``loss_b = Σ_t w(mask_bt) ℓ_bt``
+with ``w(0) = 0`` (jaxval's language-model convention: the next-token losses where ``batch["mask"] > 0``),
+the projected gradient splits over the tokens: ``g_b = Σ_t g_bt`` where ``g_bt`` is the LoGra gradient of
+the same sequence with the one-hot mask ``mask_bt · e_t``. So ``g_bt`` is an ordinary LoGra row
+(``logra.grads`` of a batch of copies of the sequence, each with one token's mask), and
 
     score(q, z) = q̃ · g_z = Σ_t q̃ · g_zt          (q̃ = H⁻¹ g_q: the training example's tokens)
                 = Σ_u (H⁻¹ g_qu) · g_z             (the query's tokens)
@@ -130,7 +130,7 @@ def token_influence(logra, model, queries, train: Mapping, *, precond=None, mode
         :class:`jaxval.Preconditioner`); linear, as every preconditioner is.
       mode: ``dot`` (``g_qᵀH⁻¹g_z``), ``cosine`` (divided by ``sqrt(g_qᵀH⁻¹g_q · g_zᵀH⁻¹g_z)``) or
         ``relative`` (divided by ``sqrt(g_zᵀH⁻¹g_z)``), as in :func:`jaxval.influence`.
-      mask_key: the batch entry the loss weights its token losses with (``loss_b = Σ_t mask_bt ℓ_bt``).
+      mask_key: the batch entry the loss selects or weights its token losses with.
       chunk: (example, token) rows per LoGra call (memory: ``chunk`` sequences' forward and backward).
       split_queries: also split over the query's tokens (needs ``queries`` as a batch).
       check: warn when the parts do not sum to the scores (a loss that is not linear in the mask).
