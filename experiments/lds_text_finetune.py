@@ -79,6 +79,8 @@ def pretrained(cfg, make, pre, tok):
                                      "vocab": tok.vocab}, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.abspath(os.path.join(cfg["cache"], f"{cfg['name']}-pretrained-{key}"))
     model = make(nnx.Rngs(0))
+    if not cfg.get("pretrain"):  # pretrain: null (smoke tests): the random initialisation stands in
+        return model, 0.0
     if os.path.exists(os.path.join(path, "meta.json")):
         jcfg.load_model(model, path)
         log(f"pretrained model read from {path}")
@@ -158,9 +160,20 @@ def main():
            "loss_std_over_subsets": between, "loss_std_over_seeds": within, "lds_retrain_seconds": round(lds_s, 1),
            "model_info": info, "config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "methods": {}}
 
+    def write():
+        res["total_seconds"] = round(time.perf_counter() - t_all, 1)
+        # the raw material of the LDS numbers: masks [M, N], measured query losses [M, S, Q], scores [Q, N]
+        np.savez_compressed(os.path.join(out, f"{name}_arrays.npz"), masks=masks,
+                            measured=meas_loss.astype(np.float32),
+                            **{f"scores/{m}": s.astype(np.float32) for m, s in scores.items()})
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(out, f"{name}.md"), "w") as f:
+            f.write(markdown(res))
+
+    scores = {}
     if not cfg.get("ceiling_only"):
         bs = int(cfg.get("score_batch_size", 32))
-        scores = {}
         for spec in cfg["methods"]:
             mname = common.method_name(spec)
             with ev.Cost() as c:
@@ -177,24 +190,20 @@ def main():
             a, b = scores["identity"], scores["grad_dot"]
             res["identity_vs_grad_dot_max_rel_diff"] = float(np.abs(a - b).max() / np.abs(b).max())
 
-        if cfg.get("removal"):
-            rc = cfg["removal"]
-            sub = {k: v[: rc["points"]] for k, v in qs.items()}
-            chosen = {m: scores[m][: rc["points"]] for m in rc["methods"] if m in scores}
-            log(f"removal test: {rc['points']} queries x {len(rc['ks'])} k x {len(rc['seeds'])} seeds x "
-                f"{len(chosen) + 1} methods ...")
-            with ev.Cost() as c:
-                curves = ev.removal_effect(make, loss_fn, ft, sub, chosen, rc["ks"], rc["seeds"], fcfg, eval_fn,
-                                           cache_dir=cache, warm_start=base)
-            res["removal_retrain_seconds"] = round(c.seconds, 1)
-            res["removal"] = {"ks": list(rc["ks"]), "points": int(rc["points"]), "seeds": len(rc["seeds"]),
-                              "curves": {m: [float(v) for v in ys] for m, ys in curves.items()}}
-
-    res["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    with open(os.path.join(out, f"{name}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(out, f"{name}.md"), "w") as f:
-        f.write(markdown(res))
+    write()  # the LDS results, before the (long) removal test
+    if cfg.get("removal") and not cfg.get("ceiling_only"):
+        rc = cfg["removal"]
+        sub = {k: v[: rc["points"]] for k, v in qs.items()}
+        chosen = {m: scores[m][: rc["points"]] for m in rc["methods"] if m in scores}
+        log(f"removal test: {rc['points']} queries x {len(rc['ks'])} k x {len(rc['seeds'])} seeds x "
+            f"{len(chosen) + 1} methods ...")
+        with ev.Cost() as c:
+            curves = ev.removal_effect(make, loss_fn, ft, sub, chosen, rc["ks"], rc["seeds"], fcfg, eval_fn,
+                                       cache_dir=cache, warm_start=base)
+        res["removal_retrain_seconds"] = round(c.seconds, 1)
+        res["removal"] = {"ks": list(rc["ks"]), "points": int(rc["points"]), "seeds": len(rc["seeds"]),
+                          "curves": {m: [float(v) for v in ys] for m, ys in curves.items()}}
+        write()
     print(markdown(res))
     return res
 
