@@ -14,7 +14,11 @@ from jaxval._src.preconditioner import Preconditioner
 from jaxval._src import curvature
 from jaxval._src.curvature import (EigenState, KFACState, RawState, fit_from_store, fit_preconditioner,
                                    load_statistics, pca_projections, save_statistics)
-from jaxval._src.store import GradientStore, StoreError
+from jaxval._src.store import GradientStore
+from jaxval._src.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, Error, IncompleteStoreError,
+                                JaxvalError, MismatchError, NonFiniteError, OutputError, ProvenanceError, StoreCorruptError,
+                                StoreError, StoreNotFoundError, StoreWriteError)
+from jaxval._src.provenance import ProjectedGrads, Provenance, with_provenance
 from jaxval._src.projection import init_projections, layer_key, projection_matrix
 from jaxval._src.token_influence import TokenInfluence, token_influence
 
@@ -22,7 +26,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradientStore",
+    "Error",
+    "JaxvalError",
+    "ConfigError",
+    "ProvenanceError",
+    "MismatchError",
+    "NonFiniteError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "OutputError",
     "StoreError",
+    "StoreNotFoundError",
+    "IncompleteStoreError",
+    "StoreCorruptError",
+    "StoreWriteError",
+    "Provenance",
+    "ProjectedGrads",
+    "with_provenance",
     "log_gradients",
     "LoGra",
     "Layer",

@@ -154,6 +154,7 @@ def test_done_mask_and_pending(tmp_path):
     ref = np.zeros(50, bool)
     assert not s.done_mask().any() and not s.is_complete()
     for a, b in [(0, 8), (16, 24), (21, 30), (48, 50)]:
+        s.write(a, np.zeros((b - a, 4), np.float32))   # rows are marked done after their data are written
         s.mark_done(a, b)
         ref[a:b] = True
     np.testing.assert_array_equal(s.done_mask(), ref)
@@ -162,6 +163,7 @@ def test_done_mask_and_pending(tmp_path):
     assert s.pending_blocks() == expect
     info = s.info()
     assert info["rows_done"] == ref.sum() and info["rows_total"] == 50 and not info["complete"]
+    s.write(0, np.zeros((50, 4), np.float32))
     s.mark_done(0, 50)
     assert s.is_complete() and s.pending_blocks() == []
 

@@ -27,12 +27,76 @@ def _checkpointer():
     return ocp.StandardCheckpointer(multiprocessing_options=opts)
 
 
-def save(path: str, arrays: dict[str, Any], meta: dict | None = None, overwrite: bool = False) -> str:
-    """Write ``arrays`` (a pytree of arrays) and ``meta`` (JSON-able) to the folder ``path``.
+def _complete(folder: str) -> bool:
+    """A folder written whole by :func:`save` (meta.json is written last, atomically) or :func:`replace_dir`
+    (its ``marker`` file)."""
+    return os.path.isfile(os.path.join(folder, "meta.json"))
 
-    Writes into ``path + '.tmp'`` first and renames, so a failed save never leaves a half checkpoint
-    where a good one was."""
+
+def recover(path: str, complete=_complete) -> None:
+    """Finish or clean what a killed :func:`save` / :func:`replace_dir` left beside ``path``:
+
+    * ``path`` missing, ``path.tmp`` complete: the new version was written whole, the swap was cut: it is
+      moved into place (``path.old``, the previous version, is then removed);
+    * ``path`` missing, only ``path.old`` complete: the previous version is moved back;
+    * ``path`` present: leftovers ``path.tmp`` / ``path.old`` are removed (``path`` is the good one).
+    """
     path = os.path.abspath(path)
+    tmp, old = path + ".tmp", path + ".old"
+    if not os.path.exists(path):
+        if os.path.isdir(tmp) and complete(tmp):
+            os.replace(tmp, path)
+        elif os.path.isdir(old) and complete(old):
+            os.replace(old, path)
+    if os.path.exists(path):
+        for p in (tmp, old):
+            if os.path.lexists(p):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_dir(tmp: str, path: str) -> None:
+    """Put the complete folder ``tmp`` at ``path``: the old ``path`` (if any) is renamed aside first and
+    removed only after the new one is in place, so at every instant a complete version exists (at
+    ``path``, or beside it for :func:`recover`)."""
+    path = os.path.abspath(path)
+    old = path + ".old"
+    if os.path.lexists(old):
+        shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+    if os.path.lexists(old):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_json_atomic(file: str, obj) -> None:
+    part = file + ".part"
+    with open(part, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, file)
+
+
+def save(path: str, arrays: dict[str, Any], meta: dict | None = None, overwrite: bool = False) -> str:
+    """Write ``arrays`` (a pytree of arrays) and ``meta`` (JSON-able) to the folder ``path``, whole or not at
+    all: into ``path + '.tmp'`` (meta.json last, atomically: its presence marks the folder complete), then
+    one rename, the old version renamed aside and removed only after (see :func:`replace_dir`). What a
+    killed save left is finished or cleaned by the next save or load (:func:`recover`)."""
+    path = os.path.abspath(path)
+    recover(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"checkpoint {path} exists; pass overwrite=True to replace it")
     tmp = path + ".tmp"
@@ -41,20 +105,35 @@ def save(path: str, arrays: dict[str, Any], meta: dict | None = None, overwrite:
     ckpt = _checkpointer()
     ckpt.save(os.path.join(tmp, "arrays"), {k: np.asarray(v) for k, v in arrays.items()} if isinstance(arrays, dict) else arrays)
     ckpt.wait_until_finished()
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta or {}, f, indent=1, sort_keys=True)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    write_json_atomic(os.path.join(tmp, "meta.json"), meta or {})
+    replace_dir(tmp, path)
     return path
 
 
 def load(path: str) -> tuple[dict[str, Any], dict]:
-    """``(arrays, meta)`` as written by ``save``."""
+    """``(arrays, meta)`` as written by ``save``; :class:`jaxval.CheckpointError` for a damaged checkpoint
+    (meta.json not JSON, arrays truncated or unreadable), :class:`jaxval.CheckpointNotFoundError` when
+    there is none."""
+    from jaxval._src.errors import CheckpointError, CheckpointNotFoundError
+
     path = os.path.abspath(path)
+    recover(path)
     if not os.path.exists(os.path.join(path, "meta.json")):
-        raise FileNotFoundError(f"{path} is not a jaxval checkpoint (no meta.json)")
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    arrays = _checkpointer().restore(os.path.join(path, "arrays"))
+        raise CheckpointNotFoundError(f"{path} is not a jaxval checkpoint (no meta.json)")
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: meta.json is not valid JSON ({e}); write it again "
+                              "(e.g. rerun jaxval fit)") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: meta.json holds a {type(meta).__name__}, not a mapping")
+    if not os.path.isdir(os.path.join(path, "arrays")):
+        raise CheckpointError(f"checkpoint {path} is damaged: its arrays folder is missing; write it again")
+    try:
+        arrays = _checkpointer().restore(os.path.join(path, "arrays"))
+    except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types (OUT_OF_RANGE, DATA_LOSS, ...)
+        first = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"checkpoint {path} is damaged: its arrays cannot be read ({type(e).__name__}: "
+                              f"{first}); write it again (e.g. rerun jaxval fit)") from e
     return arrays, meta

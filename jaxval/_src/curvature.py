@@ -279,20 +279,40 @@ def check_finite(state) -> None:
                                  "data of this layer (e.g. a diverged model or inf inputs)")
 
 
-def finalize(state, logra, damping: float | None = 1e-3, relative_damping: float | None = None) -> Preconditioner:
+def check_damping(kind: str, damping, relative_damping) -> None:
+    """Refuse bad damping arguments before any pass over the data (same rules as ``with_damping``)."""
+    from jaxval._src.errors import ConfigError
+
+    if kind == "identity":
+        return
+    if (damping is None) == (relative_damping is None):
+        raise ConfigError("give exactly one of damping (absolute λ) or relative_damping (α · mean eigenvalue)")
+    for name, v in (("damping", damping), ("relative_damping", relative_damping)):
+        if v is not None and not (isinstance(v, (int, float, np.floating, np.integer)) and float(v) > 0
+                                  and np.isfinite(float(v))):
+            raise ConfigError(f"{name} must be > 0 (a finite number) for a '{kind}' preconditioner, got {v!r}")
+
+
+def finalize(state, logra, damping: float | None = 1e-3, relative_damping: float | None = None, *,
+             fingerprint: str | None = None) -> Preconditioner:
     """The :class:`~jaxval.Preconditioner` of accumulated statistics (the kind is the state's).
 
     ``logra``: the LoGra (or anything with ``.layers`` and ``.config()``, e.g. :func:`store_layout`).
-    ``damping``: absolute λ per layer; ``relative_damping = α``: λ = α · the layer's mean eigenvalue."""
+    ``damping``: absolute λ per layer; ``relative_damping = α``: λ = α · the layer's mean eigenvalue.
+    ``fingerprint``: the model fingerprint of the weights the statistics come from (recorded in the
+    preconditioner's config as ``model_fingerprint``, its provenance)."""
     kind = kind_of(state)
     layers = _layers(logra)
     names = tuple(l.name for l in layers)
     shapes = tuple((l.k_in, l.k_out) for l in layers)
+    config = dict(logra.config())
+    if fingerprint is not None:
+        config["model_fingerprint"] = fingerprint
     if kind == "identity":
-        return Preconditioner(kind, names, shapes, {}, {n: 0.0 for n in names}, logra.config())
+        return Preconditioner(kind, names, shapes, {}, {n: 0.0 for n in names}, config)
     check_finite(state)
     factors = CURVATURES[kind].factors(layers, state)
-    pc = Preconditioner(kind, names, shapes, factors, {n: 1.0 for n in names}, logra.config())
+    pc = Preconditioner(kind, names, shapes, factors, {n: 1.0 for n in names}, config)
     return pc.with_damping(None if relative_damping is not None else damping, relative_damping)
 
 
@@ -359,8 +379,15 @@ def fit_preconditioner(logra, model, data, kind: str = "ekfac", damping: float |
     inside the compiled step, so every scale gives the same result up to float summation order.
     """
     check_kind(kind)
+    check_damping(kind, damping if relative_damping is None else None, relative_damping)
+    from jaxval._src.provenance import Provenance
+
+    try:
+        fp = Provenance.of(logra, model).fingerprint
+    except Exception:  # noqa: BLE001 - parameters this process cannot read whole: no fingerprint recorded
+        fp = None
     if kind == "identity":
-        return finalize(init(logra, kind), logra)
+        return finalize(init(logra, kind), logra, fingerprint=fp)
     common = dict(batch_size=batch_size, fisher=fisher, sample_fn=sample_fn, num_samples=num_samples, seed=seed,
                   mesh=mesh, progress=progress)
     if kind == "ekfac":
@@ -368,8 +395,8 @@ def fit_preconditioner(logra, model, data, kind: str = "ekfac", damping: float |
         check_finite(first)
         second = accumulate(logra, model, data, "ekfac", basis=kfac_basis(first), desc="ekfac eigenvalues",
                             **common)
-        return finalize(second, logra, damping, relative_damping)
-    return finalize(accumulate(logra, model, data, kind, **common), logra, damping, relative_damping)
+        return finalize(second, logra, damping, relative_damping, fingerprint=fp)
+    return finalize(accumulate(logra, model, data, kind, **common), logra, damping, relative_damping, fingerprint=fp)
 
 
 def pca_projections(model, loss_fn, data, rank=64, layers=None, batch_size: int = 64, progress: bool = True) -> dict:
@@ -507,12 +534,14 @@ def fit_from_store(store, stats=None, kind: str = "ekfac", damping: float | None
         raise StoreError(f"the store at {store.path} is incomplete ({store.num_done()}/{len(store)} rows): "
                          "finish logging first")
     check_kind(kind)
+    check_damping(kind, damping if relative_damping is None else None, relative_damping)
     layout = store_layout(store)
+    fp = (store.config or {}).get("model_fingerprint")
     if kind == "identity":
-        return finalize(init(layout, kind), layout)
+        return finalize(init(layout, kind), layout, fingerprint=fp)
     if kind == "raw":
         return finalize(accumulate_rows(layout, store, "raw", block_rows=block_rows, progress=progress), layout,
-                        damping, relative_damping)
+                        damping, relative_damping, fingerprint=fp)
     if stats is None:
         raise ValueError(f"{kind} from a store needs the K-FAC statistics of its logging pass: log with "
                          "stats='kfac' (jaxval log: log.stats: kfac), or fit from the model")
@@ -526,6 +555,6 @@ def fit_from_store(store, stats=None, kind: str = "ekfac", damping: float | None
         raise ValueError(f"the statistics' layers {got} are not the store's {want}")
     check_finite(stats)
     if kind == "kfac":
-        return finalize(stats, layout, damping, relative_damping)
+        return finalize(stats, layout, damping, relative_damping, fingerprint=fp)
     second = accumulate_rows(layout, store, "ekfac", kfac_basis(stats), block_rows=block_rows, progress=progress)
-    return finalize(second, layout, damping, relative_damping)
+    return finalize(second, layout, damping, relative_damping, fingerprint=fp)

@@ -81,6 +81,7 @@ from jaxval._src.batching import batch_size as _batch_size, is_array_tree, shard
 from jaxval._src import curvature
 from jaxval._src.logra import LoGra, check_independent_examples, model_fingerprint
 from jaxval._src.parallel import replicate, spans_processes, to_host, to_mesh
+from jaxval._src.errors import NonFiniteError, StoreWriteError
 from jaxval._src.store import (DTYPES, GradientStore, StoreError, StoreNotFoundError, config_diff, config_hash,
                                default_chunk_rows, location, normalize_dtype)
 
@@ -175,7 +176,7 @@ class _Writer:
                 if self._on_block is not None:
                     self._on_block(start, stop)
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                self._err = e
+                self._err = write_error(self._store, start, stop, e)
 
     def check(self):
         if self._err is not None:
@@ -183,7 +184,10 @@ class _Writer:
 
     def submit(self, start: int, rows: np.ndarray):
         self.check()
-        fut = self._store.write(start, rows, wait=False)
+        try:
+            fut = self._store.write(start, rows, wait=False)
+        except Exception as e:  # noqa: BLE001
+            raise write_error(self._store, start, start + rows.shape[0], e) from e
         self._q.put((start, start + rows.shape[0], fut))
 
     def close(self):
@@ -198,6 +202,70 @@ class _Block:
     def __init__(self, start, stop, dim, np_dtype, write: bool):
         self.start, self.stop, self.write, self.filled = start, stop, write, 0
         self.buf = np.empty((stop - start, dim), np_dtype) if write else None
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+_EXP_MASKS = {2: (np.uint16, {"bfloat16": 0x7F80, "float16": 0x7C00})}
+
+
+def nonfinite_rows(rows: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``rows`` ([n, D] float32 / float16 / bfloat16) holding a NaN or inf (one pass;
+    for 16-bit floats a test of the exponent bits, no conversion)."""
+    rows = np.asarray(rows)
+    if rows.dtype.itemsize == 2 and rows.dtype.name in ("bfloat16", "float16"):
+        m = 0x7F80 if rows.dtype.name == "bfloat16" else 0x7C00
+        bad = ((rows.view(np.uint16) & m) == m).any(axis=1)
+    else:
+        bad = ~np.isfinite(rows).all(axis=1)
+    return np.flatnonzero(bad)
+
+
+def write_error(store, start: int, stop: int, e: BaseException) -> BaseException:
+    """A failed block write as a :class:`StoreWriteError` saying why, which rows are kept and that a rerun
+    resumes (disk full, permission denied, any other I/O error); other exceptions as they are."""
+    import errno
+
+    text = " ".join(str(e).split())
+    code = getattr(e, "errno", None)
+    if "RESOURCE_EXHAUSTED" in text or code == errno.ENOSPC or "No space left" in text:
+        why = "the disk is full (RESOURCE_EXHAUSTED)"
+    elif "PERMISSION_DENIED" in text or code in (errno.EACCES, errno.EPERM, errno.EROFS) or "ermission denied" in text:
+        why = "permission denied (PERMISSION_DENIED: the store is not writable)"
+    elif isinstance(e, OSError) or any(k in text for k in ("UNAVAILABLE", "DATA_LOSS", "INTERNAL", "UNKNOWN")):
+        why = f"an I/O error ({text[:200]})"
+    else:
+        return e
+    err = _write_error_message(store, start, stop, why)
+    err.__cause__ = e
+    return err
+
+
+def _write_error_message(store, start, stop, why) -> StoreWriteError:
+    try:
+        kept = f"{store.num_done()} of {len(store)} rows"
+    except Exception:  # noqa: BLE001
+        kept = "the rows marked done"
+    err = StoreWriteError(f"writing rows [{start}, {stop}) of the store at {store.path} failed: {why}. {kept} "
+                          "already marked done are intact and kept; fix the cause and rerun the same call (jaxval "
+                          "log / log_gradients): it resumes with the pending rows only")
+    err.rows, err.why = (start, stop), why
+    return err
+
+
+def record_skipped(store, rows_idx, ids) -> None:
+    """Record rows stored as zeros because their gradients were not finite (``nonfinite="skip"``): one JSON
+    file per block under ``skipped/`` beside the store's arrays (writers own disjoint blocks)."""
+    import json
+    import os
+
+    if store._loc.local is None:
+        raise StoreError("nonfinite='skip' needs a local store (the skipped rows are recorded in files)")
+    d = os.path.join(store._loc.local, "skipped")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"{int(rows_idx[0])}.json"), "w") as f:
+        json.dump({"rows": [int(r) for r in rows_idx], "ids": [v.item() if hasattr(v, "item") else v for v in ids]},
+                  f)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -215,7 +283,21 @@ def _recover_half_created(path, dim: int, num_rows: int, dtype: str) -> bool:
         grads = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("grads"), "open": True}).result()
     except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace
         return False
-    return tuple(grads.shape) == (num_rows, dim) and np.dtype(grads.dtype.numpy_dtype) == DTYPES[dtype]
+    if not (tuple(grads.shape) == (num_rows, dim) and np.dtype(grads.dtype.numpy_dtype) == DTYPES[dtype]):
+        return False
+    # a store whose manifest was lost AFTER rows were logged is not half-created: its rows are someone's work
+    try:
+        done = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("done"), "open": True}).result()
+        n_done = int((np.asarray(done.read().result()) != 0).sum())
+    except Exception:  # noqa: BLE001 - no readable done record: cannot prove it holds nothing
+        n_done = -1
+    if n_done != 0:
+        what = f"{n_done} rows marked done" if n_done > 0 else "an unreadable done record"
+        raise StoreError(f"{path} holds store arrays with {what} but no manifest.json (deleted or lost): it is not "
+                         "a half-created store, so it is not re-created. Restore manifest.json from a backup "
+                         "(or recreate it with the same call's config), or, to discard those rows, pass "
+                         "overwrite=True (jaxval log --overwrite)")
+    return True
 
 
 def _create_or_open(path, *, dim, n, dtype, chunk_rows, config, ids, overwrite, creator, batch,
@@ -284,7 +366,8 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
                   process_index: int | None = None, process_count: int | None = None, progress: bool = True,
                   stats: str | None = None, *, num_rows: int | None = None, extra_config: dict | None = None,
                   fingerprint: str | None = None, max_inflight: int = 2, open_timeout: float = 300.0,
-                  pad: bool = True, on_block: Callable[[int, int], Any] | None = None, mesh=None):
+                  pad: bool = True, on_block: Callable[[int, int], Any] | None = None, mesh=None,
+                  nonfinite: str = "raise"):
     """Compute LoGra projected gradients of every example of ``data`` and store them at ``path``.
 
     Resumable (rerun the same call after a crash), several processes at once; see the module docstring.
@@ -323,6 +406,10 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
         on a global batch assembled from the processes' own batches; the first axis must give each
         process's devices their own rows (``jaxval.distributed.make_mesh``'s process-major order); array
         ``data`` only. See the module docstring.
+      nonfinite: ``"raise"`` (default): a NaN / inf gradient raises :class:`jaxval.NonFiniteError` naming the
+        example ids (its block is not stored; blocks already done are kept); ``"skip"``: such rows are
+        stored as zeros, marked done and recorded in ``skipped.json`` beside the store
+        (``store.skipped_rows()``), so that a caller can see and drop them.
 
     Returns:
       The :class:`~jaxval.store.GradientStore` (``(store, stats)`` when ``stats`` is given).
@@ -340,6 +427,8 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
                          "stats='kfac', then jaxval.fit_from_store(store, stats, kind='ekfac'))")
     if int(max_inflight) < 1:
         raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     dtype = normalize_dtype(dtype)
     if process_count is None:
         process_count = jax.process_count()
@@ -397,6 +486,12 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
         if err is not None:
             raise err
 
+    # ---- chunk files of done rows lost since (deleted, truncated): recompute them on this resume
+    damaged = store.repair() if creator else []
+    if damaged:
+        warnings.warn(f"jaxval: {store.path}: chunk files of rows {damaged[:4]} were missing or damaged; they were "
+                      "marked pending and are recomputed now", stacklevel=2)
+
     # ---- the plan: owned blocks, pending ones written
     cr = store.chunk_rows
     pending = {s for s, _ in store.pending_blocks()}
@@ -406,13 +501,18 @@ def log_gradients(logra: LoGra, model: nnx.Module, data, path, batch_size: int =
     acc = None
     if plan or multi:
         run = _Run(logra, model, store, dtype, stats, batch_size, max_inflight, progress, on_block, pad, pi, pc,
-                   mesh, multi)
-        if multi:
-            acc = run.spmd(data, plan)
-        elif array_mode:
-            acc = run.arrays(data, plan)
-        else:
-            acc = run.stream(data, plan, n)
+                   mesh, multi, nonfinite)
+        try:
+            if multi:
+                acc = run.spmd(data, plan)
+            elif array_mode:
+                acc = run.arrays(data, plan)
+            else:
+                acc = run.stream(data, plan, n)
+        except StoreWriteError as e:   # the queued writes have finished now: say how many rows are kept
+            if not hasattr(e, "rows"):
+                raise
+            raise _write_error_message(store, *e.rows, e.why) from e.__cause__
     elif stats is not None:
         acc = curvature.init(logra, stats)
 
@@ -491,7 +591,7 @@ class _Run:
     """One logging pass of one process over its planned blocks."""
 
     def __init__(self, logra, model, store, dtype, stats, batch_size, max_inflight, progress, on_block, pad,
-                 pi, pc, mesh, multi: bool = False):
+                 pi, pc, mesh, multi: bool = False, nonfinite: str = "raise"):
         self.logra, self.store, self.stats, self.bs = logra, store, stats, batch_size
         self.dim, self.np_dtype = store.dim, np.dtype(_JNP_DTYPES[dtype])
         reduce = (masked_accumulate if multi else curvature.accumulate_batch) if stats else None
@@ -499,6 +599,7 @@ class _Run:
         self.pad = pad and stats is None
         self.max_inflight, self.progress, self.on_block = max_inflight, progress, on_block
         self.pi, self.pc, self.mesh, self.multi = pi, pc, mesh, multi
+        self.nonfinite = nonfinite
         self.projections = logra.projections
         self.acc = None
         if stats is not None:
@@ -544,7 +645,11 @@ class _Run:
                 if blk.write:
                     if host is None:
                         host = self._host(g)
-                    blk.buf[row_off:row_off + cnt] = host[g_off:g_off + cnt]
+                    rows = host[g_off:g_off + cnt]
+                    bad = nonfinite_rows(rows)
+                    if bad.size:
+                        rows = self._nonfinite(blk.start + row_off + bad, rows, bad)
+                    blk.buf[row_off:row_off + cnt] = rows
                 blk.filled += cnt
                 if blk.filled == blk.stop - blk.start:
                     if blk.write:
@@ -553,6 +658,21 @@ class _Run:
             if host is None:
                 jax.block_until_ready(g)  # stats-only or padding batch: keep the queue bounded
             self.bar.update(n)
+
+    def _nonfinite(self, rows_idx, rows, bad):
+        """NaN / inf gradients: raise naming the examples (default), or (``nonfinite="skip"``) store zeros,
+        record the rows in ``skipped.json`` beside the store and go on."""
+        ids = self.store.ids[rows_idx]
+        if self.nonfinite != "skip":
+            raise NonFiniteError(
+                f"the gradients of {len(rows_idx)} example(s) hold NaN or inf: ids {ids[:8].tolist()} (rows "
+                f"{rows_idx[:8].tolist()}); nothing of their block was stored and the rows already done are kept. "
+                "Fix the data or the model (e.g. inf inputs, a diverged checkpoint), or pass nonfinite='skip' to "
+                "store them as zeros and record them (store.skipped_rows())")
+        rows = np.array(rows, copy=True)
+        rows[bad] = 0
+        record_skipped(self.store, rows_idx, ids)
+        return rows
 
     def _open(self, total: int):
         self.writer = _Writer(self.store, self.max_inflight, self.on_block)

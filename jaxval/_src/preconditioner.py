@@ -74,15 +74,27 @@ class Preconditioner:
     def dim(self) -> int:
         return int(sum(a * b for a, b in self.shapes))
 
+    @property
+    def provenance(self):
+        """The :class:`jaxval.Provenance` (LoGra config hash, model fingerprint) it was fitted with, or None
+        for a hand-made preconditioner (empty ``config``). ``fingerprint`` is None for one saved by an older
+        jaxval (which recorded none)."""
+        from jaxval._src.provenance import of_config
+
+        return of_config(self.config)
+
     def check_config(self, config: Mapping | None):
-        """Raise if ``config`` (a ``LoGra.config()`` or a store's config) is not the one fitted."""
+        """Raise :class:`jaxval.ProvenanceError` if ``config`` (a ``LoGra.config()`` or a store's config)
+        is not the one fitted."""
+        from jaxval._src.errors import ProvenanceError
+
         if config is None or not self.config:
             return
         mine = {k: self.config.get(k) for k in ("layers", "projection_sha256")}
         theirs = {k: config.get(k) for k in ("layers", "projection_sha256")}
         if mine != theirs:
-            raise ValueError("this preconditioner was fitted for another LoGra configuration (layers, ranks "
-                             "or projections differ); fit one for these gradients")
+            raise ProvenanceError("this preconditioner was fitted for another LoGra configuration (layers, ranks "
+                                  "or projections differ); fit one for these gradients")
 
     def apply(self, g: jax.Array, config: Mapping | None = None) -> jax.Array:
         """``H⁻¹ g`` for ``g [B, D]`` (or ``[D]``)."""
@@ -118,20 +130,44 @@ class Preconditioner:
 
     @classmethod
     def load(cls, path: str) -> "Preconditioner":
+        """The preconditioner saved at ``path``; :class:`jaxval.CheckpointError` if it is not one or is
+        damaged (a truncated array or meta.json, a factor missing or of the wrong shape)."""
         from jaxval._src import checkpoint
+        from jaxval._src.errors import CheckpointError
 
         arrays, meta = checkpoint.load(path)
-        names = tuple(meta["names"])
+        try:
+            kind, names = meta["kind"], tuple(meta["names"])
+            shapes = tuple((int(a), int(b)) for a, b in meta["shapes"])
+            damping = {k: float(v) for k, v in meta["damping"].items()}
+            config = meta.get("config", {}) or {}
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a jaxval preconditioner checkpoint (meta.json lacks or has a bad "
+                                  f"{e}): fit it again (jaxval fit)") from e
+        if kind not in ("identity", "raw", "kfac", "ekfac") or len(shapes) != len(names):
+            raise CheckpointError(f"{path}: meta.json describes no preconditioner (kind {kind!r}); fit it again")
         factors: dict = {n: {} for n in names}
         for key, v in arrays.items():
             if key == "empty":
                 continue
             i, k = key.split("/")
             factors[names[int(i)]][k] = jnp.asarray(v)
-        if meta["kind"] == "identity":
+        if kind == "identity":
             factors = {}
-        return cls(meta["kind"], names, tuple(tuple(s) for s in meta["shapes"]), factors,
-                   {k: float(v) for k, v in meta["damping"].items()}, meta.get("config", {}))
+        want = {"raw": ("V", "e"), "kfac": ("QA", "QS", "L"), "ekfac": ("QA", "QS", "L")}.get(kind, ())
+        for n, (ki, ko) in zip(names, shapes):
+            f = factors.get(n, {})
+            missing = [k for k in want if k not in f]
+            if missing:
+                raise CheckpointError(f"{path}: layer '{n}' lacks factors {missing}: a damaged preconditioner "
+                                      "checkpoint; fit it again")
+            if kind in ("kfac", "ekfac") and (tuple(f["QA"].shape) != (ki, ki) or tuple(f["QS"].shape) != (ko, ko)
+                                               or tuple(f["L"].shape) != (ki, ko)):
+                raise CheckpointError(f"{path}: layer '{n}' factors have shapes {f['QA'].shape}, {f['QS'].shape}, "
+                                      f"{f['L'].shape}, not those of a ({ki}, {ko}) block: a damaged checkpoint")
+            if kind == "raw" and tuple(f["V"].shape) != (ki * ko, ki * ko):
+                raise CheckpointError(f"{path}: layer '{n}' raw factor has shape {f['V'].shape}: a damaged checkpoint")
+        return cls(kind, names, shapes, factors, damping, config)
 
 
 class _StaticConfig:

@@ -43,6 +43,32 @@ def _read_jsonl(path: str, field: str | None = None) -> list[dict]:
     return rows
 
 
+def _values_provenance(pool: str, values: str) -> dict | None:
+    """The provenance ``jaxval linfik`` recorded beside ``values`` (meta.json): the pool and the values must be
+    the files of that run (their sha256), else :class:`jaxval.ProvenanceError`. None without a meta.json."""
+    from jaxval._src.errors import ProvenanceError
+    from jaxval.cli.linfik import file_sha256
+
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(values)), "meta.json")
+    if not os.path.isfile(meta_path):
+        return None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise ConfigError(f"{meta_path} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or "values_sha256" not in meta:
+        return None
+    if meta["values_sha256"] != file_sha256(values):
+        raise ProvenanceError(f"{values} is not the linfik.npy its meta.json ({meta_path}) describes (sha256 "
+                              "differs): give the files of one `jaxval linfik` run")
+    if meta.get("pool_sha256") != file_sha256(pool):
+        raise ProvenanceError(f"{pool} is not the pool.jsonl that {values} was computed for (its sha256 differs "
+                              f"from {meta_path}): give the pool.jsonl and linfik.npy of one `jaxval linfik` run")
+    return {**(meta.get("provenance") or {}), "values_sha256": meta["values_sha256"],
+            "pool_sha256": meta["pool_sha256"]}
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``jaxval alinfik train|score|select|price`` on the argparse sub-parser collection ``sub``."""
     from jaxval.valuation.alinfik import PRICE_RULES
@@ -89,7 +115,11 @@ def _train(args) -> None:
     if not 0 < frac <= 1:
         raise ConfigError(f"fraction must be in (0, 1], got {frac}")
     rows = _read_jsonl(args.pool, "text")
-    v = np.load(args.values)
+    try:
+        v = np.load(args.values)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{args.values} is not a .npy array of LinFiK values ({e})") from e
+    provenance = _values_provenance(args.pool, args.values)
     if len(rows) != len(v):
         raise ConfigError(f"{args.pool} has {len(rows)} lines but {args.values} has {len(v)} values: give the "
                           "pool.jsonl and linfik.npy of one `jaxval linfik` run")
@@ -97,6 +127,8 @@ def _train(args) -> None:
     st = fit_student([rows[i]["text"] for i in idx], v[idx], make_embed_fn(embed) if embed else None, seed=seed,
                      **cfg)
     st.meta["labelled_indices"] = idx.tolist()
+    if provenance is not None:
+        st.meta["provenance"] = provenance
     st.save(args.out, overwrite=True)
     print(f"student saved to {args.out}: val spearman {st.meta['val_spearman']:.3f} (epoch {st.meta['best_epoch']})")
 
@@ -113,7 +145,11 @@ def run(args) -> int:
         np.save(args.out, pred)
         print(f"scored {len(pred)} texts -> {args.out}")
     elif args.action == "select":
-        idx = select(np.load(args.scores), args.budget)
+        scores = np.load(args.scores)
+        if args.budget < 0 or args.budget > len(scores):
+            raise ConfigError(f"--budget must be between 0 and the {len(scores)} scored samples of {args.scores}, "
+                              f"got {args.budget}")
+        idx = select(scores, args.budget)
         with open(args.out, "w") as f:
             json.dump(idx.tolist(), f)
         print(f"selected {len(idx)} -> {args.out}")

@@ -146,6 +146,8 @@ def _fit(args):
     from jaxval._src.logra import model_fingerprint
     from jaxval._src.store import GradientStore, StoreError
 
+    from jaxval._src.curvature import check_damping
+
     cfg = C.load_config(args.config)
     ft = cfg["fit"]
     for key in ("kind", "damping", "relative_damping", "output", "fisher", "num_samples"):
@@ -154,6 +156,14 @@ def _fit(args):
             ft[key] = v
     if args.damping is not None:
         ft["relative_damping"] = None
+    # cheap arguments before any store is read or model built (a bad damping used to surface after both
+    # EK-FAC passes)
+    try:
+        check_damping(ft["kind"], ft["damping"] if ft["relative_damping"] is None else None, ft["relative_damping"])
+    except C.ConfigError as e:
+        raise C.ConfigError(f"{args.config}: fit: {e}") from None
+    if int(ft["num_samples"]) < 1:
+        raise C.ConfigError(f"{args.config}: fit.num_samples must be >= 1, got {ft['num_samples']}")
     if args.kind and not args.output:
         ft["output"] = f"{cfg['log']['output'].rstrip('/')}.{ft['kind']}.precond"
     t0 = time.perf_counter()
@@ -197,40 +207,67 @@ def _fit(args):
     return 0
 
 
+SCORE_MARKER = ".jaxval-score.json"
+"""The completion marker of a ``jaxval score`` folder (written last; its presence = the folder is whole)."""
+
+
+def _score_complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, SCORE_MARKER))
+
+
+def _check_score_out(out: str) -> None:
+    """Refuse an output folder that holds files jaxval score did not write (never mix or delete them)."""
+    from jaxval._src.checkpoint import recover
+    from jaxval._src.errors import OutputError
+
+    recover(out, complete=_score_complete)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(f"--out {out} exists and is not a folder: choose another --out")
+    if os.path.isdir(out) and os.listdir(out) and not _score_complete(out):
+        raise OutputError(f"--out {out} holds files not written by `jaxval score` (no {SCORE_MARKER}): nothing "
+                          "was changed; choose another --out or empty that folder")
+
+
 def _score(args):
     import numpy as np
 
     from jaxval.cli import config as C
+    from jaxval._src.checkpoint import replace_dir, write_json_atomic
+    from jaxval._src.provenance import ProjectedGrads, of_store
     from jaxval._src.scoring import influence, top_k
     from jaxval._src.preconditioner import Preconditioner
     from jaxval.cli.report import render_examples, write_report
+    from jaxval._src.errors import IncompleteStoreError, ProvenanceError
     from jaxval._src.store import GradientStore, StoreError
 
+    _check_score_out(args.out)     # cheap checks first: nothing is read or computed for a refused folder
     train = GradientStore.open(args.store)
     queries = GradientStore.open(args.queries)
     for s in (train, queries):
         if not s.is_complete():
-            raise StoreError(f"store {s.path} is incomplete ({s.num_done()}/{len(s)} rows): finish `jaxval log` first")
-    t_cfg, q_cfg = train.config.get("logra", {}), queries.config.get("logra", {})
-    if t_cfg.get("projection_sha256") != q_cfg.get("projection_sha256") or train.dim != queries.dim:
-        raise StoreError("the query store was logged with another LoGra configuration than the training store")
-    if train.config.get("model_fingerprint") != queries.config.get("model_fingerprint"):
-        raise StoreError("the query and training stores come from different model weights")
+            s.check_chunks()
+            raise IncompleteStoreError(f"store {s.path} is incomplete ({s.num_done()}/{len(s)} rows): finish "
+                                       "`jaxval log` first (rerun the same command to resume)")
+    if train.dim != queries.dim:
+        raise ProvenanceError(f"the query store has D = {queries.dim}, the training store D = {train.dim}: they "
+                              "were logged with different LoGra configurations")
+    qprov = of_store(queries)
+    if qprov is None or of_store(train) is None:
+        raise ProvenanceError("a store records no LoGra configuration / model fingerprint (not written by "
+                              "`jaxval log`): score it with the Python API (jaxval.influence(..., unchecked=True))")
     pc = Preconditioner.load(args.precond) if args.precond else None
-    if pc is not None:
-        pc.check_config(t_cfg)
-    q = queries.read(0, len(queries))
-    os.makedirs(args.out, exist_ok=True)
+    q = ProjectedGrads(queries.read(0, len(queries)), qprov)
     k = min(args.top_k, len(train))
     t0 = time.perf_counter()
     import jax
 
     from jaxval._src import parallel as distributed
 
-    # under several processes the engine splits the rows (whole chunks) and gathers on every process
+    # under several processes the engine splits the rows (whole chunks) and gathers on every process;
+    # every provenance check (queries, rows, preconditioner) happens inside influence / top_k
+    s = None
     if len(q) * len(train) <= args.max_matrix:
         s = influence(q, train, precond=pc, mode=args.mode, progress=not args.no_progress)
-        np.save(os.path.join(args.out, "scores.npy"), s)
         order = np.argsort(-s, axis=1, kind="stable")
         top_i, bot_i = order[:, :k], order[:, ::-1][:, :k]
         top_v, bot_v = np.take_along_axis(s, top_i, 1), np.take_along_axis(s, bot_i, 1)
@@ -241,30 +278,70 @@ def _score(args):
     if jax.process_index() != 0:
         distributed.barrier("jaxval-score-report")
         return 0
-    t_ids, q_ids = np.asarray(train.ids), np.asarray(queries.ids)
-    with open(os.path.join(args.out, "top_k.json"), "w") as f:
-        json.dump({"mode": args.mode, "precond": args.precond, "queries": [str(i) for i in q_ids],
-                   "proponents": [[str(t_ids[i]) for i in row] for row in np.asarray(top_i)],
-                   "proponent_scores": np.asarray(top_v).tolist(),
-                   "opponents": [[str(t_ids[i]) for i in row] for row in np.asarray(bot_i)],
-                   "opponent_scores": np.asarray(bot_v).tolist()}, f)
-    renders = []
-    for st in (queries, train):
-        dspec = (st.config.get("extra") or {}).get("data")
-        try:
-            data, ids, _ = C.build_data(dspec, for_model=None) if dspec else (None, None, None)
-            tok = C.build_tokenizer(dspec) if dspec else None
-        except Exception:  # noqa: BLE001 - the report then shows ids only
-            data, ids, tok = None, None, None
-        row_of = {str(v): r for r, v in enumerate(ids)} if ids is not None else {}
-        renders.append((render_examples(data, tok), (lambda i, m=row_of: m.get(str(i)))))
-    path = write_report(args.out, q_ids, t_ids, np.asarray(top_v), np.asarray(top_i), np.asarray(bot_v),
-                        np.asarray(bot_i), mode=args.mode, query_render=renders[0][0], query_row_of_id=renders[0][1],
-                        train_render=renders[1][0], train_row_of_id=renders[1][1])
+    # the folder is written aside and put in place with one rename: never a mix of old and new files
+    out = os.path.abspath(args.out)
+    tmp = out + ".tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        if s is not None:
+            np.save(os.path.join(tmp, "scores.npy"), s)
+        t_ids, q_ids = np.asarray(train.ids), np.asarray(queries.ids)
+        with open(os.path.join(tmp, "top_k.json"), "w") as f:
+            json.dump({"mode": args.mode, "precond": args.precond, "queries": [str(i) for i in q_ids],
+                       "proponents": [[str(t_ids[i]) for i in row] for row in np.asarray(top_i)],
+                       "proponent_scores": np.asarray(top_v).tolist(),
+                       "opponents": [[str(t_ids[i]) for i in row] for row in np.asarray(bot_i)],
+                       "opponent_scores": np.asarray(bot_v).tolist()}, f)
+        renders = []
+        for st in (queries, train):
+            dspec = (st.config.get("extra") or {}).get("data")
+            try:
+                data, ids, _ = C.build_data(dspec, for_model=None) if dspec else (None, None, None)
+                tok = C.build_tokenizer(dspec) if dspec else None
+            except Exception:  # noqa: BLE001 - the report then shows ids only
+                data, ids, tok = None, None, None
+            row_of = {str(v): r for r, v in enumerate(ids)} if ids is not None else {}
+            renders.append((render_examples(data, tok), (lambda i, m=row_of: m.get(str(i)))))
+        write_report(tmp, q_ids, t_ids, np.asarray(top_v), np.asarray(top_i), np.asarray(bot_v),
+                     np.asarray(bot_i), mode=args.mode, query_render=renders[0][0], query_row_of_id=renders[0][1],
+                     train_render=renders[1][0], train_row_of_id=renders[1][1])
+        write_json_atomic(os.path.join(tmp, SCORE_MARKER), {
+            "format": "jaxval.scores", "store": train.path, "queries": queries.path, "precond": args.precond,
+            "mode": args.mode, "top_k": k, "store_config_hash": train.config_hash,
+            "queries_config_hash": queries.config_hash, "model_fingerprint": qprov.fingerprint,
+            "logra_config_hash": qprov.config_hash, "full_matrix": s is not None})
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # the old folder (if any) is untouched
+        raise
+    path = os.path.join(args.out, "report.md")
     print(f"scored {len(q)} queries x {len(train)} training rows ({args.mode}) in {elapsed:.2f} s -> {path}")
     if jax.process_count() > 1:
         distributed.barrier("jaxval-score-report")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,12 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a preconditioner (identity | raw | kfac | ekfac) from a config")
     f.add_argument("--config", required=True)
     f.add_argument("--kind", choices=["identity", "raw", "kfac", "ekfac"], default=None)
-    f.add_argument("--damping", type=float, default=None, help="absolute λ (default: relative 0.1)")
-    f.add_argument("--relative-damping", type=float, default=None)
+    f.add_argument("--damping", type=_positive_float, default=None, help="absolute λ > 0 (default: relative 0.1)")
+    f.add_argument("--relative-damping", type=_positive_float, default=None)
     f.add_argument("--fisher", choices=["empirical", "sampled"], default=None)
     f.add_argument("--model-pass", action="store_true",
                    help="fit from a pass through the model even when the store and its statistics suffice")
-    f.add_argument("--num-samples", type=int, default=None)
+    f.add_argument("--num-samples", type=_positive_int, default=None)
     f.add_argument("--output", default=None, help="checkpoint folder (default: beside the store)")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_fit)
@@ -321,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queries", required=True, help="query gradient store (e.g. `jaxval log --split test`)")
     s.add_argument("--precond", default=None, help="preconditioner checkpoint from `jaxval fit`")
     s.add_argument("--mode", default="cosine", choices=["dot", "cosine", "relative", "l2"])
-    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--top-k", type=_positive_int, default=10, help="proponents / opponents kept per query (>= 1)")
     s.add_argument("--out", default="out/scores")
-    s.add_argument("--max-matrix", type=int, default=50_000_000,
+    s.add_argument("--max-matrix", type=_positive_int, default=50_000_000,
                    help="write the full [Q, N] matrix when Q·N is at most this; else stream top-k only")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_score)
@@ -338,19 +415,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the ``jaxval`` command; returns the exit status. A jaxval error (or an I/O or value error) is one
+    line on stderr with status 2; ``--debug`` re-raises it (the traceback)."""
+    from jaxval._src.errors import JaxvalError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:   # argparse: its usage line and message are already on stderr
+        return int(e.code or 0)
     if args.command in ("log", "fit", "score"):
         from jaxval._src import parallel as distributed
 
         distributed.initialize()  # no-op for one process; jax.distributed under `jaxval launch` or on a pod
-    from jaxval._src.errors import JaxvalError
-
     try:
         return int(args.func(args) or 0)
-    except (JaxvalError, FileNotFoundError) as e:  # ConfigError, StoreError, ...: what was wrong, what to do
+    except (JaxvalError, OSError, ValueError) as e:  # ConfigError, StoreError, ...: what was wrong, what to do
         if args.debug:
             raise
-        print(f"jaxval {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, JaxvalError):
+            msg = f"{type(e).__name__}: {msg}"
+        print(f"jaxval {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

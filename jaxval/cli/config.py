@@ -49,7 +49,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from jaxval._src.errors import JaxvalError
+from jaxval._src.errors import ConfigError
 
 __all__ = ["ConfigError", "Field", "Schema", "REQUIRED", "read_yaml", "apply_overrides", "merge", "load_config",
            "PIPELINE", "normalize_config", "build_data", "build_model", "build_tokenizer", "prepare", "save_model",
@@ -57,11 +57,6 @@ __all__ = ["ConfigError", "Field", "Schema", "REQUIRED", "read_yaml", "apply_ove
 
 MODEL_KINDS = ("mlp", "cnn", "gpt", "token_mlp")
 DATA_KINDS = ("digits", "mnist", "fashion-mnist", "text")
-
-
-class ConfigError(JaxvalError, ValueError):
-    """A config file (or a command-line input) is missing something or has a bad value; the message names
-    the key, what was expected and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -454,6 +449,23 @@ def load_model(model, path: str):
     return model
 
 
+def _check_widths(mcfg: dict, dcfg: dict, data) -> None:
+    """The model's input width must match the data's (else XLA's dot_general error, after the setup)."""
+    x = data.get("x") if isinstance(data, dict) else None
+    if x is None:
+        return
+    if mcfg.get("kind") == "mlp" and mcfg.get("sizes"):
+        width = int(np.prod(np.shape(x)[1:]))
+        if int(mcfg["sizes"][0]) != width:
+            raise ConfigError(f"model.sizes[0] is {mcfg['sizes'][0]} but the {dcfg.get('kind')} data have {width} "
+                              f"features per example: set model.sizes[0] to {width}")
+    if mcfg.get("kind") == "cnn" and np.ndim(x) == 4:
+        ch = int(np.shape(x)[-1])
+        if int(mcfg.get("in_channels", 1)) != ch:
+            raise ConfigError(f"model.in_channels is {mcfg.get('in_channels', 1)} but the {dcfg.get('kind')} "
+                              f"images have {ch} channels: set model.in_channels to {ch}")
+
+
 def prepare(cfg: dict, progress: bool = True, split: str | None = None):
     """``(model, loss_fn, data, ids, logra)`` for a normalised config: builds the data and the model, loads
     its checkpoint or trains it (deterministically, on ``data.split``), and builds the LoGra. ``split``
@@ -462,6 +474,7 @@ def prepare(cfg: dict, progress: bool = True, split: str | None = None):
 
     mcfg, dcfg, lcfg = cfg["model"], cfg["data"], cfg["logra"]
     data, ids, info = build_data(dcfg, for_model=mcfg["kind"])
+    _check_widths(mcfg, dcfg, data)
     if split is not None and split != dcfg.get("split", "train"):
         out_data, out_ids, _ = build_data(dict(dcfg, split=split), for_model=mcfg["kind"])
     else:

@@ -16,7 +16,17 @@ import numpy as np
 
 from jaxval.cli.config import Field, Schema, load_config
 
-__all__ = ["LM_DATA", "LINFIK", "lm_setup", "add_parser", "run"]
+__all__ = ["LM_DATA", "LINFIK", "lm_setup", "add_parser", "run", "file_sha256"]
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
 
 LM_DATA = Schema({
     "seed": Field((int,), 0),
@@ -123,12 +133,19 @@ def run(args) -> int:
     logra = LoGra(model, loss_fn, rank=rank, seed=seed, layers=cfg["layers"])
     v = linfik(logra, model, setup["pool"], setup["task"], lr=cfg["linfik_lr"], batch_size=cfg["batch_size"],
                normalize=cfg["normalize"])
+    from jaxval._src.provenance import Provenance
+
     os.makedirs(args.out, exist_ok=True)
+    pool_lines = "".join(json.dumps({"id": i, "text": t, "source": int(s)}) + "\n"
+                         for i, (t, s) in enumerate(zip(setup["pool_texts"], setup["pool_source"])))
     with open(os.path.join(args.out, "pool.jsonl"), "w") as f:
-        for i, (t, s) in enumerate(zip(setup["pool_texts"], setup["pool_source"])):
-            f.write(json.dumps({"id": i, "text": t, "source": int(s)}) + "\n")
+        f.write(pool_lines)
     np.save(os.path.join(args.out, "linfik.npy"), v)
+    prov = Provenance.of(logra, model)
     with open(os.path.join(args.out, "meta.json"), "w") as f:
-        json.dump({"config": cfg, "n_pool": int(len(v)), "logra": logra.config()}, f, indent=1, default=str)
+        json.dump({"config": cfg, "n_pool": int(len(v)), "logra": logra.config(),
+                   "provenance": {"config_hash": prov.config_hash, "model_fingerprint": prov.fingerprint},
+                   "pool_sha256": file_sha256(os.path.join(args.out, "pool.jsonl")),
+                   "values_sha256": file_sha256(os.path.join(args.out, "linfik.npy"))}, f, indent=1, default=str)
     print(f"wrote {len(v)} LinFiK scores to {args.out}")
     return 0

@@ -160,7 +160,7 @@ def _lrs(lr, c: int) -> list[float]:
 
 def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, batch_size: int = 64,
            precond=None, normalize: str | None = None, checkpoints: Sequence | None = None,
-           return_per_checkpoint: bool = False, mesh=None) -> np.ndarray:
+           return_per_checkpoint: bool = False, mesh=None, unchecked: bool = False) -> np.ndarray:
     """LinFiK scores ``[N]`` (float32 numpy) of the pool examples with respect to the task set.
 
     Args:
@@ -176,12 +176,15 @@ def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, b
       mesh: optional ``jax.sharding.Mesh``: each batch is split over its first axis (also a mesh spanning
         several processes under ``jax.distributed``: every process passes the same pool and task, and gets
         the same scores); parameters placed with a ``NamedSharding`` stay sharded.
+      unchecked: skip the provenance check of ``precond`` (by default a preconditioner fitted with another
+        LoGra configuration, or, for one ``model``, on other weights, raises :class:`jaxval.ProvenanceError`).
 
     See the module docstring for the meaning and the rationale of each option.
     """
     normalize = _check_normalize(normalize)
     models = _as_models(model, checkpoints)
     lrs = _lrs(lr, len(models))
+    _check_precond_provenance(logra, models[0] if checkpoints is None else None, precond, unchecked)
     n = _batch_size(pool)
     _batch_size(task)
     per = np.zeros((len(models), n), np.float32)
@@ -197,6 +200,22 @@ def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, b
             per[c, start:start + nv] = _host(s, mesh)[:nv]
     total = per.sum(axis=0)
     return (total, per) if return_per_checkpoint else total
+
+
+def _check_precond_provenance(logra, model, precond, unchecked: bool) -> None:
+    """A preconditioner recording its provenance must come from this LoGra (and, for one model, its weights)."""
+    from jaxval._src import provenance as prov
+
+    pp = prov.of_precond(precond)
+    if pp is None or unchecked:
+        return
+    try:
+        mine = prov.Provenance.of(logra, model)
+    except Exception:  # noqa: BLE001 - weights this process cannot read whole: the configuration only
+        mine = prov.Provenance.of(logra)
+    if mine.fingerprint is None:
+        pp = prov.Provenance(pp.config_hash, None)
+    prov.check({"LoGra gradients": mine, "preconditioner": pp}, what="linfik")
 
 
 # ----------------------------------------------------------------------------- propositions

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from jaxval._src import provenance as _prov
+from jaxval._src.errors import ConfigError, IncompleteStoreError
 from jaxval._src.scoring import memo
 from jaxval._src.scoring.groups import normalize_groups, selectors_key
 from jaxval._src.scoring.kernels import (MODES, NEEDS_Z_SELF, PreconditionerSpec, as_f32, block_scores,
@@ -50,6 +52,45 @@ def _gather(x: np.ndarray, axis: int) -> np.ndarray:
     from jaxval._src.parallel import allgather_rows
 
     return allgather_rows(x, axis=axis)
+
+
+# --------------------------------------------------------------------------------------------------
+# provenance and completeness (before any work)
+
+
+def _checked_inputs(queries, train, precond, *, logra=None, model=None, provenance=None, unchecked=False,
+                    allow_incomplete=False, what="influence"):
+    """The bare queries and training rows after the provenance check (see :mod:`jaxval._src.provenance`)
+    and the completeness check of a store."""
+    if provenance is not None and not isinstance(provenance, _prov.Provenance):
+        raise TypeError(f"provenance must be a jaxval.Provenance, got {type(provenance).__name__}")
+    if logra is not None and provenance is not None:
+        raise ConfigError("give logra= (and model=) or provenance=, not both")
+    if model is not None and logra is None:
+        raise ConfigError("model= describes the query gradients together with logra=: pass both")
+    qp = None
+    if queries is not None:
+        if provenance is not None or logra is not None:
+            if isinstance(queries, _prov.ProjectedGrads):
+                raise ConfigError("the query gradients carry their provenance already: drop logra=/provenance=")
+            qp = provenance if provenance is not None else _prov.Provenance.of(logra, model)
+        else:
+            qp = queries
+    inputs = {"training rows": train, "preconditioner": precond}
+    if queries is not None:
+        inputs = {"query gradients": qp, **inputs}
+    _prov.check(inputs, unchecked=unchecked, what=what)
+    if not allow_incomplete and hasattr(train, "is_complete") and hasattr(train, "done_mask"):
+        mask = np.asarray(train.done_mask())
+        if not mask.all():
+            pend = np.flatnonzero(~mask)
+            raise IncompleteStoreError(
+                f"{what}: the store at {getattr(train, 'path', '?')} is incomplete: {pend.size} of {mask.size} rows "
+                f"are not logged yet (first pending rows {pend[:5].tolist()}); finish logging (rerun the same "
+                "log_gradients / `jaxval log` call) or pass allow_incomplete=True to score pending rows as zeros")
+        if hasattr(train, "check_chunks"):
+            train.check_chunks()
+    return (None if queries is None else _prov.unwrap(queries)), _prov.unwrap(train)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,6 +226,11 @@ def influence(
     precision="highest",
     prefetch: int | None = None,
     progress: bool | None = None,
+    logra=None,
+    model=None,
+    provenance=None,
+    unchecked: bool = False,
+    allow_incomplete: bool = False,
 ):
     """Influence scores of every training row on every query: ``g_qᵀ H⁻¹ g_z`` (positive: z is a proponent).
 
@@ -212,11 +258,21 @@ def influence(
         read-ahead is used when it has one); ``k > 0``: a background thread reads ``k`` blocks ahead
         (for slow, latency-bound stores); ``0``: plain ``store.read`` in the calling thread.
       progress: show a tqdm bar (default: when there are more than 8 blocks).
+      logra, model, provenance: where bare query gradients come from (``logra.grads(model, ...)``, or a
+        :class:`jaxval.Provenance`); not needed for what ``LoGra.grads`` returns (a ``ProjectedGrads``).
+        The queries', the training rows' (a store's manifest) and the preconditioner's provenance must
+        agree, else :class:`jaxval.ProvenanceError`; a bare array beside inputs that record provenance is
+        refused too.
+      unchecked: skip the provenance check (explicit opt-out, e.g. for hand-made arrays).
+      allow_incomplete: score a store with rows not logged yet (they read as zeros); default: refused
+        (:class:`jaxval.IncompleteStoreError`).
 
     Returns:
       ``np.ndarray`` float32 ``[Q, N]`` (or ``{group name: [Q, N]}`` with ``groups``), on every process.
     """
     _check_mode(mode)
+    queries, train = _checked_inputs(queries, train, precond, logra=logra, model=model, provenance=provenance,
+                                     unchecked=unchecked, allow_incomplete=allow_incomplete, what="influence")
     src, local_mesh = _local_rows(train, mesh)
     if src.total == 0:
         raise ValueError("train has no rows")
@@ -289,6 +345,11 @@ def top_k(
     precision="highest",
     prefetch: int | None = None,
     progress: bool | None = None,
+    logra=None,
+    model=None,
+    provenance=None,
+    unchecked: bool = False,
+    allow_incomplete: bool = False,
 ):
     """The ``k`` highest (``largest=True``: proponents) or lowest (opponents) scoring training rows per query.
 
@@ -302,11 +363,19 @@ def top_k(
     ``-scores`` for ``largest=True`` and of ``scores`` for ``largest=False``; ``-0.0 == 0.0``).  A NaN
     score (from a NaN gradient) ranks last and is reported as ``-inf`` (``+inf`` for ``largest=False``).
 
+    ``logra`` / ``model`` / ``provenance`` / ``unchecked`` / ``allow_incomplete``: as in :func:`influence`.
+
     Returns:
       ``(values [Q, k] float32, indices [Q, k] int64)``, sorted best first.
     """
     _check_mode(mode)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
     k = int(k)
+    if k < 1:
+        raise ConfigError(f"k must be a positive integer (the number of rows kept per query), got {k}")
+    queries, train = _checked_inputs(queries, train, precond, logra=logra, model=model, provenance=provenance,
+                                     unchecked=unchecked, allow_incomplete=allow_incomplete, what="top_k")
     src, local_mesh = _local_rows(train, mesh)
     if not 1 <= k <= src.total:
         raise ValueError(f"k must be between 1 and the number of training rows ({src.total}); got {k}")
@@ -388,14 +457,20 @@ def self_influence(
     mesh=None,
     prefetch: int | None = None,
     progress: bool | None = None,
+    unchecked: bool = False,
+    allow_incomplete: bool = False,
 ):
     """Self-influence ``g_zᵀ H⁻¹ g_z`` of every training row, ``np.ndarray`` float32 ``[N]``.
 
     With ``groups``, ``{name: [N]}`` of the group-restricted ``g_z[cols] · (H⁻¹ g_z)[cols]`` (the form
     :func:`influence` accepts as ``self_influence`` together with the same ``groups``).  Shares
     :func:`influence`'s in-memory cache (jax-array or complete-GradientStore rows, pytree or no
-    preconditioner) and its handling of ``mesh`` and of several processes.
+    preconditioner) and its handling of ``mesh`` and of several processes. The rows' and the
+    preconditioner's provenance must agree (``unchecked=True``: no check); an incomplete store is refused
+    unless ``allow_incomplete=True``.
     """
+    _, train = _checked_inputs(None, train, precond, unchecked=unchecked, allow_incomplete=allow_incomplete,
+                               what="self_influence")
     src, local_mesh = _local_rows(train, mesh)
     names, sels = normalize_groups(groups, src.dim)
     if src.n == 0:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import threading
 import time
 from typing import Iterator
 
@@ -45,12 +46,13 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from jaxval._src.errors import StoreError, StoreNotFoundError
+from jaxval._src.errors import StoreCorruptError, StoreError, StoreNotFoundError
 from jaxval._src.store.chunks import ChunkFiles, aligned, aligned_empty, zarr3_metadata
 from jaxval._src.store.ids import encode_ids
 from jaxval._src.store.location import Location, location
-from jaxval._src.store.manifest import (ARRAYS, DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, OWN_NAMES, canonical_json,
-                                        config_hash, default_chunk_rows, normalize_dtype, parse_manifest)
+from jaxval._src.store.manifest import (ARRAYS, DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, OWN_NAMES, SUMS,
+                                        canonical_json, config_hash, default_chunk_rows, normalize_dtype,
+                                        parse_manifest)
 
 
 class GradientStore:
@@ -222,6 +224,7 @@ class GradientStore:
             "metadata": zarr3_metadata(shape, dtype, chunk_shape, compress=compress,
                                         dimension_names=dimension_names),
             "create": True,
+            "store_data_equal_to_fill_value": True,
         }
         return ts.open(spec, context=context).result()
 
@@ -249,7 +252,10 @@ class GradientStore:
         m = parse_manifest(raw, str(loc))
         ctx = ts.Context()
         try:
-            grads = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("grads"), "open": True},
+            # chunks of zeros are written too (tensorstore drops them by default): an absent chunk file then
+            # always means "never written" (or lost), never "a block of zero gradients"
+            grads = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("grads"), "open": True,
+                             "store_data_equal_to_fill_value": True},
                             context=ctx).result()
             done = ts.open({"driver": "zarr3", "kvstore": loc.kvstore("done"), "open": True},
                            context=ctx).result()
@@ -355,8 +361,123 @@ class GradientStore:
         else:
             arr = aligned_empty((stop - start, self.dim), self._np_dtype)
             if stop > start:
-                self._files.read_into(start, stop, arr)
+                missing = self._files.read_into(start, stop, arr)
+                if missing:
+                    self._check_missing(missing)
         return aligned(arr, None if native else np.float32)
+
+    # -- integrity: size records, checksums, repair ----------------------------------------------
+
+    def _chunk_rows_range(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_rows, min((c + 1) * self.chunk_rows, len(self))
+
+    def _check_missing(self, chunks) -> None:
+        """Absent chunk files are pending chunks (zeros) unless rows of theirs are marked done: then lost."""
+        mask = self.done_mask()
+        lost = [c for c in chunks if mask[slice(*self._chunk_rows_range(c))].any()]
+        if lost:
+            raise StoreCorruptError(self._damage_message({c: "missing" for c in lost}))
+
+    def _damage_message(self, bad: dict) -> str:
+        items = sorted(bad.items())
+        desc = ", ".join(f"rows [{a}, {b}) ({why})" for (a, b), why in
+                         ((self._chunk_rows_range(c), why) for c, why in items[:4]))
+        more = f" and {len(items) - 4} more chunks" if len(items) > 4 else ""
+        return (f"the store at {self.path} is damaged: chunk files of rows marked done are {desc}{more}. "
+                "Run GradientStore.open(path).repair() (it marks those rows pending; nothing else changes), then "
+                "rerun the same log_gradients / `jaxval log` call to recompute them")
+
+    def _bad_chunks(self, checksums: bool = False) -> dict:
+        """{chunk: why} over chunks holding done rows whose file is missing, of the wrong size, or (with
+        ``checksums``) whose crc32 differs from the record taken when the chunk was completed."""
+        if self._files is None:
+            return {}
+        mask = self.done_mask()
+        bad = {}
+        for c in range(-(-len(self) // self.chunk_rows)):
+            a, b = self._chunk_rows_range(c)
+            if not mask[a:b].any():
+                continue
+            st = self._files.status(c)
+            if st != "ok":
+                bad[c] = st
+            elif checksums:
+                rec = self._sum_record(c)
+                if rec is not None and rec.get("crc32") != self._files.crc32(c):
+                    bad[c] = "checksum mismatch"
+        return bad
+
+    def check_chunks(self) -> None:
+        """Raise :class:`StoreCorruptError` naming the rows if a chunk file of done rows is missing or has
+        the wrong size (a stat per chunk: cheap; :meth:`verify` also compares checksums)."""
+        bad = self._bad_chunks()
+        if bad:
+            raise StoreCorruptError(self._damage_message(bad))
+
+    def verify(self) -> None:
+        """Full check: every chunk file of done rows present, of its size, and with the crc32 recorded when
+        the chunk was completed (reads the whole store once). Raises :class:`StoreCorruptError` naming rows."""
+        bad = self._bad_chunks(checksums=True)
+        if bad:
+            raise StoreCorruptError(self._damage_message(bad))
+
+    def repair(self) -> list[tuple[int, int]]:
+        """Mark the rows of damaged chunks (missing, wrong size, checksum mismatch) pending so that a rerun of
+        the same log recomputes them; returns their row ranges. Rows of intact chunks are not touched."""
+        bad = self._bad_chunks(checksums=True)
+        out = []
+        for c in sorted(bad):
+            a, b = self._chunk_rows_range(c)
+            self._done[a:b].write(np.zeros(b - a, dtype=np.uint8)).result()
+            self._drop_sum(c)
+            out.append((a, b))
+        return out
+
+    def _sum_path(self, c: int) -> str | None:
+        if self._files is None or self._loc.local is None:
+            return None
+        return os.path.join(self._loc.local, SUMS, str(c))
+
+    def _sum_record(self, c: int) -> dict | None:
+        p = self._sum_path(c)
+        if p is None:
+            return None
+        try:
+            with open(p, "rb") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def _drop_sum(self, c: int) -> None:
+        p = self._sum_path(c)
+        if p is not None:
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+
+    def _record_sums(self, start: int, stop: int) -> None:
+        """After rows [start, stop) are marked done: record size and crc32 of every chunk now complete."""
+        if self._files is None or stop <= start:
+            return
+        cr = self.chunk_rows
+        chunks = range(start // cr, (stop - 1) // cr + 1)
+        lo, hi = self._chunk_rows_range(chunks[0])[0], self._chunk_rows_range(chunks[-1])[1]
+        mask = np.asarray(self._done[lo:hi].read().result()) != 0
+        os.makedirs(os.path.join(self._loc.local, SUMS), exist_ok=True)
+        for c in chunks:
+            a, b = self._chunk_rows_range(c)
+            if not mask[a - lo:b - lo].all():
+                continue
+            crc = self._files.crc32(c)
+            if crc is None:
+                continue
+            rec = json.dumps({"crc32": crc, "size": self._files.chunk_bytes}).encode()
+            p = self._sum_path(c)
+            tmp = f"{p}.tmp-{os.getpid()}-{threading.get_ident()}"
+            with open(tmp, "wb") as f:
+                f.write(rec)
+            os.replace(tmp, p)
 
     def write(self, start: int, rows, *, wait: bool = True, mark_done: bool = False):
         """Write ``rows`` ([n, dim], cast to the store dtype, round-to-nearest) at rows [start, start+n).
@@ -380,6 +501,9 @@ class GradientStore:
         else:
             cast = np.array(rows, copy=True) if not wait else rows
         cast = np.ascontiguousarray(cast)
+        if self._files is not None and stop > start:
+            for c in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
+                self._drop_sum(c)   # rewritten: its checksum is taken again when its rows are marked done
         fut = self._grads[start:stop].write(cast)
         if not wait:
             return fut
@@ -393,6 +517,7 @@ class GradientStore:
         start, stop = self._check_range(start, stop)
         if stop > start:
             self._done[start:stop].write(np.ones(stop - start, dtype=np.uint8)).result()
+            self._record_sums(start, stop)
 
     def done_mask(self) -> np.ndarray:
         """bool [num_rows]: True where the row's gradient is stored (read fresh from disk)."""
@@ -402,7 +527,9 @@ class GradientStore:
         return int(self.done_mask().sum())
 
     def is_complete(self) -> bool:
-        return bool(self.done_mask().all())
+        """Every row marked done and (local stores) every chunk file present with its size: a chunk file
+        lost after logging makes the store incomplete (see :meth:`check_chunks`, :meth:`repair`)."""
+        return bool(self.done_mask().all()) and not self._bad_chunks()
 
     def pending_blocks(self, block_rows: int | None = None) -> list[tuple[int, int]]:
         """Chunk-aligned (start, stop) blocks of ``block_rows`` (default chunk_rows) not all done."""
@@ -442,6 +569,17 @@ class GradientStore:
                 fut = self._grads[nxt:min(nxt + br, stop)].read()
             yield s, aligned(cur.result(), None if native else np.float32)
             s = nxt
+
+    def skipped_rows(self) -> np.ndarray:
+        """Rows stored as zeros by ``log_gradients(..., nonfinite="skip")`` (their gradients held NaN / inf)."""
+        d = None if self._loc.local is None else os.path.join(self._loc.local, "skipped")
+        rows: list[int] = []
+        if d and os.path.isdir(d):
+            for name in os.listdir(d):
+                if name.endswith(".json"):
+                    with open(os.path.join(d, name)) as f:
+                        rows += json.load(f)["rows"]
+        return np.asarray(sorted(rows), np.int64)
 
     def nbytes_on_disk(self) -> int | None:
         """Total bytes of the store's own files (local stores; None for remote kvstores)."""

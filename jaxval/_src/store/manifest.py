@@ -16,7 +16,8 @@ FORMAT = "jaxval.GradientStore"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ARRAYS = ("grads", "done", "ids", "ids_bytes", "ids_offsets")
-OWN_NAMES = (MANIFEST,) + ARRAYS
+SUMS = "sums"   # per-chunk checksum records (size and crc32 of each complete chunk file)
+OWN_NAMES = (MANIFEST,) + ARRAYS + (SUMS, "skipped")
 
 DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -105,7 +106,21 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(f"{where}/{MANIFEST} is not a jaxval GradientStore manifest "
                          f"(format={m.get('format') if isinstance(m, dict) else None!r})")
-    if int(m.get("format_version", -1)) > FORMAT_VERSION:
+    try:
+        version = int(m.get("format_version", -1))
+    except (TypeError, ValueError):
+        raise StoreError(f"corrupt store manifest at {where}/{MANIFEST}: format_version is "
+                         f"{m.get('format_version')!r}, not an integer. Restore the manifest, or re-create the "
+                         "store with overwrite=True") from None
+    for key in ("dim", "num_rows", "chunk_rows"):
+        v = m.get(key)
+        if key in m and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise StoreError(f"corrupt store manifest at {where}/{MANIFEST}: {key} is {v!r}, not a positive "
+                             "integer. Restore the manifest, or re-create the store with overwrite=True")
+    if "dtype" in m and m["dtype"] not in DTYPES:
+        raise StoreError(f"corrupt store manifest at {where}/{MANIFEST}: dtype {m['dtype']!r} is not one of "
+                         f"{sorted(DTYPES)}")
+    if version > FORMAT_VERSION:
         raise StoreError(f"store at {where} has format version {m['format_version']}, newer than this "
                          f"jaxval supports ({FORMAT_VERSION}); upgrade jaxval")
     missing = [k for k in ("dim", "num_rows", "dtype", "chunk_rows", "ids_kind", "config", "config_hash")

@@ -1,0 +1,284 @@
+"""Provenance: which LoGra configuration and which model weights an artifact's gradients come from.
+
+Every artifact jaxval makes records a :class:`Provenance` ``(config_hash, fingerprint)``:
+
+* ``config_hash``: sha256 of the canonical JSON of ``LoGra.config()`` (layers, ranks, init, seed, the
+  projection matrices' sha256, compute dtype): two LoGras with the same ``config_hash`` project alike.
+* ``fingerprint``: ``model_fingerprint(model)``, sha256 over the parameters' names, shapes and bytes.
+
+Where each artifact keeps it: a :class:`~jaxval.GradientStore` in its manifest's config (``logra`` and
+``model_fingerprint``, written by :func:`jaxval.log_gradients`); a :class:`~jaxval.Preconditioner` in its
+``config`` (``LoGra.config()`` plus ``model_fingerprint``); query gradients in a :class:`ProjectedGrads`
+(an array wrapper, a registered pytree whose provenance is static); an ALinFiK student in its meta.
+
+Consumers (``influence``, ``top_k``, ``self_influence``, ``linfik``, the CLI) call :func:`check` with every
+input they were given and raise :class:`~jaxval.ProvenanceError` when two known provenances differ, or when
+one input carries provenance and another is a bare array whose origin is unknown, unless the caller opts
+out explicitly (``unchecked=True``). A wrong score that looks right is worse than an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxval._src.errors import ProvenanceError
+
+__all__ = ["Provenance", "ProjectedGrads", "of", "of_config", "of_store", "of_precond", "provenance_of",
+           "with_provenance", "unwrap", "check", "logra_config_hash"]
+
+
+def _canonical(obj) -> str:
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=default)
+
+
+def logra_config_hash(config: Mapping) -> str:
+    """sha256 of a ``LoGra.config()`` dict (without any ``model_fingerprint`` entry), as hex."""
+    cfg = {k: v for k, v in dict(config).items() if k != "model_fingerprint"}
+    return hashlib.sha256(_canonical(cfg).encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """``(config_hash, fingerprint)`` of a set of gradients; ``fingerprint`` None: the weights are unknown
+    (an artifact made by an older jaxval, or ``logra=`` given without ``model=``)."""
+
+    config_hash: str
+    fingerprint: str | None = None
+
+    @classmethod
+    def of(cls, logra, model=None, *, fingerprint: str | None = None) -> "Provenance":
+        """The provenance of ``logra.grads(model, ...)`` (cached per LoGra and per set of weights)."""
+        if fingerprint is None and model is not None:
+            fingerprint = _fingerprint(model)
+        return cls(_config_hash_of(logra), fingerprint)
+
+    def short(self) -> str:
+        fp = self.fingerprint[:10] + "…" if self.fingerprint else "unknown"
+        return f"LoGra config {self.config_hash[:10]}…, model {fp}"
+
+
+# ---------------------------------------------------------------------------------------------- caches
+
+_CONFIG_CACHE: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+_FP_CACHE: list = []   # [(weakrefs of the leaves, fingerprint)], most recent first, a few entries
+
+
+def _config_hash_of(logra) -> str:
+    """``logra_config_hash(logra.config())``, cached while the LoGra's projection arrays are the same."""
+    key = tuple(id(p) for pair in getattr(logra, "projections", {}).values() for p in pair)
+    try:
+        hit = _CONFIG_CACHE.get(logra)
+    except TypeError:
+        hit = None
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    h = logra_config_hash(logra.config())
+    try:
+        _CONFIG_CACHE[logra] = (key, h)
+    except TypeError:
+        pass
+    return h
+
+
+def _fingerprint(model) -> str:
+    """``model_fingerprint(model)``, cached by the identity of its (immutable) jax parameter arrays."""
+    from flax import nnx
+
+    from jaxval._src.logra import model_fingerprint
+
+    try:
+        leaves = [v[...] if not isinstance(v, jax.Array) else v
+                  for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    except Exception:  # noqa: BLE001 - not an nnx module: hash it as given
+        return model_fingerprint(model)
+    if all(isinstance(x, jax.Array) for x in leaves):
+        for refs, fp in _FP_CACHE:
+            if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+                return fp
+    fp = model_fingerprint(model)
+    try:
+        refs = [weakref.ref(x) for x in leaves]
+    except TypeError:
+        return fp
+    _FP_CACHE.insert(0, (refs, fp))
+    del _FP_CACHE[4:]
+    return fp
+
+
+def of(logra, model=None) -> Provenance:
+    """``Provenance.of(logra, model)``."""
+    return Provenance.of(logra, model)
+
+
+def of_config(config: Mapping | None, fingerprint: str | None = None) -> Provenance | None:
+    """The provenance recorded in a LoGra config dict (a preconditioner's ``config``) or None."""
+    if not isinstance(config, Mapping) or "layers" not in config:
+        return None
+    fp = fingerprint if fingerprint is not None else config.get("model_fingerprint")
+    return Provenance(logra_config_hash(config), fp)
+
+
+def of_store(store) -> Provenance | None:
+    """The provenance recorded in a gradient store's config (``jaxval.log_gradients`` stores), or None."""
+    cfg = getattr(store, "config", None)
+    if not isinstance(cfg, Mapping):
+        return None
+    return of_config(cfg.get("logra"), cfg.get("model_fingerprint")) if isinstance(cfg.get("logra"), Mapping) \
+        else None
+
+
+def of_precond(precond) -> Provenance | None:
+    if precond is None:
+        return None
+    p = getattr(precond, "provenance", None)
+    return p if isinstance(p, Provenance) else None
+
+
+# ---------------------------------------------------------------------------------------------- the wrapper
+
+class ProjectedGrads:
+    """``[B, D]`` projected gradients with their :class:`Provenance`; behaves as an array where it matters
+    (``np.asarray(g)``, ``jnp.asarray(g)``, ``g[i]``, ``g.shape``, ``len(g)``) and is a registered pytree
+    (the array is the leaf, the provenance static), so it passes through ``jax.jit`` unchanged."""
+
+    __slots__ = ("array", "provenance")
+    __array_priority__ = 100
+
+    def __init__(self, array, provenance: Provenance):
+        if not isinstance(provenance, Provenance):
+            raise TypeError(f"provenance must be a jaxval Provenance, got {type(provenance).__name__}")
+        if isinstance(array, ProjectedGrads):
+            array = array.array
+        self.array = array
+        self.provenance = provenance
+
+    @property
+    def shape(self):
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    @property
+    def ndim(self):
+        return len(self.array.shape)
+
+    def __len__(self):
+        return int(self.array.shape[0])
+
+    def __getitem__(self, i):
+        return ProjectedGrads(self.array[i], self.provenance)
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.asarray(self.array)
+        return a if dtype is None else a.astype(dtype)
+
+    def __jax_array__(self):
+        return self.array
+
+    def astype(self, dtype):
+        return ProjectedGrads(self.array.astype(dtype), self.provenance)
+
+    def __repr__(self):
+        return f"ProjectedGrads(shape={self.shape}, dtype={self.dtype}, {self.provenance.short()})"
+
+
+jax.tree_util.register_pytree_node(ProjectedGrads, lambda g: ((g.array,), g.provenance),
+                                   lambda prov, ch: ProjectedGrads(ch[0], prov))
+
+
+def with_provenance(array, logra=None, model=None, *, provenance: Provenance | None = None) -> ProjectedGrads:
+    """Wrap bare gradients with the provenance of ``logra`` (and ``model``) or the ``provenance`` given."""
+    if provenance is None:
+        if logra is None:
+            raise ProvenanceError("with_provenance needs logra= (and model=) or provenance=")
+        provenance = Provenance.of(logra, model)
+    return ProjectedGrads(array, provenance)
+
+
+def provenance_of(x) -> Provenance | None:
+    """The provenance ``x`` carries: a ProjectedGrads, a store, a preconditioner, a Provenance, or None."""
+    if isinstance(x, Provenance):
+        return x
+    if isinstance(x, ProjectedGrads):
+        return x.provenance
+    p = getattr(x, "provenance", None)
+    if isinstance(p, Provenance):
+        return p
+    if hasattr(x, "read") and hasattr(x, "dim"):
+        return of_store(x)
+    return None
+
+
+def unwrap(x):
+    """The bare array of a ProjectedGrads (anything else as is)."""
+    return x.array if isinstance(x, ProjectedGrads) else x
+
+
+# ---------------------------------------------------------------------------------------------- the check
+
+def check(inputs: Mapping[str, Any], *, unchecked: bool = False, what: str = "scoring") -> Provenance | None:
+    """Compare the provenance of every named input (``{"query gradients": q, "training rows": store,
+    "preconditioner": pc}``, values: anything :func:`provenance_of` takes, or None for "not given").
+
+    Raises :class:`ProvenanceError` when two known provenances differ (naming the inputs and whether the
+    LoGra configuration or the model weights differ), or when some inputs carry provenance and another
+    (a bare array) does not, unless ``unchecked=True``. Returns the common provenance (or None)."""
+    known: dict[str, Provenance] = {}
+    bare: list[str] = []
+    for name, x in inputs.items():
+        if x is None:
+            continue
+        p = provenance_of(x)
+        if p is None:
+            bare.append(name)
+        else:
+            known[name] = p
+    if unchecked or not known:
+        return next(iter(known.values()), None)
+    names = list(known)
+    ref_name, ref = names[0], known[names[0]]
+    for name in names[1:]:
+        p = known[name]
+        if p.config_hash != ref.config_hash:
+            raise ProvenanceError(
+                f"{what}: the {name} and the {ref_name} come from different LoGra configurations "
+                f"(config hash {p.config_hash[:12]}… vs {ref.config_hash[:12]}…: layers, ranks, init, seed or "
+                "projections differ): compute both with the same LoGra (or pass unchecked=True if you are sure)")
+    fps = {n: p.fingerprint for n, p in known.items()}
+    have = {n: f for n, f in fps.items() if f is not None}
+    if len(set(have.values())) > 1:
+        first = next(iter(have))
+        other = next(n for n in have if have[n] != have[first])
+        raise ProvenanceError(
+            f"{what}: the {other} and the {first} come from different model weights (fingerprint "
+            f"{have[other][:12]}… vs {have[first][:12]}…): use gradients, statistics and preconditioner of one "
+            "checkpoint (or pass unchecked=True if you are sure)")
+    if have and len(have) < len(fps):
+        missing = [n for n in fps if fps[n] is None]
+        raise ProvenanceError(
+            f"{what}: the {', '.join(missing)} record(s) no model fingerprint while the {list(have)[0]} does "
+            "(made by an older jaxval, or logra= given without model=): re-create it, pass model=, or pass "
+            "unchecked=True if you are sure it comes from the same weights")
+    if bare:
+        raise ProvenanceError(
+            f"{what}: the {', '.join(bare)} are bare arrays while the {', '.join(known)} record(s) their "
+            f"provenance ({ref.short()}): pass what LoGra.grads returned as is (a ProjectedGrads), or "
+            "logra=/model= (or provenance=) for the bare arrays, or unchecked=True to score without the check")
+    return ref
