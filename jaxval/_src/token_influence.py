@@ -82,23 +82,19 @@ def token_rows(batch: Mapping, mask_key: str = "mask") -> tuple[np.ndarray, np.n
 
 
 @jax.jit
-def _contract(g, right, ex):
-    # g [C, D] per-token rows; right [B, K, D] (one right-hand side per example, or [1, K, D]); ex [C]
-    return jnp.einsum("cd,ckd->ck", g, right[ex], precision=_HI)
+def _contract(g, right):
+    return jnp.einsum("cd,kd->ck", g, right, precision=_HI)
 
 
 def _token_products(logra, model, batch: Mapping, right: jax.Array, *, mask_key: str, chunk: int,
                     transform: Callable | None = None) -> np.ndarray:
-    """``[B, T, K]``: ``transform(g_bt) · right[b, k]`` for every counted token ``(b, t)`` (0 elsewhere).
-    ``right`` is ``[B, K, D]`` or ``[K, D]`` (the same for every example)."""
+    """``[B, T, K]``: ``transform(g_bt) · right[k]`` for every counted token ``(b, t)`` (0 elsewhere);
+    ``right`` is ``[K, D]``."""
     b_all, t_all = np.shape(batch[mask_key])
     right = jnp.asarray(right, jnp.float32)
-    if right.ndim == 2:
-        right = right[None]
-    k = right.shape[1]
     mask = np.asarray(batch[mask_key])
     ex, pos = token_rows(batch, mask_key)
-    out = np.zeros((b_all, t_all, k), np.float32)
+    out = np.zeros((b_all, t_all, right.shape[0]), np.float32)
     for s in range(0, len(ex), chunk):
         sel = np.arange(s, s + chunk).clip(max=len(ex) - 1)
         live = np.arange(s, s + chunk) < len(ex)
@@ -110,7 +106,7 @@ def _token_products(logra, model, batch: Mapping, right: jax.Array, *, mask_key:
         g = jnp.asarray(logra.grads(model, sub), jnp.float32)
         if transform is not None:
             g = jnp.asarray(transform(g), jnp.float32)
-        vals = np.asarray(_contract(g, right, jnp.asarray(e if right.shape[0] > 1 else np.zeros_like(e))))
+        vals = np.asarray(_contract(g, right))
         n_live = int(live.sum())
         out[e[:n_live], p[:n_live]] = vals[:n_live]
     return out

@@ -68,11 +68,13 @@ def generate_ids(model, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids
     return new
 
 
-def query_batch(prompt_ids: Sequence[int], new_ids: Sequence[int], limit: int | None = None) -> dict:
+def query_batch(prompt_ids: Sequence[int], new_ids: Sequence[int], limit: int | None = None,
+                length: int | None = None) -> dict:
     """``{"tokens": [1, L], "mask": [1, L]}``: prompt and generation, the loss on the generated tokens only,
-    right-padded to a multiple of 8 tokens (at most ``limit + 1``: the LM loss reads ``L - 1`` positions)."""
+    right-padded to ``length`` when it fits (the training chunks' length: their compiled LoGra step is
+    reused), else to a multiple of 8 tokens; at most ``limit + 1`` (the LM loss reads ``L - 1`` positions)."""
     seq = [int(i) for i in prompt_ids] + [int(i) for i in new_ids]
-    length = -(-len(seq) // 8) * 8
+    length = int(length) if length is not None and len(seq) <= int(length) else -(-len(seq) // 8) * 8
     if limit is not None:
         length = min(length, limit + 1)
     toks = np.zeros((1, length), np.int32)
@@ -233,8 +235,11 @@ def run(args) -> int:
     else:
         prompt_ids = ([tok.bos_id] if cfg["data"].get("add_bos") else []) + list(tok.encode(args.prompt))
     new_ids = generate_ids(model, prompt_ids, args.max_new_tokens, getattr(tok, "stop_ids", ()))
-    qb = query_batch(prompt_ids, new_ids, _context_limit(model))
-    gq = logra.grads(model, qb)                                              # [1, D]
+    qb = query_batch(prompt_ids, new_ids, _context_limit(model),
+                     length=np.shape(data["tokens"])[1] if "tokens" in data else None)
+    chunk = int(cfg["log"]["batch_size"])
+    # [1, D]: the query repeated to the chunk the per-token split runs in (one compiled step for both)
+    gq = logra.grads(model, {key: np.repeat(v, chunk, axis=0) for key, v in qb.items()})[:1]
     k = min(int(args.top_k), len(store))
     top_v, top_i = jv.top_k(gq, store, k, precond=pc, mode=args.mode, largest=True, progress=False)
     bot_v, bot_i = jv.top_k(gq, store, k, precond=pc, mode=args.mode, largest=False, progress=False)
@@ -249,8 +254,7 @@ def run(args) -> int:
     ti = None
     if split_rows and args.mode in ("dot", "cosine", "relative"):
         train_sel = {key: np.asarray(v)[split_rows] for key, v in data.items()}
-        ti = jv.token_influence(logra, model, qb, train_sel, precond=pc, mode=args.mode,
-                                chunk=int(cfg["log"]["batch_size"]))
+        ti = jv.token_influence(logra, model, qb, train_sel, precond=pc, mode=args.mode, chunk=chunk)
     n_q = int(len(prompt_ids) + len(new_ids))
     result: dict[str, Any] = {
         "prompt": args.prompt, "generation": tok.decode(new_ids), "mode": args.mode,
