@@ -1,4 +1,10 @@
-"""Discovery of the layers LoGra supports in a flax nnx model, and their matrix view.
+"""Layer records, layer names, and the module-type view of a flax nnx model's layers.
+
+LoGra finds its layers in the traced computation (``jaxval._src.capture``). This module gives the
+``Layer`` record, the naming rule (a parameter leaf's pytree path joined with "/", a trailing
+``kernel`` / ``embedding`` / ``weight`` dropped; a slice of a stacked leaf appends its index), and the
+layers of an nnx model read from its module types, for a LoGra built without an example batch (the traced
+computation is then checked against them at the first step).
 
 A layer's parameter matrix ``W`` has shape ``(n_in, n_out)``:
 
@@ -39,12 +45,14 @@ class Layer:
 
     name: str
     path: tuple
-    kind: str  # "linear" | "linear_general" | "einsum" | "embed" | "conv"
+    kind: str  # "linear" (any product) | "embed" (a gathered table, maybe also a tied head) | "conv"
     n_in: int
     n_out: int
     has_bias: bool
     k_in: int = 0
     k_out: int = 0
+    leaf: int = -1        # index of the parameter leaf (traced layers)
+    index: tuple = ()     # the slice of a stacked leaf
 
     @property
     def dim(self) -> int:
@@ -141,6 +149,21 @@ def path_name(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
+STRIP = ("kernel", "embedding", "weight")
+
+
+def leaf_name(path: tuple) -> str:
+    """A layer's name from its parameter leaf's path (``l1/kernel`` -> ``l1``; a root ``kernel`` stays)."""
+    path = tuple(path)
+    if len(path) > 1 and path[-1] in STRIP:
+        path = path[:-1]
+    return path_name(path)
+
+
+def matches(selector, name: str, module=None) -> bool:
+    return _matches(selector, name, module)
+
+
 def _owns_params(module) -> bool:
     """True if the module holds ``nnx.Param`` variables directly (not through a submodule)."""
     try:
@@ -159,15 +182,50 @@ def _matches(selector: LayerSelector, name: str, module) -> bool:
     return any(p == name or re.fullmatch(p, name) or re.search(p, name) for p in patterns)
 
 
+def _stack_depth(layer: Layer, module) -> int:
+    """Leading axes of a module's parameters beyond its layer type's (an ``nnx.vmap`` stack)."""
+    kern = module_kernel(module)
+    want = {"linear": 2, "embed": 2}.get(layer.kind)
+    if layer.kind == "linear_general":
+        want = len(module.in_features if isinstance(module.in_features, tuple) else (module.in_features,)) + \
+            len(module.out_features if isinstance(module.out_features, tuple) else (module.out_features,))
+    elif layer.kind == "einsum":
+        want = len(module.kernel_shape)
+    elif layer.kind == "conv":
+        want = len(module.kernel_size) + 2
+    return max(kern.ndim - want, 0)
+
+
+def _static_record(name, path, module) -> list[Layer]:
+    if isinstance(module, nnx.Linear) and module.kernel[...].ndim > 2:
+        depth = module.kernel[...].ndim - 2
+        stack = module.kernel[...].shape[:depth]
+        kin, kout = module.kernel[...].shape[depth:]
+        bias = module.bias is not None
+        return [Layer("/".join([name] + [str(i) for i in ix]), path, "linear", kin + bias, kout, bias,
+                      index=tuple(int(i) for i in ix)) for ix in np.ndindex(*stack)]
+    rec = layer_record(name, path, module)
+    return [rec.replace(kind="linear" if rec.kind in ("linear_general", "einsum") else rec.kind)]
+
+
+def _param_of(module, attr, wrt) -> bool:
+    v = getattr(module, attr, None)
+    if v is None:
+        return False
+    return nnx.filterlib.to_predicate(wrt)((), v) if wrt is not None else isinstance(v, nnx.Param)
+
+
 def discover(model: nnx.Module, layers: LayerSelector = None,
-             types: Sequence[type] | None = None) -> list[tuple[Layer, Any]]:
-    """Find the supported layers of ``model``.
+             types: Sequence[type] | None = None, wrt=None) -> list[tuple[Layer, Any]]:
+    """The layers of ``model`` read from its module types (``Linear`` incl. ``nnx.vmap`` stacks,
+    ``LinearGeneral``, ``Einsum``, ``Embed``, ``Conv``, ``LoRA`` adapters), the root module included.
 
     Args:
       model: an ``nnx.Module``.
-      layers: None (every supported layer), a regex / list of regexes matched against layer names
-        (``re.search``; an exact name also matches), or a callable ``(name, module) -> bool``.
+      layers: None (every layer), a regex / list of regexes matched against layer names (``re.search``;
+        an exact name also matches), or a callable ``(name, module) -> bool``.
       types: optional tuple of nnx layer types to keep (e.g. ``(nnx.Linear,)``).
+      wrt: nnx filter of the tracked parameters (default ``nnx.Param``).
 
     Returns:
       ``[(Layer, module), ...]`` in model traversal order (k_in/k_out still 0).
@@ -178,31 +236,48 @@ def discover(model: nnx.Module, layers: LayerSelector = None,
     Unsupported parameterised modules that are not selected are reported in one warning.
     """
     found, uncovered = [], []
+    pred = nnx.filterlib.to_predicate(nnx.Param if wrt is None else wrt)
     for path, module in nnx.iter_modules(model):
-        if not path:
-            if _owns_params(module) and _kind(module) is None:
-                uncovered.append(("<root>", type(module).__name__))
+        path = tuple(path)
+        owned = [k for k, v in _own_vars(module) if pred((), v)]
+        if not owned:
             continue
-        name = path_name(path)
+        tname = type(module).__name__
+        if isinstance(module, nnx.LoRA) or (isinstance(module, nnx.Linear) and "kernel" not in owned):
+            lora = module if isinstance(module, nnx.LoRA) else None
+            if lora is None:
+                uncovered.append((path_name(path) or "<root>", tname))
+                continue
+            for attr in ("lora_a", "lora_b"):
+                if attr not in owned:
+                    continue
+                arr = getattr(lora, attr)[...]
+                name = path_name(path + (attr,))
+                if arr.ndim == 2 and _matches(layers, name, module) and (types is None or isinstance(module, tuple(types))):
+                    found.append((Layer(name, path + (attr,), "linear", arr.shape[0], arr.shape[1], False), module))
+            continue
         kind = _kind(module)
+        name = leaf_name(path + ("kernel" if kind != "embed" else "embedding",)) if path else \
+            ("embedding" if kind == "embed" else "kernel")
         selected = _matches(layers, name, module) and (types is None or isinstance(module, tuple(types)))
         if kind is None:
-            if _owns_params(module):
-                if selected and layers is not None:
-                    raise ValueError(
-                        f"layer '{name}' ({type(module).__name__}) was selected but LoGra does not "
-                        f"support it; supported types: {[t.__name__ for t in SUPPORTED_TYPES]}"
-                    )
-                uncovered.append((name, type(module).__name__))
+            if selected and layers is not None:
+                raise ValueError(
+                    f"layer '{path_name(path) or '<root>'}' ({tname}) was selected but LoGra does not "
+                    f"support it; supported types: {[t.__name__ for t in SUPPORTED_TYPES]}"
+                )
+            uncovered.append((path_name(path) or "<root>", tname))
             continue
         if selected:
-            found.append((layer_record(name, tuple(path), module), module))
+            for rec in _static_record(name, path, module):
+                found.append((rec, module))
         else:
-            uncovered.append((name, type(module).__name__))
+            uncovered.append((name, tname))
     if not found:
         raise ValueError(
             "no supported layer selected in the model (LoGra handles "
-            f"{[t.__name__ for t in SUPPORTED_TYPES]}); selector={layers!r}, types={types!r}"
+            f"{[t.__name__ for t in SUPPORTED_TYPES]}); selector={layers!r}, types={types!r}; for other "
+            "models pass batch= to LoGra (layers found in the traced computation)"
         )
     if uncovered:
         listing = ", ".join(f"{n} ({t})" for n, t in uncovered[:20])
@@ -210,6 +285,14 @@ def discover(model: nnx.Module, layers: LayerSelector = None,
         warnings.warn(f"jaxval: parameters of these modules are not tracked by LoGra: {listing}{more}",
                       stacklevel=3)
     return found
+
+
+def _own_vars(module):
+    try:
+        items = nnx_graph.get_node_impl(module).node_dict(module).items()
+    except Exception:  # noqa: BLE001 - not a graph node
+        return []
+    return [(k, v) for k, v in items if isinstance(v, nnx.Variable)]
 
 
 def find_module(model: nnx.Module, path: tuple):

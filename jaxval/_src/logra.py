@@ -1,17 +1,24 @@
-"""LoGra projected per-example gradients.
+"""LoGra projected per-example gradients, for any JAX model.
 
-Fast path (``LoGra.grads``): inside one jit-compiled step, every tracked layer call is intercepted; its
-input ``x`` is projected right away (``P_in x``) and a zero perturbation is added to its output. One
-backward pass of ``Σ_b loss_b`` with respect to the perturbations gives each example's per-token output
-cotangents ``dy``; they are projected (``P_out dy``) and each example's block is
+Fast path (``LoGra.grads``): inside one jit-compiled step the loss is traced to a jaxpr and the layers are
+found in it (``jaxval._src.capture``: every parameter leaf multiplied with per-example data, by
+``dot_general``, ``conv_general_dilated`` or an embedding ``gather``). The jaxpr is evaluated again with
+every such product's input ``x`` projected right away (``P_in x``) and a zero perturbation added to its
+output. One backward pass of ``Σ_b loss_b`` with respect to the perturbations gives each example's
+per-token output cotangents ``dy``; they are projected (``P_out dy``) and each example's block is
 
     block_b = Σ_t (P_in x_t)(P_out dy_t)ᵀ      (k_in × k_out)
 
 which equals ``P_in (∂loss_b/∂W) P_outᵀ`` because ``∂loss_b/∂W = Σ_t x_t dy_tᵀ``. No weight gradient and
 no full per-example gradient is ever formed.
 
+Two forms: ``LoGra(model, loss_fn)`` with a flax nnx module and ``loss_fn(model, batch) -> [B]``, or
+``LoGra(params, loss_fn, batch=example)`` with any pytree of arrays and ``loss_fn(params, batch) -> [B]``
+(flax linen ``variables["params"]``, equinox arrays from ``eqx.partition``, a dict).
+
 Every compiled use of the step (``LoGra.grads``, logging, curvature statistics, streamed scores) goes
 through ``LoGra.compiled_step``: one builder, one cache, with a pure ``reduce`` for what a caller keeps.
+The first call of a step obtained from ``step_for`` also checks that examples do not interact.
 
 Reference path (``explicit_grads``): ``vmap(grad)`` of the per-example loss with respect to the
 parameters, then the projection. For tests and tiny models.
@@ -21,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,14 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx import graph as nnx_graph
 
-from jaxval._src import autocast, precision
+from jaxval._src import autocast, capture, precision
 from jaxval._src.batching import batch_size
-from jaxval._src.layers import EinsumSpec, Layer, LayerSelector, discover, weight_matrix
+from jaxval._src.layers import Layer, LayerSelector, discover, leaf_name, matches
 from jaxval._src.projection import INITS, Rank, init_projections, resolve_rank
 
-LossFn = Callable[[nnx.Module, Any], jax.Array]
+LossFn = Callable[[Any, Any], jax.Array]
 Projections = Mapping[str, tuple[jax.Array, jax.Array]]
 Pairs = Mapping[str, list[tuple[jax.Array, jax.Array, bool]]]
 Reduce = Callable[[Sequence[Layer], jax.Array, Pairs, jax.Array, Any], Any]
@@ -54,8 +62,11 @@ def _check_losses(losses, b: int):
         )
 
 
-def check_independent_examples(model: nnx.Module):
-    """Refuse models whose examples interact in the forward pass (BatchNorm in training mode)."""
+def check_independent_examples(model):
+    """Refuse nnx models whose examples interact in the forward pass (BatchNorm in training mode); other
+    interactions are found in the traced computation and by the first batch's check."""
+    if not isinstance(model, nnx.Module):
+        return
     for path, m in nnx.iter_modules(model):
         if isinstance(m, nnx.BatchNorm) and not m.use_running_average:
             raise ValueError(
@@ -63,193 +74,6 @@ def check_independent_examples(model: nnx.Module):
                 "through the batch statistics, so per-example gradients are not defined. Put the model in "
                 "evaluation mode first (model.eval() or use_running_average=True)"
             )
-
-
-# ----------------------------------------------------------------------------- projections of x and dy
-
-def _conv_args(module, n: int):
-    def tup(v):
-        return (int(v),) * n if isinstance(v, int) or v is None else tuple(int(s) for s in v)
-
-    pad = module.padding
-    if isinstance(pad, str):
-        pad = pad.upper()
-    elif isinstance(pad, int):
-        pad = [(pad, pad)] * n
-    else:
-        pad = [(p, p) if isinstance(p, int) else tuple(p) for p in pad]
-    return (tup(module.strides or 1), pad, tup(module.input_dilation or 1), tup(module.kernel_dilation or 1))
-
-
-def _split_bias(layer: Layer, p: jax.Array):
-    if layer.has_bias:
-        return p[:, :-1], p[:, -1]
-    return p, None
-
-
-def _tokens_by_rows(x: jax.Array, p: jax.Array, dtype: str | None) -> jax.Array:
-    """``x [B, T, n] · pᵀ [n, k] -> [B, T, k]`` float32; with ``dtype``, from ``dtype`` operands."""
-    if dtype is None:
-        return jnp.matmul(x.astype(jnp.float32), p.T, precision=_HI)
-    return autocast.product(x, p.T, dtype)
-
-
-def project_input(layer: Layer, module, x: jax.Array, p_in: jax.Array,
-                  spec: EinsumSpec | None = None, dtype: str | None = None) -> jax.Array:
-    """``P_in x`` for every token of every example: ``[B, T, k_in]`` (``dtype``: see ``LoGra``'s
-    ``compute_dtype``; used for Linear layers)."""
-    b = x.shape[0]
-    w, pb = _split_bias(layer, p_in)
-    k = p_in.shape[0]
-    if layer.kind == "embed":
-        return jnp.take(p_in.T, x, axis=0).reshape(b, -1, k)
-    if layer.kind == "linear":
-        a = _tokens_by_rows(x.reshape(b, -1, x.shape[-1]), w, dtype)
-        return a if pb is None else a + pb
-    x = x.astype(jnp.float32)
-    if layer.kind == "linear_general":
-        axes = [ax % x.ndim for ax in module.axis]
-        rest = [i for i in range(x.ndim) if i not in axes]
-        xt = jnp.transpose(x, rest + axes).reshape(b, -1, int(np.prod(module.in_features)))
-        a = jnp.matmul(xt, w.T, precision=_HI)
-    elif layer.kind == "einsum":
-        spec = spec or EinsumSpec(module.einsum_str, module.kernel_shape, layer.name)
-        z = _free_letter(spec)
-        pw = w.reshape(k, *spec.in_shape)
-        a = jnp.einsum(f"{spec.lhs},{z}{''.join(spec.in_axes)}->{''.join(spec.tok_axes)}{z}", x, pw,
-                       precision=_HI).reshape(b, -1, k)
-    elif layer.kind == "conv":
-        n = len(module.kernel_size)
-        if x.ndim != n + 2:
-            raise ValueError(f"layer '{layer.name}': Conv input must be [B, *spatial, C] with one example "
-                             f"axis, got shape {x.shape}")
-        kern = jnp.moveaxis(w.reshape(k, *module.kernel_size, module.in_features), 0, -1)
-        strides, pad, lhs_dil, rhs_dil = _conv_args(module, n)
-        sp = "DHW"[3 - n:] if n <= 3 else None
-        if sp is None:
-            raise ValueError(f"layer '{layer.name}': Conv with {n} spatial dims is not supported")
-        dn = jax.lax.conv_dimension_numbers(x.shape, kern.shape, (f"N{sp}C", f"{sp}IO", f"N{sp}C"))
-        a = jax.lax.conv_general_dilated(x, kern, strides, pad, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-                                         dimension_numbers=dn, precision=_HI).reshape(b, -1, k)
-    else:  # pragma: no cover
-        raise AssertionError(layer.kind)
-    return a if pb is None else a + pb
-
-
-def project_output(layer: Layer, dy: jax.Array, p_out: jax.Array,
-                   spec: EinsumSpec | None = None, dtype: str | None = None) -> jax.Array:
-    """``P_out dy`` for every token of every example: ``[B, T, k_out]`` (``spec``: einsum layers;
-    ``dtype``: Linear layers, see ``LoGra``'s ``compute_dtype``)."""
-    b, k = dy.shape[0], p_out.shape[0]
-    if layer.kind == "linear" and dtype is not None:
-        return _tokens_by_rows(dy.reshape(b, -1, layer.n_out), p_out, dtype)
-    dy = dy.astype(jnp.float32)
-    if layer.kind == "einsum":
-        z = _free_letter(spec)
-        pw = p_out.reshape(k, *spec.out_shape)
-        return jnp.einsum(f"{spec.out},{z}{''.join(spec.out_axes)}->{''.join(spec.tok_axes)}{z}", dy, pw,
-                          precision=_HI).reshape(b, -1, k)
-    return jnp.matmul(dy.reshape(b, -1, layer.n_out), p_out.T, precision=_HI)
-
-
-def _free_letter(spec: EinsumSpec) -> str:
-    used = set(spec.lhs + spec.rhs + spec.out)
-    return next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba" if c not in used)
-
-
-# ----------------------------------------------------------------------------- interception
-
-class _Recorder:
-    """Per-trace record of tracked layer calls: output shapes (shape pass) or perturbations (run)."""
-
-    def __init__(self, batch: int, eps: Mapping[str, list] | None):
-        self.batch = batch
-        self.eps = eps
-        self.shapes: dict[str, list] = {}
-        self.fwd: dict[str, list] = {}
-        self.kinds: dict[str, list] = {}
-
-    def out(self, name: str, y: jax.Array, kind: str, fwd_proj: jax.Array, spec) -> jax.Array:
-        if y.shape[0] != self.batch:
-            raise ValueError(
-                f"layer '{name}' produced an output with leading axis {y.shape[0]}, not the batch size "
-                f"{self.batch}: LoGra needs every tracked layer to keep the example axis first (do not "
-                "fold examples into other axes before a tracked layer)"
-            )
-        calls = self.kinds.setdefault(name, [])
-        i = len(calls)
-        calls.append((kind, spec))
-        self.fwd.setdefault(name, []).append(fwd_proj)
-        if self.eps is None:
-            self.shapes.setdefault(name, []).append((jax.ShapeDtypeStruct(y.shape, y.dtype), varying_axes(y)))
-            return y
-        return y + self.eps[name][i].astype(y.dtype)
-
-
-class _Tap:
-    """Stands in for a tracked layer inside a traced forward pass."""
-
-    def __init__(self, module, layer: Layer, p_in, p_out, rec: _Recorder, compute_dtype: str | None = None):
-        self._module, self._layer, self._p_in, self._p_out, self._rec = module, layer, p_in, p_out, rec
-        self._dtype = compute_dtype
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-    def __call__(self, x, *args, **kwargs):
-        y = autocast.call(self._module, x, self._dtype, *args, **kwargs)
-        spec = None
-        if self._layer.kind == "einsum":
-            es = kwargs.get("einsum_str", args[0] if args else None) or self._module.einsum_str
-            spec = EinsumSpec(es, self._module.kernel_shape, self._layer.name)
-        if x.shape[0] != self._rec.batch:
-            raise ValueError(f"layer '{self._layer.name}' got an input with leading axis {x.shape[0]}, not "
-                             f"the batch size {self._rec.batch}; keep the example axis first")
-        a = project_input(self._layer, self._module, x, self._p_in, spec, self._dtype)
-        return self._rec.out(self._layer.name, y, "call", a, spec)
-
-    def attend(self, query):
-        if self._layer.kind != "embed":
-            raise AttributeError("attend")
-        if self._dtype is not None and autocast.castable(self._module):
-            y = autocast.attend(self._module, query, self._dtype)
-        else:
-            y = self._module.attend(query)
-        # y = query · Eᵀ: the roles flip; the query is the output side (features) of W (vocab, features).
-        b = jnp.matmul(query.astype(jnp.float32).reshape(query.shape[0], -1, self._layer.n_out),
-                       self._p_out.T, precision=_HI)
-        return self._rec.out(self._layer.name, y, "attend", b, None)
-
-
-def _references(model: nnx.Module, targets: Mapping[int, Any]) -> list[tuple[Any, Any, int]]:
-    """Every ``(parent, key, id)`` at which a target module is referenced in the model graph."""
-    refs, seen, stack = [], set(), [model]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        try:
-            items = list(nnx_graph.get_node_impl(node).node_dict(node).items())
-        except Exception:  # noqa: BLE001 - leaves and non-graph values
-            continue
-        for key, child in items:
-            if isinstance(key, str) and key.startswith("_pytree__"):
-                continue
-            if id(child) in targets:
-                refs.append((node, key, id(child)))
-            elif nnx_graph.is_graph_node(child):
-                stack.append(child)
-    return refs
-
-
-def _install(model, refs, taps):
-    for parent, key, tid in refs:
-        tap = taps[tid]
-        if isinstance(parent, (nnx.List, nnx.Dict)) or isinstance(key, int):
-            parent[key] = tap
-        else:
-            object.__setattr__(parent, key, tap)
 
 
 def varying_axes(x) -> tuple[str, ...]:
@@ -266,72 +90,251 @@ def _varying_zeros(s: jax.ShapeDtypeStruct, axes) -> jax.Array:
     return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
 
 
-def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], projections: Projections,
-                    batch, compute_dtype: str | None = None
-                    ) -> tuple[jax.Array, dict[str, list[tuple[jax.Array, jax.Array]]]]:
-    """Traceable core: per-example losses ``[B]`` and, per layer and call, ``(a [B,T,k_in], s [B,T,k_out],
-    cot_is_s)``: ``a = P_in x`` and ``s = P_out dy`` for a call (``cot_is_s`` True); for ``Embed.attend`` the
-    roles flip (``a`` = projected cotangent on the vocabulary side, ``cot_is_s`` False). Call inside
-    ``jax.jit``. ``compute_dtype="bfloat16"``: every float32 Linear / Embed.attend product of the step in
-    bfloat16 with float32 accumulation (``jaxval.autocast``)."""
-    b = batch_size(batch)
+# ----------------------------------------------------------------------------- the traced loss
+
+class Traced:
+    """``loss_fn`` as a function of (parameter leaves, other state, batch), for one frontend.
+
+    nnx: ``graphdef`` is an ``nnx.GraphDef`` and the state is ``nnx.split(model)[1]``; the leaves are the
+    ``wrt`` part of it. Function form: ``graphdef`` is None and the state is the parameter pytree."""
+
+    def __init__(self, graphdef, loss_fn: LossFn, wrt=None):
+        self.graphdef, self.loss_fn = graphdef, loss_fn
+        self.wrt = nnx.Param if wrt is None else wrt
+
+    def split(self, state):
+        """``(params, rest)``."""
+        if self.graphdef is None:
+            return state, None
+        params, rest = nnx.split_state(state, self.wrt, ...)
+        return params, rest
+
+    def fn(self, params, rest, batch):
+        if self.graphdef is None:
+            return self.loss_fn(params, batch)
+        return self.loss_fn(nnx.merge(self.graphdef, params, rest), batch)
+
+    def leaf_paths(self, params) -> list[tuple]:
+        return [_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _keys(path) -> tuple:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(getattr(k, attr))
+                break
+        else:
+            out.append(str(k))
+    while out and out[-1] in ("value", "raw_value"):
+        out.pop()
+    return tuple(out)
+
+
+def _probe_batch(batch, b: int):
+    p = b + 1
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((p,) + tuple(a.shape[1:]), a.dtype), batch)
+
+
+class Capture:
+    """The traced layers of one loss at one batch shape: the plan, its jaxpr and the layer records."""
+
+    def __init__(self, traced: Traced, state, batch):
+        b = batch_size(batch)
+        params, rest = traced.split(state)
+        leaves = jax.tree_util.tree_leaves(params)
+        self.n = len(leaves)
+        self.paths = traced.leaf_paths(params)
+        try:
+            self.plan, self.closed = capture.analyze(traced.fn, (params, rest, batch),
+                                                     (params, rest, _probe_batch(batch, b)), self.n, b, b + 1)
+        except capture.CaptureError as e:
+            raise ValueError(str(e)) from None
+        self.batch = b
+        self.groups, self.bad = capture.groups_of(self.plan)
+        self.layers: list[Layer] = []
+        self.by_name: dict[str, tuple[Layer, capture.Group]] = {}
+        shapes = self.plan.leaf_shapes
+        for g in self.groups:
+            base = leaf_name(self.paths[g.leaf])
+            shp = shapes[g.leaf]
+            n_in = math.prod(shp[a] for a in g.in_axes) + (g.bias is not None)
+            n_out = math.prod(shp[a] for a in g.out_axes)
+            stack_shape = tuple(shp[a] for a in g.stack)
+            for index in np.ndindex(*stack_shape) if stack_shape else [()]:
+                name = "/".join([base] + [str(i) for i in index]) if index else base
+                layer = Layer(name, self.paths[g.leaf], g.kind, n_in, n_out, g.bias is not None,
+                              leaf=g.leaf, index=tuple(int(i) for i in index))
+                self.layers.append(layer)
+                self.by_name[name] = (layer, g)
+        tracked = {g.leaf for g in self.groups} | {g.bias for g in self.groups if g.bias is not None}
+        self.untracked = [leaf_name(self.paths[i]) for i, u in self.plan.uses.items()
+                          if i not in tracked and (u.other or u.dots) and not u.sites]
+        self.problems = {leaf_name(self.paths[i]): u.other for i, u in self.plan.uses.items()
+                         if u.sites and u.other}
+        for leaf, why in self.bad.items():
+            self.problems.setdefault(leaf_name(self.paths[leaf]), [(why, "")])
+
+    def check_tracked(self, names: Sequence[str]):
+        """Refuse tracked layers whose leaf is also used outside the captured products."""
+        for name in names:
+            layer, g = self.by_name[name]
+            for leaf in (g.leaf, g.bias):
+                if leaf is None:
+                    continue
+                probs = self.problems.get(leaf_name(self.paths[leaf]))
+                if probs:
+                    prim, at = probs[0]
+                    raise ValueError(
+                        f"layer '{name}': its parameter '{leaf_name(self.paths[leaf])}' is also used by "
+                        f"{prim}{' at ' + at if at else ''}, outside the products LoGra captures, so its "
+                        "per-example gradient would be incomplete; restructure the model or exclude the layer "
+                        "(layers=...)")
+
+
+def _site_proj(cap: Capture, names: Sequence[str], projections, group, site):
+    """``(P_x, P_y, bias column)`` of one site, stacked over the group's layers."""
+    layers = [(l, g) for l, g in (cap.by_name[n] for n in names) if g is group]
+    shp = cap.plan.leaf_shapes[group.leaf]
+    stack_shape = tuple(shp[a] for a in group.stack)
+    by_index = {l.index: projections[l.name] for l, _ in layers}
+    k_in = {int(p[0].shape[0]) for p in by_index.values()}
+    k_out = {int(p[1].shape[0]) for p in by_index.values()}
+    if len(k_in) != 1 or len(k_out) != 1:
+        raise ValueError(f"the layers stacked in '{leaf_name(cap.paths[group.leaf])}' need equal ranks, got "
+                         f"{sorted(k_in)} x {sorted(k_out)}")
+    ki, ko = k_in.pop(), k_out.pop()
+    n_in = layers[0][0].n_in
+    n_out = layers[0][0].n_out
+    if stack_shape:
+        zi, zo = jnp.zeros((ki, n_in), jnp.float32), jnp.zeros((ko, n_out), jnp.float32)
+        pin = jnp.stack([by_index.get(tuple(int(i) for i in ix), (zi, zo))[0]
+                         for ix in np.ndindex(*stack_shape)]).reshape(stack_shape + (ki, n_in))
+        pout = jnp.stack([by_index.get(tuple(int(i) for i in ix), (zi, zo))[1]
+                          for ix in np.ndindex(*stack_shape)]).reshape(stack_shape + (ko, n_out))
+    else:
+        pin, pout = by_index[()]
+    pin, pout = jnp.asarray(pin, jnp.float32), jnp.asarray(pout, jnp.float32)
+    pb = None
+    if group.bias is not None:
+        pin, pb = pin[..., :-1], pin[..., -1]
+    in_sorted = tuple(a for a in group.in_axes if a in site.contracted or a in site.free)
+    out_sorted = group.out_axes
+    if site.kind == "gather":
+        return pin, pout, None
+    if site.kind == "conv":
+        return pin, pout, pb
+    if not site.flipped:
+        px = capture.perm_projection(pin, shp, site.contracted, site.x_perm_groups)
+        py = capture.perm_projection(pout, shp, out_sorted, site.y_perm_groups)
+        return px, py, pb
+    px = capture.perm_projection(pout, shp, site.contracted, site.x_perm_groups)
+    py = capture.perm_projection(pin, shp, in_sorted, site.y_perm_groups)
+    return px, py, None
+
+
+def _sliced(arr, site, index, group, lead_levels):
+    """``arr [*levels, ...]`` -> the layer ``index``'s part, repeat levels kept in front."""
+    slicing = [lv for lv, _ in site.stack]
+    sel = []
+    it = iter(index)
+    for lv in lead_levels:
+        sel.append(next(it) if lv in slicing else slice(None))
+    return arr[tuple(sel)] if sel else arr
+
+
+def _merge_repeats(t, n_rep: int):
+    """``[*rep, B, T, k] -> [B, rep·T, k]``."""
+    if n_rep == 0:
+        return t
+    t = jnp.moveaxis(t, n_rep, 0)
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def traced_pairs(traced: Traced, state, batch, names: Sequence[str], projections: Projections,
+                 compute_dtype: str | None = None, expect: Sequence[Layer] | None = None):
+    """Traceable core: per-example losses ``[B]`` and, per layer name and call, ``(a [B,T,k_in],
+    s [B,T,k_out], cot_is_s)``: ``a = P_in x`` and ``s = P_out dy`` for a product (``cot_is_s`` True); for a
+    tied head the roles flip (``a`` = projected cotangent on the table's input side, ``cot_is_s`` False).
+    Call inside ``jax.jit``."""
+    cap = Capture(traced, state, batch)
+    missing = [n for n in names if n not in cap.by_name]
+    if missing:
+        raise ValueError(
+            f"tracked layers {missing} were not found as products of parameters with the data in the traced "
+            f"loss (found: {[l.name for l in cap.layers][:20]}); pass batch= to LoGra to discover the layers "
+            "from the traced computation")
+    if expect is not None:
+        for l in expect:
+            t = cap.by_name[l.name][0]
+            if (t.n_in, t.n_out, t.has_bias) != (l.n_in, l.n_out, l.has_bias):
+                raise ValueError(
+                    f"layer '{l.name}': the traced computation uses it as a ({t.n_in}, {t.n_out}) matrix"
+                    f"{' with bias' if t.has_bias else ''}, the module structure as ({l.n_in}, {l.n_out}); pass "
+                    "batch= to LoGra to discover the layers from the traced computation")
+    cap.check_tracked(names)
+    plan = cap.plan
+    wanted = {cap.by_name[n][1].leaf for n in names}
+    groups = {g.leaf: g for g in cap.groups if g.leaf in wanted}
+    plan.sites = {sid: s for sid, s in plan.sites.items() if s.leaf in wanted}
+    proj = {}
+    for g in groups.values():
+        for s in g.sites:
+            proj[s.id] = _site_proj(cap, names, projections, g, s)
+    b = cap.batch
+    params, rest = traced.split(state)
+    args = jax.tree_util.tree_leaves((params, rest, batch))
+    args = [capture.PV(x) for x in args[:cap.n]] + args[cap.n:]
+    closed = cap.closed
 
     def run(eps):
-        model = nnx.merge(graphdef, state)
-        rec = _Recorder(b, eps)
-        mods = {}
-        for path, m in nnx.iter_modules(model):
-            mods[tuple(path)] = m
-        taps = {}
-        for layer in layers:
-            m = mods[layer.path]
-            taps[id(m)] = _Tap(m, layer, *projections[layer.name], rec, compute_dtype)
-        if compute_dtype is not None:
-            for m in mods.values():
-                if id(m) not in taps and autocast.castable(m):
-                    taps[id(m)] = autocast.Cast(m, compute_dtype)
-        _install(model, _references(model, taps), taps)
-        losses = loss_fn(model, batch)
-        _check_losses(losses, b)
-        return losses, rec
+        r = capture.Runner(plan, proj, eps, compute_dtype)
+        outs = r.run(closed.jaxpr, closed.consts, args)
+        return outs[0], r
 
-    shape_rec = {}
+    box = {}
 
     def shapes_only():
-        losses, rec = run(None)
-        shape_rec["rec"], shape_rec["vma"] = rec, varying_axes(losses)
+        losses, r = run(None)
+        box["r"], box["vma"] = r, varying_axes(losses)
         return losses
 
-    jax.eval_shape(shapes_only)
-    rec0 = shape_rec["rec"]
-    missing = [l.name for l in layers if l.name not in rec0.shapes]
-    if missing:
-        raise ValueError(f"tracked layers {missing} were never called by loss_fn (layers must be applied "
-                         "through their __call__, or Embed.attend)")
-    # Under shard_map a constant zero is device-invariant: its cotangent would be summed over the devices,
-    # mixing each example's gradient with the other devices' examples, silently. So the perturbations vary
-    # like the output and the losses (a layer fed a constant, e.g. a position embedding, has an invariant
-    # output but per-example cotangents).
-    eps0 = {name: [_varying_zeros(s, set(vma) | set(shape_rec["vma"])) for s, vma in ss]
-            for name, ss in rec0.shapes.items()}
+    out_shape = jax.eval_shape(shapes_only)
+    _check_losses(out_shape, b)
+    r0 = box["r"]
+    eps0 = {sid: _varying_zeros(s, set(plan.sites[sid].vma) | set(box["vma"])) for sid, s in r0.shapes.items()}
 
     def total(eps):
-        losses, rec = run(eps)
-        return losses.sum(), (losses, rec.fwd)
+        losses, r = run(eps)
+        return losses.sum(), (losses, r.rec)
 
-    (_, (losses, fwd)), dys = jax.value_and_grad(total, has_aux=True)(eps0)
-    pairs = {}
-    for layer in layers:
-        p_in, p_out = projections[layer.name]
+    (_, (losses, rec)), dys = jax.value_and_grad(total, has_aux=True)(eps0)
+    pairs: dict = {}
+    for name in names:
+        layer, g = cap.by_name[name]
         lst = []
-        for (kind, spec), f, dy in zip(rec0.kinds[layer.name], fwd[layer.name], dys[layer.name]):
-            if kind == "call":
-                lst.append((f, project_output(layer, dy, p_out, spec, compute_dtype), True))
-            else:  # attend: dy lives on the vocabulary (input) side
-                a = jnp.matmul(dy.astype(jnp.float32).reshape(b, -1, layer.n_in), p_in.T, precision=_HI)
-                lst.append((a, f, False))
-        pairs[layer.name] = lst
+        for s in g.sites:
+            levels = s.levels
+            n_rep = len(levels) - len(s.stack)
+            px, py, _ = proj[s.id]
+            idx = layer.index
+            py_l = py[idx] if idx else py
+            dy = _sliced(dys[s.id], s, idx, g, levels)
+            f = _sliced(rec[s.id], s, idx, g, levels)
+            c = _merge_repeats(capture.project_cot(s, dy, py_l, compute_dtype, lead=n_rep), n_rep)
+            f = _merge_repeats(f, n_rep)
+            lst.append((c, f, False) if s.flipped else (f, c, True))
+        pairs[name] = lst
     return losses, pairs
+
+
+def projected_pairs(graphdef, state, loss_fn: LossFn, layers: Sequence[Layer], projections: Projections,
+                    batch, compute_dtype: str | None = None, wrt=None):
+    """``traced_pairs`` for an nnx ``(graphdef, state)`` (``graphdef`` None: ``state`` is a parameter
+    pytree and ``loss_fn(params, batch)``)."""
+    return traced_pairs(Traced(graphdef, loss_fn, wrt), state, batch, [l.name for l in layers], projections,
+                        compute_dtype)
 
 
 def blocks_from_pairs(layers: Sequence[Layer], pairs) -> jax.Array:
@@ -345,24 +348,48 @@ def blocks_from_pairs(layers: Sequence[Layer], pairs) -> jax.Array:
 
 # ----------------------------------------------------------------------------- public API
 
+def _is_nnx(model) -> bool:
+    return isinstance(model, nnx.Module)
+
+
+def _frontend(model, loss_fn, wrt):
+    """``(Traced, graphdef key, state)`` of a model (nnx module) or a parameter pytree."""
+    if _is_nnx(model):
+        graphdef, state = nnx.split(model)
+        return Traced(graphdef, loss_fn, wrt), graphdef, state
+    return Traced(None, loss_fn), jax.tree_util.tree_structure(model), model
+
+
+def _warn_untracked(names):
+    if names:
+        listing = ", ".join(names[:20])
+        more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+        warnings.warn(f"jaxval: parameters not tracked by LoGra: {listing}{more}", stacklevel=4)
+
+
 class LoGra:
-    """LoGra projected per-example gradients of a flax nnx model.
+    """LoGra projected per-example gradients of a JAX model.
 
     Args:
-      model: the ``nnx.Module`` (its structure fixes the tracked layers; its weights are read again at
-        each ``grads`` call).
-      loss_fn: ``loss_fn(model, batch) -> [B]`` per-example losses.
+      model: a flax ``nnx.Module`` (``loss_fn(model, batch)``), or any pytree of arrays (``loss_fn(params,
+        batch)``: flax linen ``variables["params"]``, equinox arrays from ``eqx.partition``, a dict). Its
+        structure fixes the tracked layers; the weights are read again at each ``grads`` call.
+      loss_fn: per-example losses ``[B]``.
       rank: int, ``(k_in, k_out)``, a ``{layer name: rank, "default": rank}`` mapping, or None (full);
         clipped to each layer's size.
       init: ``gaussian`` | ``rademacher`` | ``orthogonal`` | ``identity`` (``pca``: pass ``projections``
         from ``jaxval.pca_projections``).
       seed: projection seed; a layer's projection depends only on ``(seed, layer name)``.
-      layers: layer selector (regex, list of regexes, or callable ``(name, module) -> bool``).
-      types: optional tuple of layer types to keep.
+      layers: layer selector (regex, list of regexes, or callable ``(name, module) -> bool``; ``module`` is
+        None outside nnx).
+      types: optional tuple of nnx layer types to keep.
       projections: explicit ``{name: (P_in, P_out)}``, overriding ``init``.
-      compute_dtype: None (float32) or ``"bfloat16"``: the step's Linear / Embed.attend products in
-        bfloat16 with float32 accumulation (``jaxval.autocast``: ~5x faster products on CPUs with
-        bfloat16 units and on accelerators; gradients to ~1e-2 relative instead of float32 accuracy).
+      compute_dtype: None (float32) or ``"bfloat16"``: the step's float32 products with parameters in
+        bfloat16 with float32 accumulation (~1e-2 relative gradients; see ``jaxval._src.autocast``).
+      wrt: nnx filter of the parameters to track (default ``nnx.Param``; ``nnx.LoRAParam``: the adapters).
+      batch: an example batch. Needed for a parameter pytree (the layers are found by tracing
+        ``loss_fn``); for an nnx model it makes the traced computation, not the module types, name the
+        layers (any module: linen bridged with ``nnx.bridge.ToNNX``, custom modules, ``nnx.scan`` stacks).
 
     Attributes:
       layers: tuple of ``Layer`` records (``.name .n_in .n_out .k_in .k_out``) in flat-vector order.
@@ -370,19 +397,29 @@ class LoGra:
       dim: ``D = Σ k_in·k_out``.
     """
 
-    def __init__(self, model: nnx.Module, loss_fn: LossFn, rank: Rank | Mapping | None = 64,
+    def __init__(self, model, loss_fn: LossFn, rank: Rank | Mapping | None = 64,
                  init: str = "gaussian", seed: int = 0, layers: LayerSelector = None,
                  types: Sequence[type] | None = None, projections: Projections | None = None,
-                 compute_dtype: str | None = None):
+                 compute_dtype: str | None = None, wrt=None, batch=None):
         self.compute_dtype = autocast.resolve(compute_dtype)
         if init not in INITS and not (init == "pca" and projections is not None):
             if init == "pca":
                 raise ValueError("init='pca' needs fitted projections: pass "
                                  "projections=jaxval.pca_projections(...)")
             raise ValueError(f"unknown projection init {init!r}; choose one of {INITS + ('pca',)}")
-        found = discover(model, layers, types)
+        self.nnx = _is_nnx(model)
+        self.wrt = wrt
+        self.loss_fn = loss_fn
+        self._traced_layers = batch is not None
+        if batch is not None:
+            found = self._discover_traced(model, batch, layers, types)
+        elif self.nnx:
+            found = [l for l, _ in discover(model, layers, types, wrt=wrt)]
+        else:
+            raise ValueError("LoGra(params, loss_fn, ...) with a parameter pytree needs an example batch to "
+                             "find the layers in the traced loss: pass batch=<a batch of the data>")
         recs = []
-        for layer, _ in found:
+        for layer in found:
             if projections is not None and layer.name in projections:
                 p_in, p_out = projections[layer.name]
                 k_in, k_out = int(p_in.shape[0]), int(p_out.shape[0])
@@ -401,11 +438,36 @@ class LoGra:
                 raise ValueError(f"projections given for some layers but not for {missing}")
         self.projections = {l.name: (jnp.asarray(projections[l.name][0], jnp.float32),
                                      jnp.asarray(projections[l.name][1], jnp.float32)) for l in self.layers}
-        self.loss_fn = loss_fn
         self.init, self.seed, self.rank = init, seed, rank
         self.dim = int(sum(l.dim for l in self.layers))
         self._compiled: dict[Any, Callable] = {}
         self._cast: tuple | None = None
+        self._checked: set = set()
+        self._cast_leaves: frozenset | None = None
+
+    def _discover_traced(self, model, batch, selector, types) -> list[Layer]:
+        traced, _, state = _frontend(model, self.loss_fn, self.wrt)
+        batch = jax.tree_util.tree_map(jnp.asarray, batch)
+        cap = Capture(traced, state, batch)
+        modules = dict((tuple(p), m) for p, m in nnx.iter_modules(model)) if self.nnx else {}
+        found, skipped = [], []
+        for layer in cap.layers:
+            module = modules.get(tuple(layer.path[:-1])) if self.nnx else None
+            ok = matches(selector, layer.name, module) and (
+                types is None or (module is not None and isinstance(module, tuple(types))))
+            (found if ok else skipped).append(layer)
+        if not found:
+            raise ValueError(f"no supported layer selected in the traced loss (products of parameters with the "
+                             f"data); found {[l.name for l in cap.layers][:20]}, selector={selector!r}, "
+                             f"types={types!r}")
+        cap.check_tracked([l.name for l in found])
+        _warn_untracked(cap.untracked + sorted({l.name for l in skipped}))
+        uses = cap.plan.uses
+        self._cast_leaves = frozenset(
+            i for i, u in uses.items() if not u.other and not u.bias_of and
+            all(s.kind == "dot" for s in u.sites) and (u.sites or u.dots) and
+            cap.plan.leaf_dtypes[i] == jnp.float32)
+        return found
 
     # -- offsets of each layer's block in the flat vector
     def offsets(self) -> dict[str, tuple[int, int]]:
@@ -429,33 +491,42 @@ class LoGra:
             **({"compute_dtype": self.compute_dtype} if self.compute_dtype else {}),
         }
 
+    def _traced(self, graphdef) -> Traced:
+        if isinstance(graphdef, jax.tree_util.PyTreeDef):
+            return Traced(None, self.loss_fn)
+        return Traced(graphdef, self.loss_fn, self.wrt)
+
     def compiled_step(self, graphdef, reduce: Reduce | None = None, *, sample_fn: Callable | None = None,
                       grads: bool = True, dtype: Any = None) -> Callable:
         """THE compiled LoGra step (one builder, one cache on this object):
 
             step(state, batch, projections, keys=None, aux=None) -> (g [B, D] | None, losses [B], out)
 
-        ``state``: ``nnx.split(model)[1]`` (or ``step_state`` of it). ``reduce(layers, losses, pairs, g, aux)``:
-        a pure, traceable function of the step's per-layer pairs (see ``projected_pairs``), its gradients
-        ``g [B, D]`` float32 and the caller's ``aux`` pytree, giving ``out`` (None without ``reduce``);
-        statistics, accumulators and contractions with query gradients are such reductions. The cache key
-        is ``(graphdef, reduce, sample_fn, grads, dtype)``: pass module-level functions (or keep the
-        callable), not a fresh lambda per call. ``sample_fn(model, batch, keys)``: the step runs on the
-        batch it returns (labels drawn from the model; ``keys``: one PRNG key per example).
-        ``grads=False``: ``g`` is not returned (XLA then forms it only where ``reduce`` reads it).
-        ``dtype``: ``g`` cast on the device (e.g. a store's bfloat16)."""
+        ``graphdef``/``state``: ``nnx.split(model)`` (or ``step_state`` of it), or, for a parameter pytree,
+        its treedef and the pytree. ``reduce(layers, losses, pairs, g, aux)``: a pure, traceable function of
+        the step's per-layer pairs (see ``traced_pairs``), its gradients ``g [B, D]`` float32 and the caller's
+        ``aux`` pytree, giving ``out`` (None without ``reduce``); statistics, accumulators and contractions
+        with query gradients are such reductions. The cache key is ``(graphdef, reduce, sample_fn, grads,
+        dtype)``: pass module-level functions (or keep the callable), not a fresh lambda per call.
+        ``sample_fn(model, batch, keys)``: the step runs on the batch it returns (labels drawn from the model;
+        ``keys``: one PRNG key per example). ``grads=False``: ``g`` is not returned (XLA then forms it only
+        where ``reduce`` reads it). ``dtype``: ``g`` cast on the device (e.g. a store's bfloat16)."""
         key = (graphdef, reduce, sample_fn, bool(grads), None if dtype is None else jnp.dtype(dtype).name)
         fn = self._compiled.get(key)
         if fn is not None:
             return fn
-        layers, loss_fn, compute_dtype = self.layers, self.loss_fn, self.compute_dtype
+        layers, compute_dtype = self.layers, self.compute_dtype
+        names = [l.name for l in layers]
+        traced = self._traced(graphdef)
+        expect = None if self._traced_layers else layers
         out_dtype = None if dtype is None else jnp.dtype(dtype)
 
         @jax.jit
         def fn(state, batch, projections, keys=None, aux=None):
             if sample_fn is not None:
-                batch = sample_fn(nnx.merge(graphdef, state), batch, keys)
-            losses, pairs = projected_pairs(graphdef, state, loss_fn, layers, projections, batch, compute_dtype)
+                model = nnx.merge(graphdef, state) if traced.graphdef is not None else state
+                batch = sample_fn(model, batch, keys)
+            losses, pairs = traced_pairs(traced, state, batch, names, projections, compute_dtype, expect)
             g = blocks_from_pairs(layers, pairs)  # dead code for XLA where nothing reads it
             out = None if reduce is None else reduce(layers, losses, pairs, g, aux)
             if not grads:
@@ -465,81 +536,140 @@ class LoGra:
         self._compiled[key] = fn
         return fn
 
-    def step_for(self, model: nnx.Module, reduce: Reduce | None = None, **kw) -> tuple[Callable, Any]:
-        """``(compiled_step(graphdef, reduce, **kw), step_state)`` for ``model``; refuses models whose
-        examples interact (checked once per graphdef: BatchNorm's mode is static, part of the graphdef)."""
-        graphdef, state = nnx.split(model)
+    def step_for(self, model, reduce: Reduce | None = None, **kw) -> tuple[Callable, Any]:
+        """``(step, step_state)`` for ``model`` (an nnx module or the parameter pytree): the step is
+        ``compiled_step(graphdef, reduce, **kw)``; its first call per model structure also checks that
+        examples do not interact (example 0 repeated over the batch must give the same row 0)."""
+        _, graphdef, state = _frontend(model, self.loss_fn, self.wrt)
         if not any(k[0] == graphdef for k in self._compiled):
             check_independent_examples(model)
-        return self.compiled_step(graphdef, reduce, **kw), self.step_state(model, state)
+        step = self.compiled_step(graphdef, reduce, **kw)
+        state = self.step_state(model, state)
+        if graphdef in self._checked or kw.get("sample_fn") is not None:
+            return step, state
+        return self._checking(step, graphdef, state, kw), state
 
-    def grads_and_losses(self, model: nnx.Module, batch) -> tuple[jax.Array, jax.Array]:
+    def _checking(self, step, graphdef, state0, kw):
+        plain = step if kw.get("grads", True) else None
+
+        def checked(state, batch, projections, keys=None, aux=None):
+            out = step(state, batch, projections, keys, aux)
+            if graphdef not in self._checked:
+                self._check_batch(plain, graphdef, state, batch, projections, keys, aux, out,
+                                  kw.get("dtype"))
+            return out
+
+        return checked
+
+    def _check_batch(self, step, graphdef, state, batch, projections, keys, aux, out, dtype):
+        leaves = jax.tree_util.tree_leaves(batch)
+        if not leaves or any(isinstance(a, jax.Array) and not a.is_fully_addressable for a in leaves):
+            self._checked.add(graphdef)
+            return
+        b = leaves[0].shape[0]
+        if b < 2:
+            return
+        g = out[0]
+        if step is None:
+            step, g = self.compiled_step(graphdef), None
+            dtype = None
+        if g is None:
+            g = step(state, batch, projections)[0]
+        alone = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a[:1], a.shape), batch)
+        g0 = step(state, alone, projections, keys, aux)[0]
+        r, r0 = np.asarray(g[0], np.float64), np.asarray(g0[0], np.float64)
+        scale = max(float(np.max(np.abs(r0))), float(np.max(np.abs(r))), 1e-30)
+        err = float(np.max(np.abs(r - r0))) / scale
+        low = self.compute_dtype is not None or (dtype is not None and jnp.dtype(dtype).itemsize < 4)
+        if not np.isfinite(err) or err > (5e-2 if low else 1e-3):
+            raise ValueError(
+                f"examples interact: example 0's projected gradient changes with the other examples of the "
+                f"batch (relative difference {err:.3g} between example 0 in this batch and example 0 "
+                "repeated over the batch). The loss of an example must depend on that example alone: no "
+                "mean or statistics over the batch inside the model (BatchNorm: model.eval()), no mixing of "
+                "examples, the example axis kept an axis of its own")
+        self._checked.add(graphdef)
+
+    def grads_and_losses(self, model, batch) -> tuple[jax.Array, jax.Array]:
         """``([B, D] float32 projected gradients, [B] losses)``."""
         batch_size(batch)
         step, state = self.step_for(model)
         g, losses, _ = step(state, batch, self.projections)
         return g, losses
 
-    def step_state(self, model: nnx.Module, state):
-        """The state ``compiled_step`` wants: as is, or with Linear kernels already in ``compute_dtype``
-        (converted once per set of weights: the last conversion is kept while its weights are)."""
+    def step_state(self, model, state=None):
+        """The state ``compiled_step`` wants: as is, or with the weights that are only multiplied already in
+        ``compute_dtype`` (converted once per set of weights: the last conversion is kept while its weights
+        are)."""
+        if state is None:
+            state = _frontend(model, self.loss_fn, self.wrt)[2]
         if self.compute_dtype is None:
             return state
-        leaves = jax.tree.leaves(state)
+        leaves = jax.tree_util.tree_leaves(state)
         key = tuple(map(id, leaves))
         if self._cast is None or self._cast[0] != key:
-            self._cast = (key, leaves, autocast.cast_kernels(model, state, self.compute_dtype))
+            if _is_nnx(model):
+                cast = autocast.cast_kernels(model, state, self.compute_dtype)
+            elif self._cast_leaves:
+                flat, tdef = jax.tree_util.tree_flatten(state)
+                cast = jax.tree_util.tree_unflatten(tdef, [
+                    a.astype(self.compute_dtype) if i in self._cast_leaves else a for i, a in enumerate(flat)])
+            else:
+                cast = state
+            self._cast = (key, leaves, cast)
         return self._cast[2]
 
-    def grads(self, model: nnx.Module, batch) -> jax.Array:
+    def grads(self, model, batch) -> jax.Array:
         """``[B, D]`` float32 projected per-example gradients (jit-compiled fast path)."""
         return self.grads_and_losses(model, batch)[0]
 
 
-def explicit_grads(model: nnx.Module, loss_fn: LossFn, projections: Projections, batch) -> jax.Array:
+def explicit_grads(model, loss_fn: LossFn, projections: Projections, batch, wrt=None) -> jax.Array:
     """Reference ``[B, D]``: ``vmap(grad)`` of each example's loss w.r.t. the parameters, then
-    ``P_in (∂loss_b/∂W) P_outᵀ`` per layer, in the order of ``projections``. Forms full per-example
-    gradients: for tests and tiny models only."""
+    ``P_in (∂loss_b/∂W) P_outᵀ`` per layer, in the order of ``projections`` (layer names as ``LoGra``'s;
+    ``model``: an nnx module or a parameter pytree). Forms full per-example gradients: for tests and tiny
+    models only."""
     b = batch_size(batch)
     names = list(projections)
-    found = {l.name: (l, m) for l, m in discover(model, lambda n, m: n in projections)}
-    missing = [n for n in names if n not in found]
+    traced, _, state = _frontend(model, loss_fn, wrt)
+    cap = Capture(traced, state, batch)
+    missing = [n for n in names if n not in cap.by_name]
     if missing:
         raise ValueError(f"no supported layer named {missing} in the model")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = traced.split(state)
 
     def single(p, example):
-        m = nnx.merge(graphdef, p, rest)
-        losses = loss_fn(m, jax.tree_util.tree_map(lambda a: a[None], example))
+        losses = traced.fn(p, rest, jax.tree_util.tree_map(lambda a: a[None], example))
         _check_losses(losses, 1)
         return losses[0]
 
     per = jax.vmap(jax.grad(single), in_axes=(None, 0))(params, batch)
-    flat = {tuple(path): v for path, v in nnx.to_flat_state(per)}
-
-    def leaf(path):
-        v = flat[path]
-        return v[...] if hasattr(v, "__getitem__") and not isinstance(v, jax.Array) else v
-
+    flat = jax.tree_util.tree_leaves(per)
+    shapes = cap.plan.leaf_shapes
     out = []
     for name in names:
-        layer, module = found[name]
-        kname = "embedding" if layer.kind == "embed" else "kernel"
-        kern = leaf(layer.path + (kname,))
-        bias = leaf(layer.path + ("bias",)) if layer.has_bias else None
-        w = jax.vmap(lambda k, bb: weight_matrix(layer, module, k, bb))(kern, bias) if layer.has_bias else \
-            jax.vmap(lambda k: weight_matrix(layer, module, k, None))(kern)
+        layer, g = cap.by_name[name]
+        bias = flat[g.bias] if g.bias is not None else None
+        bstack = tuple(a for _, a in next((s.stack for s in g.sites if s.bias is not None), ())) \
+            if g.bias is not None else ()
+        w = jax.vmap(lambda k, bb: capture.layer_matrix(g, shapes[g.leaf], k, bb, layer.index, bstack))(
+            flat[g.leaf], bias if bias is not None else jnp.zeros((b,)))
         p_in, p_out = (jnp.asarray(p, jnp.float32) for p in projections[name])
         blk = jnp.einsum("kn,bnm,lm->bkl", p_in, w.astype(jnp.float32), p_out, precision=_HI)
         out.append(blk.reshape(b, -1))
     return jnp.concatenate(out, axis=1)
 
 
-def model_fingerprint(model: nnx.Module) -> str:
+def model_fingerprint(model) -> str:
     """sha256 over the parameter shapes, dtypes and bytes (identifies the checkpoint a log came from)."""
     h = hashlib.sha256()
-    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        arr = np.asarray(v[...] if not isinstance(v, jax.Array) else v)
+    if _is_nnx(model):
+        items = [(path, v[...] if not isinstance(v, jax.Array) else v)
+                 for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    else:
+        items = [(_keys(p), v) for p, v in jax.tree_util.tree_flatten_with_path(model)[0]]
+    for path, v in items:
+        arr = np.asarray(v)
         h.update(json.dumps([list(map(str, path)), list(arr.shape), str(arr.dtype)]).encode())
         h.update(arr.tobytes())
     return h.hexdigest()
