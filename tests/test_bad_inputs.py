@@ -774,3 +774,14 @@ def test_errors_form_one_hierarchy():
         assert issubclass(cls, jv.Error) and issubclass(cls, ValueError) or issubclass(cls, OSError)
     assert jv.Error is jv.JaxvalError and jv.MismatchError is jv.ProvenanceError
     assert issubclass(jv.StoreNotFoundError, FileNotFoundError)
+
+
+def test_cli_info_verify_names_the_corrupted_rows(P, copy, capsys):
+    path = copy(P.store)
+    f = os.path.join(path, "grads", "c", "4", "0")
+    b = bytearray(Path(f).read_bytes())
+    b[3] ^= 1
+    Path(f).write_bytes(bytes(b))
+    assert main(["info", path]) == 0                     # the cheap checks pass (size is right) ...
+    with unchanged(path):
+        cli_error(capsys, ["info", "--verify", path], "rows [128, 160) (checksum mismatch)", "repair()")

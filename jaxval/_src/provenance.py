@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxval._src.errors import ProvenanceError
 
-__all__ = ["Provenance", "ProjectedGrads", "of", "of_config", "of_store", "of_precond", "provenance_of",
+__all__ = ["Provenance", "ProjectedGrads", "wrap_grads", "of", "of_config", "of_store", "of_precond", "provenance_of",
            "with_provenance", "unwrap", "check", "logra_config_hash"]
 
 
@@ -210,6 +210,17 @@ def with_provenance(array, logra=None, model=None, *, provenance: Provenance | N
             raise ProvenanceError("with_provenance needs logra= (and model=) or provenance=")
         provenance = Provenance.of(logra, model)
     return ProjectedGrads(array, provenance)
+
+
+def wrap_grads(logra, model, g) -> ProjectedGrads:
+    """``g`` (what ``logra``'s step gave for ``model``) with its provenance: what ``LoGra.grads`` returns.
+    Weights this process cannot read whole (parameters sharded across processes) give a provenance without
+    fingerprint (the LoGra configuration is still checked)."""
+    try:
+        p = Provenance.of(logra, model)
+    except Exception:  # noqa: BLE001
+        p = Provenance.of(logra)
+    return ProjectedGrads(g, p)
 
 
 def provenance_of(x) -> Provenance | None:

@@ -96,6 +96,8 @@ def _info(args):
     from jaxval._src.store import GradientStore
 
     store = GradientStore.open(args.store)
+    if getattr(args, "verify", False):
+        store.verify()     # StoreCorruptError naming the rows of a missing / short / corrupted chunk
     info = store.info()
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -378,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a gradient store: manifest, rows done / total, bytes on disk")
     i.add_argument("store", help="store path (folder or gs:// URL)")
     i.add_argument("--json", action="store_true", help="print the info as JSON")
+    i.add_argument("--verify", action="store_true",
+                   help="read every chunk and compare its size and crc32 with the record taken when it was logged")
     i.set_defaults(func=_info)
 
     f = sub.add_parser("fit", help="fit a preconditioner (identity | raw | kfac | ekfac) from a config")

@@ -180,6 +180,13 @@ class Student:
     def history(self) -> list:
         return self.meta.get("history", [])
 
+    @property
+    def provenance(self) -> dict | None:
+        """Where the LinFiK values it was distilled from come from (``jaxval alinfik train`` records the LoGra
+        config hash, the model fingerprint and the sha256 of pool.jsonl / linfik.npy), or None."""
+        p = self.meta.get("provenance")
+        return dict(p) if isinstance(p, dict) else None
+
     def predict_embeddings(self, emb) -> np.ndarray:
         """Predicted LinFiK ``[M]`` from embeddings ``[M, d]`` (what ``embed_fn`` gives)."""
         x = (np.asarray(emb, np.float32) - self.stats["x_mu"]) / self.stats["x_sd"]
