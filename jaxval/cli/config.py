@@ -13,7 +13,9 @@ The pipeline config (``jaxval log | fit | score``, :data:`PIPELINE`) has these s
 
     seed: 0                      # default seed of every section below
     model:
-      kind: mlp                  # mlp | cnn | gpt | token_mlp
+      kind: mlp                  # mlp | cnn | gpt | token_mlp | smollm2 (pretrained; dtype: float32 | bfloat16)
+                                 #   or factory: "pkg.module:function" (+ args: {...}): the user's model
+                                 #   (jaxval/models/factory.py); loss: "pkg.module:function" for any model
       sizes: [64, 128, 10]       # mlp; cnn: in_channels, num_classes; gpt: size (small|medium|large) and/or
                                  #   vocab_size, block_size, d_model, n_layer, n_head, d_mlp, tie_embeddings;
                                  #   token_mlp: d_model, n_block, hidden (gpt/token_mlp vocab: the tokenizer's)
@@ -21,7 +23,8 @@ The pipeline config (``jaxval log | fit | score``, :data:`PIPELINE`) has these s
       train: {steps: 300, batch_size: 64, lr: 0.003}   # used when no checkpoint (deterministic)
       save_trained: null         # optional: write the trained model here (save_model)
     data:
-      kind: digits               # digits | mnist | fashion-mnist | text
+      kind: digits               # digits | mnist | fashion-mnist | text | corpus (a .txt / .jsonl file in
+                                 #   chunks of the model's tokens: jaxval/data/corpus.py), or factory: ...
       split: train               # train | test (| all for text)
       limit: null                # keep the first `limit` examples
       # digits: test_fraction; mnist/fashion-mnist: data_dir; text: corpus (name or file), data_dir,
@@ -55,8 +58,8 @@ __all__ = ["ConfigError", "Field", "Schema", "REQUIRED", "read_yaml", "apply_ove
            "PIPELINE", "normalize_config", "build_data", "build_model", "build_tokenizer", "prepare", "save_model",
            "load_model", "store_extra", "MODEL_KINDS", "DATA_KINDS", "SECTIONS"]
 
-MODEL_KINDS = ("mlp", "cnn", "gpt", "token_mlp")
-DATA_KINDS = ("digits", "mnist", "fashion-mnist", "text")
+MODEL_KINDS = ("mlp", "cnn", "gpt", "token_mlp", "smollm2")
+DATA_KINDS = ("digits", "mnist", "fashion-mnist", "text", "corpus")
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -219,7 +222,11 @@ _PATH = (str, None)
 _TRAIN = Schema({"steps": Field((int,)), "batch_size": Field((int,)), "lr": Field((float,)), "seed": Field((int,)),
                  "weight_decay": Field((float,)), "split": Field((str, None))})
 _MODEL = Schema({
-    "kind": Field((str,), REQUIRED, MODEL_KINDS, "one of " + " | ".join(MODEL_KINDS)),
+    "kind": Field((str,), choices=MODEL_KINDS, help="one of " + " | ".join(MODEL_KINDS) + " (or model.factory)"),
+    "factory": Field((str, None), help="import path pkg.module:function of the user's model (jaxval.models.factory)"),
+    "args": Field((dict, None), help="keyword arguments of model.factory"),
+    "loss": Field((str, None), help="import path pkg.module:function of loss_fn(model, batch) -> [B]"),
+    "dtype": Field((str, None), help="compute dtype of a pretrained model (smollm2)"),
     "seed": Field((int,)),
     "checkpoint": Field(_PATH, help="a checkpoint written by save_model"),
     "train": _TRAIN,
@@ -232,7 +239,11 @@ _MODEL = Schema({
     "n_block": Field((int,)), "hidden": Field((int,)),                                 # token_mlp
 })
 _DATA = Schema({
-    "kind": Field((str,), REQUIRED, DATA_KINDS, "one of " + " | ".join(DATA_KINDS)),
+    "kind": Field((str,), choices=DATA_KINDS, help="one of " + " | ".join(DATA_KINDS) + " (or data.factory)"),
+    "factory": Field((str, None), help="import path pkg.module:function giving documents or a batch"),
+    "args": Field((dict, None), help="keyword arguments of data.factory"),
+    "format": Field((str, None), choices=(None, "text", "jsonl")), "text_key": Field((str,)), "id_key": Field((str,)),
+    "add_bos": Field((bool,)),                                                         # corpus (jaxval.data.corpus)
     "split": Field((str,), "train", ("train", "test", "all")),
     "seed": Field((int,)),
     "limit": Field((int, None)),
@@ -263,6 +274,9 @@ def _finalize_pipeline(cfg: dict, where: str) -> dict:
     for sec, schema in (("model", _MODEL), ("data", _DATA), ("logra", _LOGRA), ("log", _LOG)):
         if cfg.get(sec) is None:
             cfg[sec] = schema.validate({}, where, f"{sec}.")   # raises for its required keys
+    for sec in ("model", "data"):
+        if not cfg[sec].get("kind") and not cfg[sec].get("factory"):
+            raise ConfigError(f"{where}: {sec}.kind (or {sec}.factory, an import path) is required")
     cfg["model"].setdefault("seed", seed)
     cfg["data"].setdefault("seed", seed)
     cfg["logra"].setdefault("seed", seed)
@@ -319,9 +333,16 @@ def load_config(path: str | os.PathLike, schema: Schema | None = PIPELINE, *, ov
 
 # ----------------------------------------------------------------------------------------------- data
 
-def build_data(dcfg: dict, *, for_model: str | None = None) -> tuple[dict, np.ndarray | None, dict]:
+def build_data(dcfg: dict, *, for_model: str | None = None, model_cfg: dict | None = None
+               ) -> tuple[dict, np.ndarray | None, dict]:
     """``(data, ids, info)``: the split to log / train on as a dict of arrays, its ids, and extra info
-    (``vocab_size`` for text)."""
+    (``vocab_size`` for text). A corpus or a data factory is tokenised by ``model_cfg``'s tokenizer."""
+    if dcfg.get("factory") or dcfg.get("kind") == "corpus":
+        from jaxval.data import corpus
+        from jaxval.models import factory
+
+        tok = factory.tokenizer(model_cfg) if factory.is_named_model(model_cfg) else None
+        return corpus.build_data(dcfg, tok)
     kind, split = dcfg["kind"], dcfg.get("split", "train")
     limit = dcfg.get("limit")
     info: dict[str, Any] = {}
@@ -379,6 +400,10 @@ def build_data(dcfg: dict, *, for_model: str | None = None) -> tuple[dict, np.nd
 def build_model(mcfg: dict, data_info: dict | None = None):
     """``(model, loss_fn)`` freshly initialised from ``model.seed`` (no training, no checkpoint)."""
     data_info = data_info or {}
+    from jaxval.models import factory
+
+    if factory.is_named_model(mcfg):
+        return factory.build_model(mcfg, data_info)
     kind = mcfg["kind"]
     rngs = nnx.Rngs(int(mcfg.get("seed", 0)))
     if kind == "mlp":
@@ -454,6 +479,11 @@ def _check_widths(mcfg: dict, dcfg: dict, data) -> None:
     x = data.get("x") if isinstance(data, dict) else None
     if x is None:
         return
+    sizes = mcfg.get("sizes")
+    if sizes is not None:
+        bad = [i for i, v in enumerate(sizes) if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ConfigError(f"model.sizes[{bad[0]}] must be a positive int, got {sizes[bad[0]]!r}")
     if mcfg.get("kind") == "mlp" and mcfg.get("sizes"):
         width = int(np.prod(np.shape(x)[1:]))
         if int(mcfg["sizes"][0]) != width:
@@ -471,15 +501,20 @@ def prepare(cfg: dict, progress: bool = True, split: str | None = None):
     its checkpoint or trains it (deterministically, on ``data.split``), and builds the LoGra. ``split``
     (e.g. ``"test"`` for query gradients) returns that split's data instead of ``data.split``'s."""
     from jaxval._src.logra import LoGra
+    from jaxval.models import factory
 
     mcfg, dcfg, lcfg = cfg["model"], cfg["data"], cfg["logra"]
-    data, ids, info = build_data(dcfg, for_model=mcfg["kind"])
+    data, ids, info = build_data(dcfg, for_model=mcfg.get("kind"), model_cfg=mcfg)
     _check_widths(mcfg, dcfg, data)
     if split is not None and split != dcfg.get("split", "train"):
-        out_data, out_ids, _ = build_data(dict(dcfg, split=split), for_model=mcfg["kind"])
+        out_data, out_ids, _ = build_data(dict(dcfg, split=split), for_model=mcfg.get("kind"), model_cfg=mcfg)
     else:
         out_data, out_ids = data, ids
     model, loss_fn = build_model(mcfg, info)
+    if mcfg.get("loss"):
+        from jaxval.models.factory import load_callable
+
+        loss_fn = load_callable(mcfg["loss"], "model.loss")
     if mcfg.get("checkpoint"):
         load_model(model, mcfg["checkpoint"])
     elif mcfg.get("train"):
@@ -494,7 +529,7 @@ def prepare(cfg: dict, progress: bool = True, split: str | None = None):
               weight_decay=float(t.get("weight_decay", 0.0)), progress=progress)
         if mcfg.get("save_trained"):
             save_model(model, mcfg["save_trained"], meta={"model": mcfg}, overwrite=True)
-    else:
+    elif not factory.is_named_model(mcfg):   # a pretrained model or a factory's model comes with its weights
         warnings.warn("jaxval: the config gives neither model.checkpoint nor model.train: logging the "
                       "gradients of a freshly initialised model", stacklevel=2)
     rank = lcfg.get("rank")

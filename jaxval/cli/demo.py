@@ -97,7 +97,8 @@ def run(out_dir: str = "out/demo", rank: int = 64, steps: int = 500, seed: int =
                                                              relative_damping=0.1, batch_size=256, progress=False)}
     evaluation, all_scores = {}, {}
     for name, pc, mode in METHODS:
-        s = np.asarray(jv.influence(g_test, g_train, precond=pcs[pc], mode=mode, progress=False))
+        s = np.asarray(jv.influence(g_test, g_train, precond=pcs[pc], mode=mode, progress=False, logra=logra,
+                                    model=model))
         all_scores[name] = s    # [Q, N]; positive: training on z lowers the test loss
         evaluation[name] = {"top1": label_agreement(s, d["y_train"], d["y_test"], 1),
                             "top5": label_agreement(s, d["y_train"], d["y_test"], 5)}
