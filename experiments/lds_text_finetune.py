@@ -95,10 +95,19 @@ def pretrained(cfg, make, pre, tok):
     return model, c.seconds
 
 
+_loss_jit = nnx.jit(loss_fn)
+
+
 def mean_loss(model, data, bs=64):
-    out = [np.asarray(loss_fn(model, {k: jnp.asarray(v[i:i + bs]) for k, v in data.items()}))
-           for i in range(0, len(data["tokens"]), bs)]
-    return float(np.concatenate(out).mean()) / (data["tokens"].shape[1] - 1)
+    """Mean loss per predicted character; batches padded to ``bs`` rows (one compiled shape)."""
+    tok = np.asarray(data["tokens"])
+    out = []
+    for i in range(0, len(tok), bs):
+        b = tok[i:i + bs]
+        pad = np.concatenate([b, np.repeat(b[-1:], bs - len(b), 0)])
+        out.append(np.asarray(_loss_jit(model, {"tokens": jnp.asarray(pad),
+                                                "mask": jnp.ones(pad.shape, jnp.float32)}))[:len(b)])
+    return float(np.concatenate(out).mean()) / (tok.shape[1] - 1)
 
 
 def scores_of(spec, model, train, queries, precond_kw, bs):
