@@ -149,6 +149,17 @@ def _inner(eqn):
     return j, []
 
 
+def _live(jaxpr) -> set:
+    """ids of the eqns whose results reach the outputs (or that have effects)."""
+    live = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+    keep = set()
+    for e in reversed(jaxpr.eqns):
+        if e.effects or any(o in live for o in e.outvars if not isinstance(o, jcore.DropVar)):
+            keep.add(id(e))
+            live.update(v for v in e.invars if isinstance(v, jcore.Var))
+    return keep
+
+
 def _shape(v):
     return tuple(getattr(v.aval, "shape", ()))
 
@@ -225,7 +236,10 @@ class _Analysis:
         if len(ja.eqns) != len(jb.eqns):
             raise CaptureError("loss_fn traces to different programs for different batch sizes (the model "
                                "branches on the batch size); LoGra needs one program for every batch size")
+        keep = _live(ja)
         for ea, eb in zip(ja.eqns, jb.eqns):
+            if id(ea) not in keep:      # dead code (e.g. RNG streams a bridge draws but never uses)
+                continue
             if ea.primitive.name != eb.primitive.name:
                 raise CaptureError("loss_fn traces to different programs for different batch sizes "
                                    f"({ea.primitive.name} vs {eb.primitive.name} at {where(ea)})")

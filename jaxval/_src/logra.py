@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -638,13 +639,18 @@ def explicit_grads(model, loss_fn: LossFn, projections: Projections, batch, wrt=
         raise ValueError(f"no supported layer named {missing} in the model")
     params, rest = traced.split(state)
 
-    def single(p, example):
-        losses = traced.fn(p, rest, jax.tree_util.tree_map(lambda a: a[None], example))
-        _check_losses(losses, 1)
-        return losses[0]
+    # the loss of one example as a pure function of the leaves (a traced program: no module state is
+    # mutated under grad / vmap, e.g. the RNG counters a linen bridge advances)
+    one = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype), batch)
+    closed = jax.make_jaxpr(traced.fn)(params, rest, one)
+    _check_losses(closed.out_avals[0], 1)
+    fun = jax.extend.core.jaxpr_as_fun(closed)
+    pleaves, rleaves = jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(rest)
 
-    per = jax.vmap(jax.grad(single), in_axes=(None, 0))(params, batch)
-    flat = jax.tree_util.tree_leaves(per)
+    def single(p, example):
+        return fun(*p, *rleaves, *jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a[None], example)))[0][0]
+
+    flat = jax.vmap(jax.grad(single), in_axes=(None, 0))(pleaves, batch)
     shapes = cap.plan.leaf_shapes
     out = []
     for name in names:
