@@ -240,10 +240,11 @@ def run(args) -> int:
     chunk = int(cfg["log"]["batch_size"])
     # [1, D]: the query repeated to the chunk the per-token split runs in (one compiled step for both)
     gq = logra.grads(model, {key: np.repeat(v, chunk, axis=0) for key, v in qb.items()})[:1]
+    if not isinstance(gq, jv.ProjectedGrads):   # record the provenance the store and pc are checked against
+        gq = jv.with_provenance(gq, logra, model)
     k = min(int(args.top_k), len(store))
-    prov = dict(logra=logra, model=model)    # the query's provenance: checked against the store's and pc's
-    top_v, top_i = jv.top_k(gq, store, k, precond=pc, mode=args.mode, largest=True, progress=False, **prov)
-    bot_v, bot_i = jv.top_k(gq, store, k, precond=pc, mode=args.mode, largest=False, progress=False, **prov)
+    top_v, top_i = jv.top_k(gq, store, k, precond=pc, mode=args.mode, largest=True, progress=False)
+    bot_v, bot_i = jv.top_k(gq, store, k, precond=pc, mode=args.mode, largest=False, progress=False)
     top_v, top_i, bot_v, bot_i = (np.asarray(a)[0] for a in (top_v, top_i, bot_v, bot_i))
     store_ids = np.asarray(store.ids)
     row_of = {str(v): r for r, v in enumerate(ids)}

@@ -93,12 +93,13 @@ def run(out_dir: str = "out/demo", rank: int = 64, steps: int = 500, seed: int =
     print(f"LoGra rank {rank}: layers {[l.name for l in logra.layers]}, D = {logra.dim}")
     g_train = logra.grads(model, {k_: jnp.asarray(v) for k_, v in train_set.items()})   # [N, D], one batch
     g_test = logra.grads(model, {k_: jnp.asarray(v) for k_, v in test_set.items()})
+    g_train, g_test = (g if isinstance(g, jv.ProjectedGrads) else jv.with_provenance(g, logra, model)
+                       for g in (g_train, g_test))   # what the scoring checks against the preconditioner's
     pcs = {"identity": None, "ekfac": jv.fit_preconditioner(logra, model, train_set, kind="ekfac",
                                                              relative_damping=0.1, batch_size=256, progress=False)}
     evaluation, all_scores = {}, {}
     for name, pc, mode in METHODS:
-        s = np.asarray(jv.influence(g_test, g_train, precond=pcs[pc], mode=mode, progress=False, logra=logra,
-                                    model=model))
+        s = np.asarray(jv.influence(g_test, g_train, precond=pcs[pc], mode=mode, progress=False))
         all_scores[name] = s    # [Q, N]; positive: training on z lowers the test loss
         evaluation[name] = {"top1": label_agreement(s, d["y_train"], d["y_test"], 1),
                             "top5": label_agreement(s, d["y_train"], d["y_test"], 5)}
