@@ -6,7 +6,6 @@ checked without a browser."""
 import html.parser
 import json
 import os
-import sys
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ the mask, then projected)."""
 
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -15,7 +15,6 @@ import os
 import time
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
