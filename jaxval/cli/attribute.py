@@ -252,7 +252,11 @@ def run(args) -> int:
     chosen = [(s, r, int(i), float(v)) for s, (vals, idx) in (("proponents", (top_v, top_i)),
                                                                ("opponents", (bot_v, bot_i)))
               for r, (v, i) in enumerate(zip(vals, idx))]
-    split_rows = [row_of[str(store_ids[i])] for s, r, i, v in chosen if r < h]
+    missing = [str(store_ids[i]) for _s, _r, i, _v in chosen if str(store_ids[i]) not in row_of]
+    if missing:
+        raise StoreError(f"the store's rows {missing[:3]} are not in the data of {args.config} (another corpus, "
+                         "chunking or limit than `jaxval log` used): rerun `jaxval log`")
+    split_rows = [row_of[str(store_ids[i])] for _s, r, i, _v in chosen if r < h]
     ti = None
     if split_rows and args.mode in ("dot", "cosine", "relative"):
         train_sel = {key: np.asarray(v)[split_rows] for key, v in data.items()}
