@@ -785,3 +785,14 @@ def test_cli_info_verify_names_the_corrupted_rows(P, copy, capsys):
     assert main(["info", path]) == 0                     # the cheap checks pass (size is right) ...
     with unchanged(path):
         cli_error(capsys, ["info", "--verify", path], "rows [128, 160) (checksum mismatch)", "repair()")
+
+
+def test_cli_list_element_of_wrong_type_names_the_key(P, tmp_path, capsys):
+    cfg = dict(P.cfg, model=dict(P.cfg["model"], sizes=[64, "wide", 10]),
+               log=dict(P.cfg["log"], output=str(tmp_path / "s.store")))
+    path = write_cfg(tmp_path / "sizes.yaml", cfg)
+    cli_error(capsys, ["log", "--config", path, "--no-progress"], "model.sizes[1] must be a positive int")
+
+
+def test_cli_launch_zero_processes(capsys):
+    cli_error(capsys, ["launch", "-n", "0", "--", "true"], "n must be >= 1")

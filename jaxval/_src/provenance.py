@@ -198,6 +198,42 @@ class ProjectedGrads:
     def __repr__(self):
         return f"ProjectedGrads(shape={self.shape}, dtype={self.dtype}, {self.provenance.short()})"
 
+    def __getattr__(self, name):   # .T, .sharding, .block_until_ready(), .reshape(...): the array's own
+        if name in ("array", "provenance") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.array, name)
+
+    # arithmetic gives bare arrays (a result is no longer the gradients the provenance describes)
+    def __matmul__(self, o):
+        return self.array @ unwrap(o)
+
+    def __rmatmul__(self, o):
+        return unwrap(o) @ self.array
+
+    def __add__(self, o):
+        return self.array + unwrap(o)
+
+    def __radd__(self, o):
+        return unwrap(o) + self.array
+
+    def __sub__(self, o):
+        return self.array - unwrap(o)
+
+    def __rsub__(self, o):
+        return unwrap(o) - self.array
+
+    def __mul__(self, o):
+        return self.array * unwrap(o)
+
+    def __rmul__(self, o):
+        return unwrap(o) * self.array
+
+    def __truediv__(self, o):
+        return self.array / unwrap(o)
+
+    def __neg__(self):
+        return -self.array
+
 
 jax.tree_util.register_pytree_node(ProjectedGrads, lambda g: ((g.array,), g.provenance),
                                    lambda prov, ch: ProjectedGrads(ch[0], prov))
