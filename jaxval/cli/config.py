@@ -484,11 +484,6 @@ def _check_widths(mcfg: dict, dcfg: dict, data) -> None:
         bad = [i for i, v in enumerate(sizes) if isinstance(v, bool) or not isinstance(v, int) or v < 1]
         if bad:
             raise ConfigError(f"model.sizes[{bad[0]}] must be a positive int, got {sizes[bad[0]]!r}")
-    sizes = mcfg.get("sizes")
-    if sizes is not None:
-        bad = [i for i, v in enumerate(sizes) if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-        if bad:
-            raise ConfigError(f"model.sizes[{bad[0]}] must be a positive int, got {sizes[bad[0]]!r}")
     if mcfg.get("kind") == "mlp" and mcfg.get("sizes"):
         width = int(np.prod(np.shape(x)[1:]))
         if int(mcfg["sizes"][0]) != width:
