@@ -62,12 +62,13 @@ def test_train_step_has_weight_gradient_products(setup):
     assert found, "the check cannot see weight-gradient products in a training step"
 
 
-@pytest.mark.parametrize("types", [None, (nnx.Linear,)])
-def test_logra_step_has_no_weight_gradient_products(setup, types):
+@pytest.mark.parametrize("types,traced", [(None, False), ((nnx.Linear,), False), (None, True)])
+def test_logra_step_has_no_weight_gradient_products(setup, types, traced):
+    """``traced``: layers from the traced computation (``batch=``) rather than the module types."""
     model, batch = setup
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logra = jv.LoGra(model, token_mlp.loss_fn, rank=RANK, types=types)
+        logra = jv.LoGra(model, token_mlp.loss_fn, rank=RANK, types=types, **({"batch": batch} if traced else {}))
     graphdef, state = nnx.split(model)
     hlo = logra.compiled_step(graphdef).lower(state, batch, logra.projections).compile().as_text()
     shapes = matmul_shapes(hlo)

@@ -132,6 +132,7 @@ class Plan:
     leaf_shapes: list
     leaf_dtypes: list
     batch: int
+    level_len: dict = dataclasses.field(default_factory=dict)   # scan eqn id -> length
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -528,7 +529,7 @@ class _Analysis:
                 else:
                     inner.append(dataclasses.replace(v, groups=v.groups[1:],
                                                      stack=v.stack + ((id(ea), v.groups[0][0]),)))
-        # the level records which leaf axis this scan slices, per leaf (None: a repeat for that leaf)
+        self.plan.level_len[id(ea)] = p["length"]
         outs, inside = self.walk(body_a.jaxpr, body_b.jaxpr, inner, levels + (id(ea),))
         if inside:
             self.plan.inside.add(id(ea))

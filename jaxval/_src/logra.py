@@ -143,6 +143,11 @@ class Capture:
 
     def __init__(self, traced: Traced, state, batch):
         b = batch_size(batch)
+        self.single = b == 1
+        if self.single:   # jnp programs may special-case size-1 axes: trace two copies, keep row 0
+            batch = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), batch)
+            b = 2
+        self.batch_arrays = batch
         params, rest = traced.split(state)
         leaves = jax.tree_util.tree_leaves(params)
         self.n = len(leaves)
@@ -285,7 +290,7 @@ def traced_pairs(traced: Traced, state, batch, names: Sequence[str], projections
             proj[s.id] = _site_proj(cap, names, projections, g, s)
     b = cap.batch
     params, rest = traced.split(state)
-    args = jax.tree_util.tree_leaves((params, rest, batch))
+    args = jax.tree_util.tree_leaves((params, rest, cap.batch_arrays))
     args = [capture.PV(x) for x in args[:cap.n]] + args[cap.n:]
     closed = cap.closed
 
@@ -294,17 +299,15 @@ def traced_pairs(traced: Traced, state, batch, names: Sequence[str], projections
         outs = r.run(closed.jaxpr, closed.consts, args)
         return outs[0], r
 
-    box = {}
-
-    def shapes_only():
-        losses, r = run(None)
-        box["r"], box["vma"] = r, varying_axes(losses)
-        return losses
-
-    out_shape = jax.eval_shape(shapes_only)
-    _check_losses(out_shape, b)
-    r0 = box["r"]
-    eps0 = {sid: _varying_zeros(s, set(plan.sites[sid].vma) | set(box["vma"])) for sid, s in r0.shapes.items()}
+    # the perturbations: one per site, shaped like its output (stacked over enclosing scans), varying like
+    # the output and the losses under shard_map (a constant zero is device-invariant: its cotangent would be
+    # summed over the devices, mixing examples)
+    loss_vma = set(getattr(closed.out_avals[0], "vma", ()) or ())
+    eps0 = {}
+    for sid, site in plan.sites.items():
+        aval = site.eqn.outvars[0].aval
+        shape = tuple(plan.level_len[lv] for lv in site.levels) + tuple(aval.shape)
+        eps0[sid] = _varying_zeros(jax.ShapeDtypeStruct(shape, aval.dtype), set(site.vma) | loss_vma)
 
     def total(eps):
         losses, r = run(eps)
@@ -327,6 +330,9 @@ def traced_pairs(traced: Traced, state, batch, names: Sequence[str], projections
             f = _merge_repeats(f, n_rep)
             lst.append((c, f, False) if s.flipped else (f, c, True))
         pairs[name] = lst
+    if cap.single:
+        losses = losses[:1]
+        pairs = {n: [(a[:1], c[:1], f) for a, c, f in lst] for n, lst in pairs.items()}
     return losses, pairs
 
 
