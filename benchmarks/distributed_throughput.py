@@ -64,7 +64,7 @@ def worker(args):
     from jaxval import GradientStore
 
     store = GradientStore.open(f"{root}/log")
-    timed("score", lambda p: jv.influence(q, store, None, mode="dot"), n)   # rows split across processes
+    timed("score", lambda p: jv.influence(q, store, None, mode="dot", logra=logra, model=model), n)   # rows split across processes
     if topo.process_index == 0:
         with open(f"{root}/result.json", "w") as f:
             json.dump({"processes": topo.process_count, "devices": topo.device_count, "stages": res}, f)

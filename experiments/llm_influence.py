@@ -93,7 +93,7 @@ def make_queries(model, tok, prompts, seq_len: int, max_new: int, batch_size: in
     return out
 
 
-def query_grads(logra, model, queries, batch_size: int) -> np.ndarray:
+def query_grads(logra, model, queries, batch_size: int):
     rows = []
     for i in range(0, len(queries), batch_size):
         chunk = queries[i: i + batch_size]
@@ -102,7 +102,7 @@ def query_grads(logra, model, queries, batch_size: int) -> np.ndarray:
         for j, q in enumerate(chunk):
             t[j], m[j] = q["tokens"], q["mask"]
         rows.append(np.asarray(logra.grads(model, {"tokens": t, "mask": m}))[: len(chunk)])
-    return np.concatenate(rows)
+    return jv.with_provenance(np.concatenate(rows), logra, model)
 
 
 def top_k_cosine(q: np.ndarray, store, k: int, precond=None):

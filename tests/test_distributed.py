@@ -79,13 +79,13 @@ WORKER = textwrap.dedent('''
     print(f"fitted {time.time() - T0:.1f}s", flush=True)
     res = {"store": G, "done": store.done_mask().astype(np.int64), "HG": np.asarray(pc.apply(G)),
            "eig": np.concatenate([pc.eigenvalues(n) for n in pc.names]),
-           "scores": jv.influence(q, store, precond=pc, mode="dot"),      # rows split across the processes
-           "cos": jv.influence(q, store, precond=pc, mode="cosine"),
+           "scores": jv.influence(q, store, precond=pc, logra=logra, model=model, mode="dot"),      # rows split across the processes
+           "cos": jv.influence(q, store, precond=pc, logra=logra, model=model, mode="cosine"),
            "self": jv.self_influence(store, pc, mesh=dist.global_mesh())}
     res["psum"] = dist.sum_across_processes({"a": np.full((3, 2), jax.process_index() + 1.0, np.float32),
                                               "n": np.int64(jax.process_index() + 1)})["a"]
-    res["topv"], res["topi"] = jv.top_k(q, store, k=5, precond=pc, mode="dot")
-    res["botv"], res["boti"] = jv.top_k(q, store, k=70, precond=pc, mode="l2", largest=False)   # k > rows per process
+    res["topv"], res["topi"] = jv.top_k(q, store, k=5, precond=pc, logra=logra, model=model, mode="dot")
+    res["botv"], res["boti"] = jv.top_k(q, store, k=70, precond=pc, logra=logra, model=model, mode="l2", largest=False)   # k > rows per process
     dist.write_once(os.path.join(out, f"result_{topo.process_count}.npz"), lambda p: np.savez(p, **res))
     print(f"worker done {time.time() - T0:.1f}s", flush=True)
 ''')
@@ -103,13 +103,13 @@ def reference(tmp):
     pc = jv.fit_preconditioner(logra, model, data, progress=False, **ns["FIT"])
     pc1 = jv.fit_preconditioner(logra, model, data, mesh=dist.global_mesh(), progress=False, **ns["FIT"])
     q = np.asarray(logra.grads(model, ns["qdata"]))
-    v, i = jv.top_k(q, store, k=5, precond=pc, mode="dot")
-    bv, bi = jv.top_k(q, store, k=70, precond=pc, mode="l2", largest=False)
+    v, i = jv.top_k(q, store, k=5, precond=pc, logra=logra, model=model, mode="dot")
+    bv, bi = jv.top_k(q, store, k=70, precond=pc, logra=logra, model=model, mode="l2", largest=False)
     return {"store": G, "HG": np.asarray(pc.apply(G)), "HG1": np.asarray(pc1.apply(G)),
             "eig": np.concatenate([pc.eigenvalues(n) for n in pc.names]),
-            "scores": np.asarray(jv.influence(q, store, precond=pc, mode="dot")),
-            "cos": jv.influence(q, store, precond=pc, mode="cosine"), "self": jv.self_influence(store, pc),
-            "scores1": jv.influence(q, store, precond=pc1, mode="dot"), "topv": np.asarray(v), "topi": np.asarray(i),
+            "scores": np.asarray(jv.influence(q, store, precond=pc, logra=logra, model=model, mode="dot")),
+            "cos": jv.influence(q, store, precond=pc, logra=logra, model=model, mode="cosine"), "self": jv.self_influence(store, pc),
+            "scores1": jv.influence(q, store, precond=pc1, logra=logra, model=model, mode="dot"), "topv": np.asarray(v), "topi": np.asarray(i),
             "botv": bv, "boti": bi}
 
 

@@ -95,8 +95,8 @@ SETUP = textwrap.dedent('''
         out["HG"] = np.asarray(pc.apply(out["rows"]))
         yield "fit", out
         for mode in ("dot", "cosine"):
-            out[mode] = np.asarray(jv.influence(out["q"], store, precond=pc, mode=mode, mesh=mesh))
-        v, i = jv.top_k(out["q"], store, k=K, precond=pc, mode="dot", mesh=mesh)
+            out[mode] = np.asarray(jv.influence(out["q"], store, precond=pc, logra=logra, model=model, mode=mode, mesh=mesh))
+        v, i = jv.top_k(out["q"], store, k=K, precond=pc, logra=logra, model=model, mode="dot", mesh=mesh)
         out["topv"], out["topi"] = np.asarray(v), np.asarray(i)
         yield "score", out
 ''')
@@ -222,8 +222,8 @@ WORKER = SETUP + textwrap.dedent('''
     def score():
         train, pc = out.get("store", out["G"]), out.get("pc")
         for mode in ("dot", "cosine"):
-            out[mode] = np.asarray(jv.influence(out["q"], train, precond=pc, mode=mode, mesh=mesh))
-        v, i = jv.top_k(out["q"], train, k=K, precond=pc, mode="dot", mesh=mesh)
+            out[mode] = np.asarray(jv.influence(out["q"], train, precond=pc, logra=logra, model=model, mode=mode, mesh=mesh))
+        v, i = jv.top_k(out["q"], train, k=K, precond=pc, logra=logra, model=model, mode="dot", mesh=mesh)
         out["topv"], out["topi"] = np.asarray(v), np.asarray(i)
 
     for name, fn in (("grads", grads), ("log", log), ("fit", fit), ("score", score)):

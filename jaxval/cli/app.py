@@ -194,7 +194,7 @@ def _fit(args):
                              "(fingerprints differ): rerun `jaxval log`")
         sample_fn = None
         if ft["fisher"] == "sampled":
-            if cfg["model"]["kind"] not in ("mlp", "cnn"):
+            if cfg["model"].get("kind") not in ("mlp", "cnn"):
                 raise C.ConfigError("fit.fisher: sampled is built in for classifiers (mlp, cnn) only; use the "
                                     "Python API with your own sample_fn for other models")
             sample_fn = _classification_sampler
@@ -300,9 +300,13 @@ def _score(args):
         renders = []
         for st in (queries, train):
             dspec = (st.config.get("extra") or {}).get("data")
+            mspec = (st.config.get("extra") or {}).get("model")
             try:
-                data, ids, _ = C.build_data(dspec, for_model=None) if dspec else (None, None, None)
-                tok = C.build_tokenizer(dspec) if dspec else None
+                from jaxval.models import factory
+
+                data, ids, _ = C.build_data(dspec, for_model=None, model_cfg=mspec) if dspec else (None, None, None)
+                tok = (factory.tokenizer(mspec) if factory.is_named_model(mspec)
+                       else C.build_tokenizer(dspec) if dspec else None)
             except Exception:  # noqa: BLE001 - the report then shows ids only
                 data, ids, tok = None, None, None
             row_of = {str(v): r for r, v in enumerate(ids)} if ids is not None else {}
