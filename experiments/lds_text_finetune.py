@@ -236,9 +236,9 @@ def markdown(res) -> str:
              f"{res['loss_std_over_subsets']:.3f} vs over seeds {res['loss_std_over_seeds']:.3f} nats",
              f"- total wall time {res['total_seconds']} s"]
     if "identity_vs_grad_dot_max_rel_diff" in res:
-        lines.append(f"- `identity` (LoGra, un-projected, identity preconditioner) and `grad_dot` (TracIn-1) are the "
-                     f"same quantity by two code paths: max relative difference "
-                     f"{res['identity_vs_grad_dot_max_rel_diff']:.1e}")
+        lines.append(f"- `identity` (un-projected gradients, identity preconditioner, through `logra_scores`) and "
+                     f"`grad_dot` (`grad_scores`) are the same quantity; both end in the same streamed LoGra "
+                     f"contraction, max relative difference {res['identity_vs_grad_dot_max_rel_diff']:.1e}")
     if res["methods"]:
         lines += ["", "| method | LDS | s.e. | scoring wall time (s) | peak extra memory (MB) |", "|---|---|---|---|---|"]
         for m, v in res["methods"].items():
