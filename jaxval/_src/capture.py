@@ -395,7 +395,8 @@ class _Analysis:
 
     # -- sites
     def _new_site(self, ea, kind, leaf, levels, **kw):
-        site = Site(id=id(ea), kind=kind, leaf=leaf, levels=levels, eqn=ea, **kw)
+        # a site's id is its discovery order (dicts keyed by it flatten in the same order in every process)
+        site = Site(id=len(self.plan.sites), kind=kind, leaf=leaf, levels=levels, eqn=ea, **kw)
         site.vma = tuple(sorted(getattr(ea.outvars[0].aval, "vma", ()) or ()))
         self.plan.sites[id(ea)] = site
         self.plan.uses[leaf].sites.append(site)

@@ -307,7 +307,7 @@ def traced_pairs(traced: Traced, state, batch, names: Sequence[str], projections
     for sid, site in plan.sites.items():
         aval = site.eqn.outvars[0].aval
         shape = tuple(plan.level_len[lv] for lv in site.levels) + tuple(aval.shape)
-        eps0[sid] = _varying_zeros(jax.ShapeDtypeStruct(shape, aval.dtype), set(site.vma) | loss_vma)
+        eps0[site.id] = _varying_zeros(jax.ShapeDtypeStruct(shape, aval.dtype), set(site.vma) | loss_vma)
 
     def total(eps):
         losses, r = run(eps)
