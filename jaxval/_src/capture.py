@@ -48,7 +48,8 @@ _HI = precision.MATMUL
 _JIT = {"jit", "pjit", "closed_call", "core_call"}
 _REMAT = {"checkpoint", "remat2", "remat"}
 _CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
-_PASS = {"copy", "copy_p", "sharding_constraint", "optimization_barrier", "reduce_precision"}
+_PASS = {"copy", "copy_p", "sharding_constraint", "optimization_barrier", "reduce_precision", "pvary", "pcast",
+         "mesh_cast", "reshard"}
 _RNG = {"random_bits", "random_seed", "random_fold_in", "random_split", "threefry2x32", "random_wrap"}
 _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax",
            "argmin", "reduce_precision_"}
@@ -148,6 +149,14 @@ def _inner(eqn):
     if isinstance(j, jcore.ClosedJaxpr):
         return j.jaxpr, list(j.consts)
     return j, []
+
+
+def aval_vma(aval) -> tuple:
+    """The shard_map mesh axes an abstract value varies along (``()`` outside shard_map)."""
+    vma = getattr(aval, "vma", None)                                              # jax >= 0.11
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ()) or ()  # jax 0.10
+    return tuple(sorted(vma))
 
 
 def _live(jaxpr) -> set:
@@ -397,7 +406,7 @@ class _Analysis:
     def _new_site(self, ea, kind, leaf, levels, **kw):
         # a site's id is its discovery order (dicts keyed by it flatten in the same order in every process)
         site = Site(id=len(self.plan.sites), kind=kind, leaf=leaf, levels=levels, eqn=ea, **kw)
-        site.vma = tuple(sorted(getattr(ea.outvars[0].aval, "vma", ()) or ()))
+        site.vma = aval_vma(ea.outvars[0].aval)
         self.plan.sites[id(ea)] = site
         self.plan.uses[leaf].sites.append(site)
         return site
@@ -747,7 +756,7 @@ class Runner:
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
             if any(isview) and name in ("convert_element_type", "transpose", "reshape", "squeeze",
-                                        "broadcast_in_dim", "copy", "copy_p", "sharding_constraint"):
+                                        "broadcast_in_dim") + tuple(_PASS):
                 pview.add(e.outvars[0])
         return [read(v).astype(v.aval.dtype) if isinstance(v, jcore.Var) and v in precast else read(v)
                 for v in jaxpr.outvars]

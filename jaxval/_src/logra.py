@@ -134,8 +134,17 @@ def _keys(path) -> tuple:
 
 
 def _probe_batch(batch, b: int):
-    p = b + 1
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((p,) + tuple(a.shape[1:]), a.dtype), batch)
+    """The type of a batch with one more example (traced, never run), varying over the same shard_map axes."""
+    def probe(a):
+        try:
+            mat = getattr(jax.typeof(a), "manual_axis_type", None)   # shard_map's varying axes (jax 0.10)
+        except TypeError:
+            mat = None
+        if mat is not None and getattr(mat, "varying", None):   # inside shard_map: a local value of that type
+            return jnp.concatenate([a, a[:1]])
+        return jax.ShapeDtypeStruct((b + 1,) + tuple(a.shape[1:]), a.dtype)
+
+    return jax.tree_util.tree_map(probe, batch)
 
 
 class Capture:
@@ -302,7 +311,7 @@ def traced_pairs(traced: Traced, state, batch, names: Sequence[str], projections
     # the perturbations: one per site, shaped like its output (stacked over enclosing scans), varying like
     # the output and the losses under shard_map (a constant zero is device-invariant: its cotangent would be
     # summed over the devices, mixing examples)
-    loss_vma = set(getattr(closed.out_avals[0], "vma", ()) or ())
+    loss_vma = set(capture.aval_vma(closed.out_avals[0]))
     eps0 = {}
     for sid, site in plan.sites.items():
         aval = site.eqn.outvars[0].aval
@@ -557,19 +566,12 @@ class LoGra:
         return self._checking(step, graphdef, state, kw), state
 
     def _checking(self, step, graphdef, state0, kw):
-        plain = step if kw.get("grads", True) else None
-
-        def checked(state, batch, projections, keys=None, aux=None):
-            out = step(state, batch, projections, keys, aux)
-            if graphdef not in self._checked:
-                self._check_batch(plain, graphdef, state, batch, projections, keys, aux, out,
-                                  kw.get("dtype"))
-            return out
-
-        return checked
+        return _Checked(self, step, graphdef, kw)
 
     def _check_batch(self, step, graphdef, state, batch, projections, keys, aux, out, dtype):
         leaves = jax.tree_util.tree_leaves(batch)
+        if any(isinstance(a, jax.core.Tracer) for a in leaves + jax.tree_util.tree_leaves(out)):
+            return      # called inside a trace (jit, shard_map): checked at the first concrete call
         if not leaves or any(isinstance(a, jax.Array) and not a.is_fully_addressable for a in leaves):
             self._checked.add(graphdef)
             return
@@ -629,6 +631,24 @@ class LoGra:
     def grads(self, model, batch) -> jax.Array:
         """``[B, D]`` float32 projected per-example gradients (jit-compiled fast path)."""
         return self.grads_and_losses(model, batch)[0]
+
+
+class _Checked:
+    """A compiled step whose first call also checks that examples do not interact (the rest: the step's)."""
+
+    def __init__(self, logra, step, graphdef, kw):
+        self._logra, self._step, self._graphdef, self._kw = logra, step, graphdef, kw
+
+    def __getattr__(self, name):
+        return getattr(self._step, name)
+
+    def __call__(self, state, batch, projections, keys=None, aux=None):
+        out = self._step(state, batch, projections, keys, aux)
+        lg = self._logra
+        if self._graphdef not in lg._checked:
+            plain = self._step if self._kw.get("grads", True) else None
+            lg._check_batch(plain, self._graphdef, state, batch, projections, keys, aux, out, self._kw.get("dtype"))
+        return out
 
 
 def explicit_grads(model, loss_fn: LossFn, projections: Projections, batch, wrt=None) -> jax.Array:
