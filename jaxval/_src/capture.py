@@ -740,6 +740,8 @@ class Runner:
                 w_pos = 0 if isview[0] else 1
                 outs = [cast_dot(ins[1 - w_pos], ins[w_pos], e.params["dimension_numbers"], w_pos, self.dtype,
                                  jnp.float32)]
+            elif name == "pvary" and "axes" in e.params:
+                outs = [self._pvary(e, a) for a in ins]   # a value may already vary (it met a perturbation)
             elif name in ("convert_element_type",) and e.invars and isinstance(e.invars[0], jcore.Var) and \
                     e.invars[0] in precast and e.params["new_dtype"] == jnp.float32:
                 outs = [ins[0]]
@@ -760,6 +762,14 @@ class Runner:
                 pview.add(e.outvars[0])
         return [read(v).astype(v.aval.dtype) if isinstance(v, jcore.Var) and v in precast else read(v)
                 for v in jaxpr.outvars]
+
+    def _pvary(self, e, a):
+        cur = set(aval_vma(jax.typeof(a)))
+        axes = tuple(x for x in e.params["axes"] if x not in cur)
+        if not axes:
+            return a
+        out = e.primitive.bind(a, **dict(e.params, axes=axes))
+        return out[0] if e.primitive.multiple_results else out
 
     def _bind(self, e, ins):
         params = e.primitive.get_bind_params(e.params)
