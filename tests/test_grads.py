@@ -1,5 +1,6 @@
 """LoGra fast path vs the explicit vmap(grad) reference, projections, and input errors."""
 
+from xla_env import child_flags  # tests/xla_env.py (the parent's XLA flags for children)
 import subprocess
 import sys
 import textwrap
@@ -258,7 +259,7 @@ def test_projection_bit_identical_across_processes(tmp_path):
     """)
     outs = set()
     for devices in ("1", "3"):
-        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+        env = {"XLA_FLAGS": child_flags(devices), "JAX_PLATFORMS": "cpu",
                "PATH": "/usr/bin:/bin"}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0, r.stderr

@@ -1,5 +1,6 @@
 """Tests of the scoring engine (jaxval.influence) against float64 numpy references."""
 
+from xla_env import child_flags  # tests/xla_env.py (the parent's XLA flags for children)
 import dataclasses
 import json
 import os
@@ -435,7 +436,7 @@ _SHARDED = textwrap.dedent(
 
 def test_sharded_equals_single_device():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = child_flags(4)
     env["JAX_PLATFORMS"] = "cpu"
     here = os.path.dirname(os.path.abspath(__file__))
     p = subprocess.run(

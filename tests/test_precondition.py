@@ -1,5 +1,6 @@
 """Preconditioners vs explicit float64 linear algebra, leave-one-out retraining, invariances, errors."""
 
+from xla_env import child_flags  # tests/xla_env.py (the parent's XLA flags for children)
 import subprocess
 import sys
 import textwrap
@@ -267,7 +268,7 @@ def test_self_influence_same_on_8_devices(tmp_path):
     """)
     res = {}
     for n in (1, 8):
-        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+        env = {"XLA_FLAGS": child_flags(n), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
         path = tmp_path / f"si{n}.npz"
         r = subprocess.run([sys.executable, "-c", code, str(__import__("pathlib").Path(__file__).parent), str(path)],
                            capture_output=True, text=True, env=env, timeout=300)

@@ -43,6 +43,7 @@ from jaxval._src import autocast, capture, precision
 from jaxval._src.batching import batch_size
 from jaxval._src.layers import Layer, LayerSelector, discover, leaf_name, matches
 from jaxval._src.projection import INITS, Rank, init_projections, resolve_rank
+from jaxval._src.provenance import ProjectedGrads, wrap_grads
 
 LossFn = Callable[[Any, Any], jax.Array]
 Projections = Mapping[str, tuple[jax.Array, jax.Array]]
@@ -628,9 +629,10 @@ class LoGra:
             self._cast = (key, leaves, cast)
         return self._cast[2]
 
-    def grads(self, model, batch) -> jax.Array:
-        """``[B, D]`` float32 projected per-example gradients (jit-compiled fast path)."""
-        return self.grads_and_losses(model, batch)[0]
+    def grads(self, model, batch) -> ProjectedGrads:
+        """``[B, D]`` float32 projected per-example gradients (jit-compiled fast path), carrying their provenance
+        (this LoGra's configuration hash and the model's fingerprint) so that scoring refuses a mismatch."""
+        return wrap_grads(self, model, self.grads_and_losses(model, batch)[0])
 
 
 class _Checked:
