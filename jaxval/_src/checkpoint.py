@@ -65,12 +65,13 @@ def replace_dir(tmp: str, path: str) -> None:
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     if os.path.lexists(old):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(d: str) -> None:
+def fsync_dir(d: str) -> None:
+    """Make renames inside folder ``d`` durable (best effort: some file systems refuse to fsync a folder)."""
     try:
         fd = os.open(d, os.O_RDONLY)
         try:

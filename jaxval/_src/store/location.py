@@ -9,6 +9,7 @@ import uuid
 
 import tensorstore as ts
 
+from jaxval._src.checkpoint import fsync_dir
 from jaxval._src.errors import StoreError
 from jaxval._src.store.manifest import OWN_NAMES
 
@@ -58,14 +59,7 @@ class LocalLocation(Location):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        try:  # make the rename durable
-            fd = os.open(self.local, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        fsync_dir(self.local)  # make the rename durable
 
     def remove(self, key):
         p = os.path.join(self.local, key)
