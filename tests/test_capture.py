@@ -397,3 +397,20 @@ def test_untracked_parameters_named_in_one_warning():
 def test_function_form_needs_a_batch():
     with pytest.raises(ValueError, match="batch="):
         jv.LoGra({"w": jnp.ones((2, 2))}, lambda p, b: b @ p["w"], rank=2)
+
+
+def test_size_one_output_axes_keep_their_bias():
+    """A reshape of a bias with a size-1 axis loses which axis it was (nnx.Linear to 1 output, one attention
+    head): the layer still gets its bias and its rows equal the projected vmap(grad) reference."""
+    from jaxval.models import gpt
+
+    cfg = gpt.GPTConfig(vocab_size=16, block_size=8, d_model=8, n_layer=1, n_head=1, d_mlp=16)
+    model = gpt.GPT(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 16, (4, 8)).astype(np.int32), "mask": np.ones((4, 8), np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # LayerNorm scales are not LoGra layers
+        logra = jv.LoGra(model, gpt.loss_fn, rank=4, seed=0)
+        got = np.asarray(logra.grads(model, batch))
+        ref = np.asarray(jv.explicit_grads(model, gpt.loss_fn, logra.projections, batch))
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -387,7 +387,8 @@ class _Analysis:
                     pairs.append((amap[ax][0], g[0]))
                 elif bshape[ax] != 1:
                     ok = False
-            if not ok or sorted(p[0] for p in pairs) != list(site.free):
+            wshape = self.plan.leaf_shapes[site.leaf]   # size-1 output axes lose their place in a reshape
+            if not ok or sorted(p[0] for p in pairs if wshape[p[0]] != 1) != [a for a in site.free if wshape[a] != 1]:
                 continue
             leaf_axes = {a for g in bview.groups for a in g}
             nd = len(self.plan.leaf_shapes[bview.leaf])
