@@ -228,3 +228,11 @@ def test_ownership_and_startup_helpers(monkeypatch):
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="coordinator"):
             dist.initialize()
+
+
+def test_xla_flags_keep_the_parents_settings_and_set_one_device_count():
+    parent = "--xla_foo=1 --xla_force_host_platform_device_count=8 --xla_bar=true"
+    assert dist.xla_flags(4, parent).split() == ["--xla_foo=1", "--xla_bar=true",
+                                                 "--xla_force_host_platform_device_count=4"]
+    assert dist.xla_flags(None, parent).split() == ["--xla_foo=1", "--xla_bar=true"]
+    assert dist.xla_flags(2, "") == "--xla_force_host_platform_device_count=2"

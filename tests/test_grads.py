@@ -1,6 +1,5 @@
 """LoGra fast path vs the explicit vmap(grad) reference, projections, and input errors."""
 
-from xla_env import child_flags  # tests/xla_env.py (the parent's XLA flags for children)
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxval.distributed import xla_flags
 import jaxval as jv
 from jaxval._src.layers import find_module, weight_matrix
 
@@ -259,7 +259,7 @@ def test_projection_bit_identical_across_processes(tmp_path):
     """)
     outs = set()
     for devices in ("1", "3"):
-        env = {"XLA_FLAGS": child_flags(devices), "JAX_PLATFORMS": "cpu",
+        env = {"XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
                "PATH": "/usr/bin:/bin"}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0, r.stderr

@@ -1,6 +1,5 @@
 """Tests of the scoring engine (jaxval.influence) against float64 numpy references."""
 
-from xla_env import child_flags  # tests/xla_env.py (the parent's XLA flags for children)
 import dataclasses
 import json
 import os
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxval.distributed import xla_flags
 from jaxval._src import scoring as inf
 from jaxval._src.scoring.kernels import bf16_parts
 from jaxval._src.scoring.sources import TrainRows
@@ -436,7 +436,7 @@ _SHARDED = textwrap.dedent(
 
 def test_sharded_equals_single_device():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = child_flags(4)
+    env["XLA_FLAGS"] = xla_flags(4)
     env["JAX_PLATFORMS"] = "cpu"
     here = os.path.dirname(os.path.abspath(__file__))
     p = subprocess.run(

@@ -1,13 +1,13 @@
 """LinFiK: equals a direct computation from explicit gradients; equals the first-order change of the task
 loss after an SGD step on z (the gap is second order); options; proposition tools."""
 
-from xla_env import child_flags  # tests/xla_env.py (the parent's XLA flags for children)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from jaxval.distributed import xla_flags
 from jaxval import LoGra, explicit_grads
 from jaxval.evaluation import plot_stability
 from jaxval.valuation.linfik import gradient_stability, layer_normalize, linfik
@@ -234,7 +234,7 @@ def test_linfik_with_a_mesh_and_sharded_parameters_equals_one_device(tmp_path):
 
     script = tmp_path / "mesh.py"
     script.write_text(MESH_SCRIPT)
-    env = dict(os.environ, XLA_FLAGS=child_flags(4), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("MAXREL"))

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import yaml
 
+from flax import nnx
+
 from jaxval.cli import app
 from jaxval.cli import config as C
 from jaxval.data import corpus
+from jaxval.models import gpt
 
 HERE = os.path.dirname(__file__)
 DOCS = [{"id": "cats", "text": "the cat sat on the mat. the cat ate the rat. a cat is a small animal."},
@@ -22,14 +25,26 @@ DOCS = [{"id": "cats", "text": "the cat sat on the mat. the cat ate the rat. a c
         {"id": "math", "text": "two plus two is four, and three times three is nine."}]
 
 
+
+def tiny_gpt(block_size: int = 48, d_model: int = 16, n_layer: int = 1, n_head: int = 2, seed: int = 0):
+    """The model factory the configs name (``model.factory: test_llm_cli:tiny_gpt``): ``(GPT over UTF-8
+    bytes, ByteTokenizer())``."""
+    cfg = gpt.GPTConfig(vocab_size=256, block_size=block_size, d_model=d_model, n_layer=n_layer, n_head=n_head)
+    return gpt.GPT(cfg, rngs=nnx.Rngs(seed)), corpus.ByteTokenizer()
+
+
+def documents(n: int = 4):
+    """A data factory: ``n`` short documents as (id, text) pairs."""
+    return [(f"doc{i}", f"document {i}: the cat sat on the mat {i} times.") for i in range(n)]
+
 @pytest.fixture
 def workflow(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(HERE)     # the factory's module: tests/llm_helpers.py
+    monkeypatch.syspath_prepend(HERE)     # the factories' module: this file (tiny_gpt, documents below)
     with open(tmp_path / "docs.jsonl", "w") as f:
         for d in DOCS:
             f.write(json.dumps(d) + "\n")
     cfg = {"name": "tiny_llm", "seed": 0,
-           "model": {"factory": "llm_helpers:tiny_gpt", "args": {"block_size": 48}},
+           "model": {"factory": "test_llm_cli:tiny_gpt", "args": {"block_size": 48}},
            "data": {"kind": "corpus", "corpus": str(tmp_path / "docs.jsonl"), "block_len": 24, "stride": 16},
            "logra": {"rank": 4},
            "log": {"output": str(tmp_path / "out" / "train.store"), "dtype": "float32", "batch_size": 8},
@@ -147,13 +162,13 @@ def test_llm_workflow_end_to_end(workflow):
 
 def test_factory_errors_are_config_errors(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(HERE)
-    base = {"data": {"factory": "llm_helpers:documents", "args": {"n": 3}, "block_len": 16},
+    base = {"data": {"factory": "test_llm_cli:documents", "args": {"n": 3}, "block_len": 16},
             "log": {"output": str(tmp_path / "s")}}
-    cfg = C.normalize_config(dict(base, model={"factory": "llm_helpers:tiny_gpt"}))
+    cfg = C.normalize_config(dict(base, model={"factory": "test_llm_cli:tiny_gpt"}))
     data, ids, _ = C.build_data(cfg["data"], model_cfg=cfg["model"])
     assert list(ids) == ["doc0:0", "doc0:1", "doc0:2", "doc1:0", "doc1:1", "doc1:2", "doc2:0", "doc2:1", "doc2:2"]
-    for bad, msg in (("no_such_module_xyz:f", "cannot import"), ("llm_helpers:nope", "no attribute"),
-                     ("llm_helpers", "pkg.module:function")):
+    for bad, msg in (("no_such_module_xyz:f", "cannot import"), ("test_llm_cli:nope", "no attribute"),
+                     ("test_llm_cli", "pkg.module:function")):
         with pytest.raises(C.ConfigError, match=msg):
             C.prepare(C.normalize_config(dict(base, model={"factory": bad})), progress=False)
     with pytest.raises(C.ConfigError, match="model.kind"):

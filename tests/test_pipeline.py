@@ -4,7 +4,6 @@ Every stored row is checked against LoGra.grads computed directly; crash / multi
 subprocesses (SIGKILL at random points, two concurrent writers) and compare with an uninterrupted run.
 """
 
-from xla_env import child_flags  # tests/xla_env.py (the parent's XLA flags for children)
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxval.distributed import xla_flags
 import jaxval as jv
 from jaxval._src import curvature
 from jaxval.cli.app import main as cli_main
@@ -314,7 +314,7 @@ def test_mesh_data_parallel_on_4_devices(tmp_path, small):
                  ex=st.examples)
         print(len(jax.devices()))
     """)
-    env = dict(os.environ, XLA_FLAGS=child_flags(4), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), str(tmp_path / "s"),
                         str(tmp_path / "st.npz")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -371,7 +371,7 @@ def crash_ref(tmp_path_factory):
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))   # children: compile once
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    env["XLA_FLAGS"] = child_flags()
+    env["XLA_FLAGS"] = xla_flags()
     return {"model": model, "logra": logra, "data": data, "ids": ids, "rows": store.read(), "env": env,
             "path": path}
 

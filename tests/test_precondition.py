@@ -1,6 +1,5 @@
 """Preconditioners vs explicit float64 linear algebra, leave-one-out retraining, invariances, errors."""
 
-from xla_env import child_flags  # tests/xla_env.py (the parent's XLA flags for children)
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxval.distributed import xla_flags
 import jaxval as jv
 from jaxval._src import curvature
 
@@ -268,7 +268,7 @@ def test_self_influence_same_on_8_devices(tmp_path):
     """)
     res = {}
     for n in (1, 8):
-        env = {"XLA_FLAGS": child_flags(n), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+        env = {"XLA_FLAGS": xla_flags(n), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
         path = tmp_path / f"si{n}.npz"
         r = subprocess.run([sys.executable, "-c", code, str(__import__("pathlib").Path(__file__).parent), str(path)],
                            capture_output=True, text=True, env=env, timeout=300)

@@ -247,10 +247,7 @@ def rel(a, b):
 
 def env_for(devices: int | None) -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith("JAXVAL_")}
-    flags = [f for f in e.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    if devices:
-        flags.append(f"--xla_force_host_platform_device_count={devices}")
-    e.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    e.update(XLA_FLAGS=dist.xla_flags(devices or None), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     return e
 
 

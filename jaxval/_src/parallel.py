@@ -496,6 +496,19 @@ def _kill_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
             pass
 
 
+
+_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int | None = None, flags: str | None = None) -> str:
+    """``flags`` (default: this process's ``XLA_FLAGS``) without any host device count, plus ``devices``
+    simulated CPU devices when given: the ``XLA_FLAGS`` of a child process that keeps its parent's other
+    XLA settings (a child compared bit for bit with its parent must compile alike)."""
+    kept = [f for f in (os.environ.get("XLA_FLAGS", "") if flags is None else flags).split()
+            if not f.startswith(_DEVICE_COUNT)]
+    return " ".join(kept + ([f"{_DEVICE_COUNT}={int(devices)}"] if devices is not None else []))
+
+
 def launch(n: int, cmd: Sequence[str] | str, port: int | None = None, timeout: float | None = 3600.0, *,
            host: str = "127.0.0.1", local_devices: int | None = None, env: Mapping[str, str] | None = None,
            cwd: str | None = None, out=None, grace: float = 3.0) -> list[int]:
@@ -531,9 +544,7 @@ def launch(n: int, cmd: Sequence[str] | str, port: int | None = None, timeout: f
             e.update({ENV_COORDINATOR: f"{host}:{port}", ENV_NUM_PROCESSES: str(n), ENV_PROCESS_ID: str(i),
                       "PYTHONUNBUFFERED": "1"})
             if local_devices:
-                flags = [f for f in e.get("XLA_FLAGS", "").split()
-                         if not f.startswith("--xla_force_host_platform_device_count")]
-                e["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={int(local_devices)}"])
+                e["XLA_FLAGS"] = xla_flags(int(local_devices), e.get("XLA_FLAGS", ""))
             p = subprocess.Popen(argv, env=e, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True)
             procs.append(p)
