@@ -42,13 +42,14 @@ def setup():
 
 def test_equals_explicit(setup):
     model, logra, pool, task = setup
-    v = linfik(logra, model, pool, task, lr=0.3, batch_size=4)       # padded last batches
+    v = linfik(logra, model, pool, task, lr=0.3, batch_size=4, normalize=None)       # padded last batches
     gp = np.asarray(explicit_grads(model, loss_fn, logra.projections, pool), np.float64)
     gt = np.asarray(explicit_grads(model, loss_fn, logra.projections, task), np.float64).mean(0)
     ref = 0.3 * gp @ gt
     np.testing.assert_allclose(v, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
     # sign sanity: a task example used as a training sample has positive LinFiK w.r.t. itself
-    self_v = linfik(logra, model, {k: a[:1] for k, a in task.items()}, {k: a[:1] for k, a in task.items()})
+    self_v = linfik(logra, model, {k: a[:1] for k, a in task.items()}, {k: a[:1] for k, a in task.items()},
+                    normalize=None)
     assert self_v[0] > 0
 
 
@@ -77,7 +78,7 @@ def test_first_order_change(setup):
             for i in range(3):
                 z = {k: a[i:i + 1] for k, a in pool.items()}
                 actual = _sgd_step_loss(model, z, task, lr)
-                pred = float(linfik(logra, model, z, task, lr=lr)[0])
+                pred = float(linfik(logra, model, z, task, lr=lr, normalize=None)[0])
                 assert np.sign(actual) == np.sign(pred)
                 r.append(abs(actual - pred) / abs(pred))
             rel[lr] = np.array(r)
@@ -85,6 +86,28 @@ def test_first_order_change(setup):
     assert np.all(rel[1e-2] < rel[1e-1] / 5), rel
     assert np.all(rel[1e-3] < np.maximum(rel[1e-2] / 5, 2e-3)), rel
     assert np.all(rel[1e-3] < 0.01), rel
+
+
+def test_default_is_layer_normalised_numpy_reference(setup):
+    """The default score is the layer-normalised one: equal to explicit ``normalize="layer"`` and to a float64
+    numpy reference from vmap(grad) gradients (each layer's block scaled to unit norm, dot with the mean of the
+    task's unit blocks, summed over layers); it differs from the plain kernel."""
+    model, logra, pool, task = setup
+    v = linfik(logra, model, pool, task, lr=0.7, batch_size=4)
+    np.testing.assert_array_equal(v, linfik(logra, model, pool, task, lr=0.7, batch_size=4, normalize="layer"))
+    gp = np.asarray(explicit_grads(model, loss_fn, logra.projections, pool), np.float64)
+    gt = np.asarray(explicit_grads(model, loss_fn, logra.projections, task), np.float64)
+    ref = np.zeros(len(gp))
+    offsets = list(logra.offsets().values())
+    assert len(offsets) == 2                                  # two Linear layers (bias as a row), one block each
+    for lo, hi in offsets:
+        up = gp[:, lo:hi] / np.linalg.norm(gp[:, lo:hi], axis=1, keepdims=True)
+        ut = gt[:, lo:hi] / np.linalg.norm(gt[:, lo:hi], axis=1, keepdims=True)
+        ref += up @ ut.mean(0)
+    np.testing.assert_allclose(v, 0.7 * ref, rtol=1e-4, atol=1e-6)
+    plain = linfik(logra, model, pool, task, lr=0.7, batch_size=4, normalize="none")
+    np.testing.assert_array_equal(plain, linfik(logra, model, pool, task, lr=0.7, batch_size=4, normalize=None))
+    assert np.max(np.abs(plain - v)) > 1e-2
 
 
 def test_options(setup):
@@ -100,8 +123,8 @@ def test_options(setup):
     class Diag:
         def apply(self, g):
             return g * 2.0
-    np.testing.assert_allclose(linfik(logra, model, pool, task, precond=Diag()),
-                               2 * linfik(logra, model, pool, task), rtol=1e-5)
+    np.testing.assert_allclose(linfik(logra, model, pool, task, precond=Diag(), normalize=None),
+                               2 * linfik(logra, model, pool, task, normalize=None), rtol=1e-5)
     # several checkpoints: sum of per-checkpoint terms, one lr each
     m2 = Tiny(nnx.Rngs(5))
     tot, per = linfik(logra, None, pool, task, lr=[1.0, 0.5], checkpoints=[model, m2], return_per_checkpoint=True)
@@ -165,7 +188,7 @@ def _corpora(d):
 
 def test_cli_linfik_writes_scores_and_refuses_bad_configs(tmp_path, capsys):
     """`jaxval linfik` end to end on tiny text files: one score per pool line, the pool mixes the off-domain
-    corpus at the configured share, layer-normalised scores obey their bound (|v| <= lr · #layers); a typo
+    corpus at the configured share, the default (layer-normalised) scores obey their bound (|v| <= lr · #layers); a typo
     or a wrong type in the config is one line on stderr and exit status 2."""
     import json
 
@@ -173,7 +196,7 @@ def test_cli_linfik_writes_scores_and_refuses_bad_configs(tmp_path, capsys):
 
     cfg = _corpora(tmp_path)
     out = tmp_path / "out"
-    assert main(["linfik", "--config", str(cfg), "--out", str(out), "--set", "normalize=layer", "linfik_lr=0.5"]) == 0
+    assert main(["linfik", "--config", str(cfg), "--out", str(out), "--set", "linfik_lr=0.5"]) == 0
     rows = [json.loads(line) for line in (out / "pool.jsonl").read_text().splitlines()]
     v = np.load(out / "linfik.npy")
     meta = json.loads((out / "meta.json").read_text())

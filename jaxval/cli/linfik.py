@@ -50,7 +50,8 @@ LINFIK = Schema({
     "train_batch": Field((int,), 16), "train_lr": Field((float,), 3e-3),
     "rank": Field((int, list, None), 16), "layers": Field((str, list, None), None),
     "batch_size": Field((int,), 32), "linfik_lr": Field((float,), 1.0),
-    "normalize": Field((str, None), None, choices=(None, "none", "layer")),
+    "normalize": Field((str, None), "layer", choices=(None, "none", "layer"),
+                       help="layer (default: per-layer unit-normalised gradients) | none (plain kernel)"),
 })
 """The config of ``jaxval linfik`` (``configs/linfik_cli.yaml``)."""
 

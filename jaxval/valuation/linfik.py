@@ -1,6 +1,6 @@
 """LinFiK: the linearized future influence kernel (Pan et al., NAACL 2025), from LoGra gradients.
 
-Definition. For a training sample ``z``, a task set ``T = {t_1..t_m}`` with task loss
+Definition (the plain kernel; the default score is its layer-normalised form, see below). For a training sample ``z``, a task set ``T = {t_1..t_m}`` with task loss
 ``L_T(θ) = (1/m) Σ_j ℓ(t_j; θ)`` and a checkpoint ``θ``, one SGD step on ``z`` with learning rate ``η``
 (``θ' = θ − η ∇ℓ(z; θ)``) changes the task loss by
 
@@ -27,12 +27,19 @@ Choices (and why):
   influence-function form. ``H⁻¹`` is applied once, to ``ḡ_T``; ``H`` is symmetric, so this equals
   ``⟨H⁻¹ g_z, ḡ_T⟩``. Use it when the training optimiser is Adam-like (curvature-scaled steps) or to
   compare with influence functions; plain LinFiK (SGD kernel) is the paper's definition.
-* **``normalize="layer"`` (optional).** Every example's gradient is split into its per-layer blocks and each
-  block is scaled to unit L2 norm (pool and task examples alike) before the task mean and the dot product,
-  as in the related codebase the notes mention. The value is then ``η Σ_layers ⟨ĝ_z^l, mean_j ĝ_{t_j}^l⟩``,
-  a sum of per-layer cosines (bounded by ``η · #layers``): it removes the dominance of a few layers with huge
-  gradients (embeddings, output heads) and of samples with large losses (long or noisy texts), which an
-  unnormalised dot product rewards regardless of direction. It is no longer a first-order loss change.
+* **``normalize="layer"`` (the default).** Every example's gradient is split into its per-layer blocks and
+  each block is scaled to unit L2 norm (pool and task examples alike) before the task mean and the dot
+  product. The value is then ``η Σ_layers ⟨ĝ_z^l, mean_j ĝ_{t_j}^l⟩``, a sum of per-layer cosines (bounded by
+  ``η · #layers``). Why this is the default: the authors' code lineage (NOTES.md) scores with per-layer
+  unit-normalised gradients and dot products; an unnormalised dot product is dominated by the few layers with
+  huge gradients (embeddings, output heads) and by high-loss samples (long, noisy or off-domain texts), which
+  it rewards regardless of their direction. Measured on both of jaxval's pools: on WikiText (a small GPT, 20%
+  Shakespeare blocks mixed in, continued training on the top 20%) plain LinFiK picked 54.6% off-domain blocks
+  and ended at task loss 4.530, *worse* than random (4.409), while the layer-normalised score picked 5.8%
+  off-domain and reached 4.398; on the Howdy! backdoor pool (SmolLM2-135M, 200 injected of 800) plain LinFiK
+  put 66.0% injected samples in its top 200 (average precision 0.650), the layer-normalised score 100%
+  (1.000). It is no longer a first-order loss change: pass ``normalize=None`` (or ``"none"``) for the plain
+  kernel ``η ⟨g_z, ḡ_T⟩`` of the definition above (the first-order task-loss change of an SGD step).
 * **``checkpoints`` (optional).** A sequence of models (same architecture) ``θ_1..θ_C``: the score is the
   sum ``Σ_c η_c ⟨g_z(θ_c), ḡ_T(θ_c)⟩`` (TracIn-style, each checkpoint with its own task gradient). ``lr`` may
   then be a scalar or one learning rate per checkpoint (the learning rate in effect around θ_c).
@@ -57,6 +64,7 @@ import numpy as np
 
 from jaxval._src import precision
 from jaxval._src.batching import batch_size as _batch_size, padded_batches, shard_batch
+from jaxval._src.errors import ConfigError
 from jaxval._src.logra import LoGra
 from jaxval._src.stats import pearson, rankdata
 
@@ -86,7 +94,7 @@ def layer_normalize(logra: LoGra, g: jax.Array, eps: float = 1e-12) -> jax.Array
 
 def _check_normalize(normalize):
     if normalize not in (None, "none", "layer"):
-        raise ValueError(f"normalize must be None or 'layer', got {normalize!r}")
+        raise ConfigError(f"normalize must be 'layer' (the default), None or 'none', got {normalize!r}")
     return None if normalize in (None, "none") else normalize
 
 
@@ -159,7 +167,7 @@ def _lrs(lr, c: int) -> list[float]:
 
 
 def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, batch_size: int = 64,
-           precond=None, normalize: str | None = None, checkpoints: Sequence | None = None,
+           precond=None, normalize: str | None = "layer", checkpoints: Sequence | None = None,
            return_per_checkpoint: bool = False, mesh=None, unchecked: bool = False) -> np.ndarray:
     """LinFiK scores ``[N]`` (float32 numpy) of the pool examples with respect to the task set.
 
@@ -170,7 +178,8 @@ def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, b
       lr: the step size η (scalar, or one per checkpoint).
       batch_size: examples per LoGra call (the last batch is padded, not recompiled).
       precond: optional preconditioner (``.apply(g) -> H⁻¹ g``) fitted with the same ``logra``.
-      normalize: None (plain kernel) or ``"layer"`` (per-layer unit-normalised gradients).
+      normalize: ``"layer"`` (default: per-layer unit-normalised gradients, the authors' lineage) or None /
+        ``"none"`` (the plain kernel ``η ⟨g_z, ḡ_T⟩``).
       checkpoints: optional sequence of models; scores are summed over them.
       return_per_checkpoint: also return the ``[C, N]`` per-checkpoint terms.
       mesh: optional ``jax.sharding.Mesh``: each batch is split over its first axis (also a mesh spanning
