@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ from jaxval._src import autocast, capture, precision
 from jaxval._src.batching import batch_size
 from jaxval._src.layers import Layer, LayerSelector, discover, leaf_name, matches
 from jaxval._src.projection import INITS, Rank, init_projections, resolve_rank
-from jaxval._src.provenance import ProjectedGrads, wrap_grads
+from jaxval._src.provenance import ProjectedGrads, logra_config_hash, wrap_grads
 
 LossFn = Callable[[Any, Any], jax.Array]
 Projections = Mapping[str, tuple[jax.Array, jax.Array]]
@@ -461,6 +462,8 @@ class LoGra:
         self._cast: tuple | None = None
         self._checked: set = set()
         self._cast_leaves: frozenset | None = None
+        self._config_hash: tuple | None = None      # (ids of the projection arrays, hash)
+        self._fingerprints: list = []               # [(weakrefs of the parameter arrays, fingerprint)], newest first
 
     def _discover_traced(self, model, batch, selector, types) -> list[Layer]:
         traced, _, state = _frontend(model, self.loss_fn, self.wrt)
@@ -507,6 +510,31 @@ class LoGra:
             "projection_sha256": proj_hash.hexdigest(),
             **({"compute_dtype": self.compute_dtype} if self.compute_dtype else {}),
         }
+
+    def config_hash(self) -> str:
+        """sha256 of :meth:`config` (``jaxval.Provenance.config_hash``), cached while the projection arrays
+        are the same objects."""
+        key = tuple(id(p) for pair in self.projections.values() for p in pair)
+        if self._config_hash is None or self._config_hash[0] != key:
+            self._config_hash = (key, logra_config_hash(self.config()))
+        return self._config_hash[1]
+
+    def fingerprint(self, model) -> str:
+        """:func:`model_fingerprint` of ``model``, cached (a few entries) by the identity of its parameter
+        arrays: jax arrays are immutable, so the same array objects have the same bytes."""
+        leaves = [v for _, v in param_items(model)]
+        if all(isinstance(x, jax.Array) for x in leaves):
+            for refs, fp in self._fingerprints:
+                if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+                    return fp
+        fp = model_fingerprint(model)
+        try:
+            refs = [weakref.ref(x) for x in leaves]
+        except TypeError:
+            return fp
+        self._fingerprints.insert(0, (refs, fp))
+        del self._fingerprints[4:]
+        return fp
 
     def _traced(self, graphdef) -> Traced:
         if isinstance(graphdef, jax.tree_util.PyTreeDef):
@@ -694,15 +722,18 @@ def explicit_grads(model, loss_fn: LossFn, projections: Projections, batch, wrt=
     return jnp.concatenate(out, axis=1)
 
 
+def param_items(model) -> list[tuple[tuple, Any]]:
+    """``[(path, array)]`` of a model's parameters: an nnx module's ``nnx.Param`` state, or a pytree's leaves."""
+    if _is_nnx(model):
+        return [(path, v[...] if not isinstance(v, jax.Array) else v)
+                for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    return [(_keys(p), v) for p, v in jax.tree_util.tree_flatten_with_path(model)[0]]
+
+
 def model_fingerprint(model) -> str:
     """sha256 over the parameter shapes, dtypes and bytes (identifies the checkpoint a log came from)."""
     h = hashlib.sha256()
-    if _is_nnx(model):
-        items = [(path, v[...] if not isinstance(v, jax.Array) else v)
-                 for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-    else:
-        items = [(_keys(p), v) for p, v in jax.tree_util.tree_flatten_with_path(model)[0]]
-    for path, v in items:
+    for path, v in param_items(model):
         arr = np.asarray(v)
         h.update(json.dumps([list(map(str, path)), list(arr.shape), str(arr.dtype)]).encode())
         h.update(arr.tobytes())

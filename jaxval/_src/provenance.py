@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,62 +61,14 @@ class Provenance:
 
     @classmethod
     def of(cls, logra, model=None, *, fingerprint: str | None = None) -> "Provenance":
-        """The provenance of ``logra.grads(model, ...)`` (cached per LoGra and per set of weights)."""
+        """The provenance of ``logra.grads(model, ...)`` (both hashes cached on the LoGra)."""
         if fingerprint is None and model is not None:
-            fingerprint = _fingerprint(model)
-        return cls(_config_hash_of(logra), fingerprint)
+            fingerprint = logra.fingerprint(model)
+        return cls(logra.config_hash(), fingerprint)
 
     def short(self) -> str:
         fp = self.fingerprint[:10] + "…" if self.fingerprint else "unknown"
         return f"LoGra config {self.config_hash[:10]}…, model {fp}"
-
-
-# ---------------------------------------------------------------------------------------------- caches
-
-_CONFIG_CACHE: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
-_FP_CACHE: list = []   # [(weakrefs of the leaves, fingerprint)], most recent first, a few entries
-
-
-def _config_hash_of(logra) -> str:
-    """``logra_config_hash(logra.config())``, cached while the LoGra's projection arrays are the same."""
-    key = tuple(id(p) for pair in getattr(logra, "projections", {}).values() for p in pair)
-    try:
-        hit = _CONFIG_CACHE.get(logra)
-    except TypeError:
-        hit = None
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    h = logra_config_hash(logra.config())
-    try:
-        _CONFIG_CACHE[logra] = (key, h)
-    except TypeError:
-        pass
-    return h
-
-
-def _fingerprint(model) -> str:
-    """``model_fingerprint(model)``, cached by the identity of its (immutable) jax parameter arrays."""
-    from flax import nnx
-
-    from jaxval._src.logra import model_fingerprint
-
-    try:
-        leaves = [v[...] if not isinstance(v, jax.Array) else v
-                  for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-    except Exception:  # noqa: BLE001 - not an nnx module: hash it as given
-        return model_fingerprint(model)
-    if all(isinstance(x, jax.Array) for x in leaves):
-        for refs, fp in _FP_CACHE:
-            if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
-                return fp
-    fp = model_fingerprint(model)
-    try:
-        refs = [weakref.ref(x) for x in leaves]
-    except TypeError:
-        return fp
-    _FP_CACHE.insert(0, (refs, fp))
-    del _FP_CACHE[4:]
-    return fp
 
 
 def of(logra, model=None) -> Provenance:
