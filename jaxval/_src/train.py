@@ -17,6 +17,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxval._src.errors import ConfigError
+
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array]
 
 
@@ -57,8 +59,12 @@ def train(
     seed: int = 0,
     weight_decay: float = 0.0,
     progress: bool = True,
+    wrt: nnx.filterlib.Filter = nnx.Param,
 ) -> nnx.Module:
     """Train ``model`` in place with AdamW on the mean per-example loss and return it.
+
+    ``wrt``: nnx filter of the variables that are trained (default every ``nnx.Param``); the others
+    (e.g. frozen lower blocks, see :func:`jaxval.models.finetune.finetune`) are held fixed.
 
     data: dict of arrays with a shared leading axis N. Batches of ``min(batch_size, N)`` rows are
     drawn without replacement, epoch by epoch (a fresh permutation from ``seed`` each epoch; the
@@ -72,7 +78,9 @@ def train(
     bs = min(batch_size, n)
     data = {k: np.asarray(v) for k, v in data.items()}
 
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, wrt, ...)
+    if not jax.tree.leaves(params):
+        raise ConfigError(f"no variable of the model matches wrt={wrt!r}: nothing to train")
     tx = optax.adamw(lr, weight_decay=weight_decay)
     opt_state = tx.init(params)
 
@@ -81,7 +89,7 @@ def train(
         def objective(p):
             m = nnx.merge(graphdef, p, rest)
             loss = _mean_loss(loss_fn, m, batch)
-            return loss, nnx.state(m, nnx.Not(nnx.Param))
+            return loss, nnx.state(m, nnx.Not(wrt))
 
         (loss, new_rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -1,0 +1,63 @@
+"""Fine-tuning of a (pretrained) nnx model on a small data set, with only some parameters trained.
+
+:func:`finetune` runs the library's jit-compiled AdamW loop (``jaxval._src.train``) for whole epochs over
+``data`` (a dict of arrays with a leading example axis, e.g. ``{"tokens", "mask"}`` of an instruction set whose
+mask covers the response tokens only), training the ``nnx.Param`` leaves whose path matches ``trainable`` (a
+regular expression searched in ``"blocks/20/mlp/up_proj/kernel"``-style paths; ``None``: every parameter).
+Frozen parameters are held fixed, and with a frozen bottom of the network the backward pass stops at the
+lowest trained layer (cheaper than full fine-tuning on CPU).
+
+:func:`trainable_filter` gives the nnx filter for such a pattern (usable with ``nnx.state`` / ``nnx.split``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flax import nnx
+
+from jaxval._src.errors import ConfigError
+from jaxval._src.train import train
+
+__all__ = ["finetune", "trainable_filter", "param_path"]
+
+
+def param_path(path) -> str:
+    """``"blocks/3/mlp/up_proj/kernel"`` from an nnx path tuple."""
+    return "/".join(str(k) for k in path)
+
+
+def trainable_filter(pattern: str | None):
+    """nnx filter: the ``nnx.Param`` leaves whose path (:func:`param_path`) matches the regular expression
+    ``pattern`` (``re.search``); every ``nnx.Param`` when ``pattern`` is None."""
+    if pattern is None:
+        return nnx.Param
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"trainable={pattern!r} is not a valid regular expression: {e}") from e
+    return nnx.All(nnx.Param, lambda path, _value: rx.search(param_path(path)) is not None)
+
+
+def finetune(model: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray], *, epochs: int,
+             batch_size: int, lr: float, trainable: str | None = None, weight_decay: float = 0.0,
+             seed: int = 0, progress: bool = False) -> nnx.Module:
+    """Fine-tune ``model`` in place on ``data`` for ``epochs`` epochs and return it.
+
+    Objective: the mean over a batch of ``loss_fn(model, batch) -> [B]`` (an LM's per-example loss is the sum of
+    its masked token losses). AdamW with a constant learning rate ``lr``; ``N // batch_size`` steps per epoch
+    (batches without replacement, a fresh seeded permutation each epoch, an incomplete last batch dropped:
+    every step has the same shape, so the step compiles once). ``trainable``: see :func:`trainable_filter`.
+    """
+    if int(epochs) != epochs or epochs < 0:
+        raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(next(iter(data.values()))) if data else 0
+    if n == 0:
+        raise ConfigError("data is empty: nothing to fine-tune on")
+    steps = int(epochs) * max(1, n // min(int(batch_size), n))
+    return train(model, loss_fn, data, steps=steps, batch_size=int(batch_size), lr=float(lr), seed=int(seed),
+                 weight_decay=float(weight_decay), progress=progress, wrt=trainable_filter(trainable))
