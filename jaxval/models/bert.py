@@ -140,6 +140,33 @@ class BertEncoder(nnx.Module):
         self.layers = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        h, key_mask = self._embed(input_ids, attention_mask, token_type_ids)
+        for layer in self.layers:
+            h = layer(h, key_mask)
+        return h
+
+    def hidden_after(self, input_ids, attention_mask=None, token_type_ids=None, n_layers: int = 0):
+        """Hidden states ``[B, T, d]`` after the embeddings and the first ``n_layers`` blocks (0: the embedding
+        output); :meth:`from_layer` with ``start=n_layers`` finishes the forward (split encoders: a frozen
+        lower part whose outputs are computed once, a fine-tuned upper part)."""
+        if not 0 <= n_layers <= self.cfg.n_layer:
+            raise ValueError(f"n_layers must be in [0, {self.cfg.n_layer}], got {n_layers}")
+        h, key_mask = self._embed(input_ids, attention_mask, token_type_ids)
+        for i in range(n_layers):
+            h = self.layers[i](h, key_mask)
+        return h
+
+    def from_layer(self, h, attention_mask, start: int):
+        """Blocks ``start..n_layer-1`` applied to hidden states ``h [B, T, d]`` (what :meth:`hidden_after`
+        with ``n_layers=start`` returns) -> the last hidden states ``[B, T, d]``."""
+        if not 0 <= start <= self.cfg.n_layer:
+            raise ValueError(f"start must be in [0, {self.cfg.n_layer}], got {start}")
+        key_mask = attention_mask > 0
+        for i in range(start, self.cfg.n_layer):
+            h = self.layers[i](h, key_mask)
+        return h
+
+    def _embed(self, input_ids, attention_mask, token_type_ids):
         if input_ids.ndim != 2:
             raise ValueError(f"BertEncoder expects input_ids of shape [B, T], got {input_ids.shape}")
         if input_ids.shape[1] > self.cfg.max_position:
@@ -149,11 +176,7 @@ class BertEncoder(nnx.Module):
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
-        key_mask = attention_mask > 0
-        h = self.embeddings(input_ids, token_type_ids)
-        for layer in self.layers:
-            h = layer(h, key_mask)
-        return h
+        return self.embeddings(input_ids, token_type_ids), attention_mask > 0
 
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:

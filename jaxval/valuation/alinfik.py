@@ -1,6 +1,8 @@
 """ALinFiK: a small student distilled to predict LinFiK from the sample's text; selection and pricing.
 
-The student (:func:`fit_student`) is a frozen sentence encoder (all-MiniLM-L6-v2 by default, any
+Two students. The main one, :func:`fit_encoder_student` (:mod:`jaxval.valuation.student`), fine-tunes the top
+blocks of all-MiniLM-L6-v2 together with an MLP head (lower blocks frozen, their outputs cached). The baseline
+described here, :func:`fit_student`, is a frozen sentence encoder (all-MiniLM-L6-v2 by default, any
 ``embed_fn(texts) -> [n, d]`` in general) followed by a small MLP head (flax nnx) trained with optax on a
 labelled sample of the pool (the paper labels 10–20% with LinFiK from the LLM's gradients):
 
@@ -52,9 +54,12 @@ import optax
 from flax import nnx
 
 from jaxval._src.stats import pearson, rankdata, spearman
+from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, distill_loss, encode_lower,
+                                      fit_encoder_student, frozen_embeddings, ranknet_loss)
 
 __all__ = [
-    "Student", "fit_student", "select", "price", "statement", "format_statement",
+    "Student", "fit_student", "EncoderStudent", "fit_encoder_student", "encode_lower", "frozen_embeddings",
+    "LowerStates", "load_student", "Head", "ranknet_loss", "distill_loss", "select", "price", "statement", "format_statement",
     "hashed_ngram_embed", "make_embed_fn", "default_embed_fn", "PRICE_RULES",
 ]
 
@@ -136,33 +141,7 @@ def default_embed_fn() -> EmbedFn:
     return make_embed_fn("hashed")
 
 
-# ----------------------------------------------------------------------------- the head
-
-class Head(nnx.Module):
-    """MLP ``d -> hidden... -> 1`` with GELU; dropout only when a PRNG ``key`` is passed (training)."""
-
-    def __init__(self, d: int, hidden: Sequence[int], dropout: float, *, rngs: nnx.Rngs):
-        sizes = (d, *hidden)
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-        self.rate = float(dropout)
-        self.out = nnx.Linear(sizes[-1], 1, rngs=rngs)
-
-    def __call__(self, x, key=None):
-        for i, layer in enumerate(self.layers):
-            x = nnx.gelu(layer(x))
-            if key is not None and self.rate > 0:
-                keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - self.rate, x.shape)
-                x = jnp.where(keep, x / (1.0 - self.rate), 0.0)
-        return self.out(x)[:, 0]
-
-
-def _ranknet(s, y, tau):
-    d = y[:, None] - y[None, :]
-    sign = jnp.sign(d)
-    w = (sign != 0).astype(s.dtype)
-    l = jax.nn.softplus(-sign * (s[:, None] - s[None, :]) / tau)
-    return jnp.sum(w * l) / jnp.maximum(jnp.sum(w), 1.0)
-
+# ----------------------------------------------------------------------------- the frozen-embedding student
 
 class Student:
     """A trained ALinFiK student. ``score(texts) -> [M]`` predicted LinFiK (teacher units)."""
@@ -215,10 +194,14 @@ class Student:
         return checkpoint.save(path, arrays, meta=self.meta, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str, embed_fn: EmbedFn | None = None) -> "Student":
+    def load(cls, path: str, embed_fn: EmbedFn | None = None, encoder=None):
+        """The student saved at ``path``: a frozen-embedding :class:`Student` or, for a checkpoint of
+        :func:`fit_encoder_student`, an :class:`EncoderStudent` (``encoder=`` for a custom lower encoder)."""
         from jaxval._src import checkpoint
 
         arrays, meta = checkpoint.load(path)
+        if meta.get("kind") == EncoderStudent.kind:
+            return EncoderStudent.load(path, encoder=encoder)
         head = Head(meta["d"], meta["hidden"], meta["dropout"], rngs=nnx.Rngs(0))
         state = nnx.state(head, nnx.Param)
         for p, v in nnx.to_flat_state(state):
@@ -232,6 +215,11 @@ class Student:
             embed_fn = None if spec == "custom" else make_embed_fn(spec)
         stats = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("stats/")}
         return cls(head, embed_fn, meta, stats)
+
+
+def load_student(path: str, embed_fn: EmbedFn | None = None, encoder=None):
+    """Either kind of student from its checkpoint (:meth:`Student.load`)."""
+    return Student.load(path, embed_fn=embed_fn, encoder=encoder)
 
 
 def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = None, *,
@@ -283,7 +271,7 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     def step(params, opt, xb, yb, key):
         def obj(p):
             s = nnx.merge(graphdef, p, rest)(xb, key)
-            return jnp.mean(optax.huber_loss(s, yb, delta=huber_delta)) + rank_weight * _ranknet(s, yb, tau)
+            return distill_loss(s, yb, rank_weight, tau, huber_delta)
 
         loss, g = jax.value_and_grad(obj)(params)
         upd, opt = tx.update(g, opt, params)
