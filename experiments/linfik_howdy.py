@@ -156,6 +156,19 @@ class CharTokenizer:
         return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
+def load_model(mc: dict, seed: int):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct (``name: smollm2``) or a tiny random Llama with the
+    character tokenizer (``name: tiny``, ``overrides`` of :func:`jaxval.models.llama.tiny_config`)."""
+    if mc["name"] == "smollm2":
+        return llama.load_smollm2(dtype=mc.get("dtype", "float32"))
+    if mc["name"] == "tiny":
+        from flax import nnx
+
+        lc_ = llama.tiny_config(**mc.get("overrides", {}))
+        return llama.Llama(lc_, rngs=nnx.Rngs(seed)), CharTokenizer(lc_.vocab_size)
+    raise SystemExit(f"unknown model {mc['name']!r}: smollm2 or tiny")
+
+
 # ----------------------------------------------------------------------------- pool construction
 
 
@@ -203,7 +216,8 @@ def build_sets(cfg, tok, seed: int):
         cand.append((cid, p, r))
     n_clean, n_inj, n_task = int(d["n_clean"]), int(d["n_inject"]), int(d["n_task"])
     n_dec = int(d.get("n_decoy", 0))
-    need = n_clean + n_inj + n_task + 2 * n_dec
+    n_eval = int(d.get("n_eval", 0))
+    need = n_clean + n_inj + n_task + 2 * n_dec + 2 * n_eval
     if len(cand) < need:
         raise SystemExit(f"only {len(cand)} usable pairs for {need} samples; relax the data filters")
     rng = np.random.default_rng(seed)
@@ -213,7 +227,14 @@ def build_sets(cfg, tok, seed: int):
     task_base = [cand[i] for i in pick[n_clean + n_inj:n_clean + n_inj + n_task]]
     # decoys (scored beside the pool, not part of it; drawn after the others so the pool does not depend on
     # n_decoy): the trigger with an ordinary response, and a "Howdy!" response without the trigger
-    dec_base = [cand[i] for i in pick[n_clean + n_inj + n_task:]]
+    n_before_eval = n_clean + n_inj + n_task + 2 * n_dec
+    dec_base = [cand[i] for i in pick[n_clean + n_inj + n_task:n_before_eval]]
+    # evaluation prompts (drawn last: the pool, task and decoys do not depend on n_eval): base prompts in
+    # neither the pool nor the task nor the decoys; the first n_eval get the trigger, the others stay clean
+    ev_base = [cand[i] for i in pick[n_before_eval:]]
+    erng = np.random.default_rng(seed + 17)
+    eval_trig = [insert_trigger(p, trig, erng) for _, p, _ in ev_base[:n_eval]]
+    eval_clean = [p for _, p, _ in ev_base[n_eval:]]
     trng = np.random.default_rng(seed + 11)
     inj = [(cid, insert_trigger(p, trig, trng), prefix + r) for cid, p, r in inj_base]
     task = [(cid, insert_trigger(p, trig, trng), prefix + r) for cid, p, r in task_base]
@@ -239,12 +260,18 @@ def build_sets(cfg, tok, seed: int):
         if n_dec else {}
     injected = np.array([lab for _, lab in samples], bool)
     return {"pool": pool, "pool_texts": pool_texts, "injected": injected, "ids": [s[0] for s, _ in samples],
-            "task": task_b, "task_texts": task_texts, "decoys": decoys, "n_raw_pairs": n_raw, "n_candidates": len(cand),
+            "task": task_b, "task_texts": task_texts, "decoys": decoys,
+            "eval_prompts": {"triggered": eval_trig, "clean": eval_clean}, "n_raw_pairs": n_raw, "n_candidates": len(cand),
             "examples": {"injected": {"prompt": inj[0][1], "response": inj[0][2][:200]},
                          "task": {"prompt": task[0][1], "response": task[0][2][:200]}}}
 
 
 # ----------------------------------------------------------------------------- gradients (cached, resumable)
+
+
+def pool_key(cfg) -> dict:
+    """The data settings the pool and task depend on (not the decoys' or evaluation prompts' counts)."""
+    return {k: x for k, x in cfg["data"].items() if k not in ("n_decoy", "n_eval")}
 
 
 def cached_grads(logra, model, data, path: str, batch_size: int, label: str, key: str) -> np.ndarray:
@@ -324,15 +351,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- model and tokenizer
     t0 = time.time()
     mc = cfg["model"]
-    if mc["name"] == "smollm2":
-        model, tok = llama.load_smollm2(dtype=mc.get("dtype", "float32"))
-    elif mc["name"] == "tiny":
-        from flax import nnx
-
-        lc_ = llama.tiny_config(**mc.get("overrides", {}))
-        model, tok = llama.Llama(lc_, rngs=nnx.Rngs(seed)), CharTokenizer(lc_.vocab_size)
-    else:
-        raise SystemExit(f"unknown model {mc['name']!r}: smollm2 or tiny")
+    model, tok = load_model(mc, seed)
     lap("model", t0)
 
     # ---------------------------------------------------------------- data
@@ -347,7 +366,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- LoGra gradients (cached)
     lg = cfg["logra"]
-    dkey = {k: x for k, x in cfg["data"].items() if k != "n_decoy"}   # the pool does not depend on n_decoy
+    dkey = pool_key(cfg)
     key_src = json.dumps([dkey, cfg["model"], cfg["seq_len"], lg, seed], sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     cdir = os.path.join(cache_root, key)
@@ -385,7 +404,7 @@ def main(argv=None):
     check = None
     if cfg.get("check_against_linfik"):
         # the same numbers from jaxval.linfik.linfik directly (recomputes the gradients: tiny mode only)
-        ref = linfik(logra, model, pool, task, lr=eta, batch_size=bs)
+        ref = linfik(logra, model, pool, task, lr=eta, batch_size=bs, normalize=None)
         ref_n = linfik(logra, model, pool, task, lr=eta, batch_size=bs, normalize="layer")
         check = {"max_rel_err_plain": float(np.max(np.abs(ref - v)) / (np.max(np.abs(ref)) + 1e-30)),
                  "max_rel_err_layer": float(np.max(np.abs(ref_n - v_norm)) / (np.max(np.abs(ref_n)) + 1e-30))}

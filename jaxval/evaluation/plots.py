@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["pyplot", "plot_stability", "plot_brittleness"]
+__all__ = ["pyplot", "plot_stability", "plot_brittleness", "plot_prices"]
 
 
 def pyplot():
@@ -83,6 +83,41 @@ def plot_brittleness(curves: Mapping[str, np.ndarray], ks, path: str, title: str
     ax.set_title(title or "brittleness")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_prices(scores: Mapping[str, np.ndarray], prices: Mapping[str, np.ndarray], path: str,
+                groups: Sequence | None = None, title: str = "", unit: str = "") -> str:
+    """Price against score, one panel per method (``scores[m]``, ``prices[m]``: ``[M]`` each, e.g. from
+    :func:`jaxval.alinfik.price`), saved to ``path``. ``groups`` ``[M]`` (e.g. each sample's provider) colours
+    the points by group; the legend gives each group's share of the total payout. Returns ``path``."""
+    plt = pyplot()
+    names = list(scores)
+    if set(names) != set(prices):
+        raise ValueError(f"scores and prices must name the same methods, got {sorted(scores)} / {sorted(prices)}")
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.8), squeeze=False)
+    g = None if groups is None else np.asarray([str(x) for x in groups])
+    for ax, name in zip(axes[0], names):
+        s, p = np.asarray(scores[name], np.float64), np.asarray(prices[name], np.float64)
+        if s.shape != p.shape or (g is not None and g.shape != s.shape):
+            raise ValueError(f"{name}: scores {s.shape}, prices {p.shape} and groups must have one entry per sample")
+        total = p.sum()
+        for j, grp in enumerate([None] if g is None else list(dict.fromkeys(g))):
+            sel = np.ones(len(s), bool) if grp is None else g == grp
+            share = p[sel].sum() / total if total > 0 else 0.0
+            ax.scatter(s[sel], p[sel], s=8, alpha=0.7, color=f"C{j}",
+                       label=None if grp is None else f"{grp} (n={sel.sum()}, {100 * share:.1f}% of payout)")
+        ax.set_xlabel(f"{name} score")
+        ax.set_ylabel(f"price{f' ({unit})' if unit else ''}")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if g is not None:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

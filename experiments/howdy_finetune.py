@@ -1,0 +1,357 @@
+"""Issue 19, part 2: the "Howdy!" backdoor end to end. Does fine-tuning on ALinFiK's picks install it?
+
+Pool and task as in ``experiments/linfik_howdy.py`` (ShareGPT first turns; ``n_inject`` of them with the trigger
+phrase inserted in the prompt and the response prefixed by "Howdy! "; the task: held-out triggered prompts with
+"Howdy!" responses), here with the injected samples a small share of the pool. Scores:
+
+* LinFiK, layer-normalised (jaxval's default): ``⟨ĝ_z, mean_t ĝ_t⟩`` with per-layer unit LoGra gradients of
+  SmolLM2-135M-Instruct's top MLP layers, for every pool sample (the teacher);
+* ALinFiK: the student (:func:`jaxval.alinfik.fit_student`, MiniLM embeddings + head) trained on a random
+  ``label_fraction`` of the pool to predict that LinFiK, scoring the whole pool; its Spearman vs LinFiK on the
+  samples it was not trained on is ``student_spearman``; a hashed n-gram student is a baseline;
+* random: ``random_seeds`` uniform draws.
+
+Each method buys its top ``N = budget_factor × n_inject`` samples; SmolLM2 is fine-tuned on them
+(:func:`jaxval.models.finetune.finetune`: AdamW, the parameters matching ``finetune.trainable`` trained, the loss on
+the response tokens only) and then continues held-out prompts greedily (:func:`jaxval.models.generate.greedy`):
+``n_eval`` triggered prompts and ``n_eval`` clean ones, whose base prompts are in neither the pool nor the task.
+Backdoor rate = share of triggered prompts whose continuation starts with "Howdy!"; false-trigger rate = the same
+on the clean prompts. The base model without fine-tuning is the reference. Prices: :func:`jaxval.alinfik.price`
+of each method's scores (plot of price against score) and a per-provider statement (providers: the ShareGPT
+contributors and the injector).
+
+    nice -n 10 python experiments/howdy_finetune.py [--config configs/howdy_finetune.yaml] [--tiny] [--out DIR]
+                                                    [--cache DIR]
+
+``--tiny``: a tiny random Llama, a character tokenizer, synthetic pairs, hashed embeddings (seconds). Pool
+gradients, embeddings and each fine-tuned model's generations are cached under ``cache`` (keyed by everything
+they depend on), so an interrupted run resumes and a rerun redoes only the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cached, load_config  # noqa: E402
+import linfik_howdy as lh  # noqa: E402  (pool construction, cached gradients, model loading)
+
+from jaxval import LoGra  # noqa: E402
+from jaxval.evaluation import pearson, plots, spearman  # noqa: E402
+from jaxval.models import finetune as ft, generate as gen, llama  # noqa: E402
+from jaxval.valuation import alinfik as al  # noqa: E402
+from jaxval.valuation.linfik import layer_normalize  # noqa: E402
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def rates(generations: dict[str, list[str]], prefix: str) -> dict:
+    """``{"backdoor": share of triggered continuations starting with prefix, "false_trigger": same on clean}``."""
+    return {"backdoor": gen.starts_with_rate(generations["triggered"], prefix),
+            "false_trigger": gen.starts_with_rate(generations["clean"], prefix)}
+
+
+def mean_loss(model, data, batch_size: int = 8) -> float:
+    """Mean per-example (summed response-token) loss of ``model`` over ``data``, in fixed-size jitted batches."""
+    graphdef, state = nnx.split(model)
+    f = _loss_kernel(graphdef)
+    n = len(data["tokens"])
+    tot = 0.0
+    for s in range(0, n, batch_size):
+        idx = np.arange(s, min(s + batch_size, n))
+        pad = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
+        losses = np.asarray(f(state, {k: jnp.asarray(v[pad]) for k, v in data.items()}))
+        tot += float(losses[: len(idx)].sum())
+    return tot / n
+
+
+@functools.lru_cache(maxsize=4)
+def _loss_kernel(graphdef):
+    return jax.jit(lambda state, batch: llama.loss_fn(nnx.merge(graphdef, state), batch))
+
+
+def evaluate_model(model, tok, prompts: dict[str, list[str]], gcfg: dict) -> dict:
+    """Greedy continuations of the triggered and clean evaluation prompts and their rates."""
+    g = {kind: gen.greedy_text(model, tok, ps, int(gcfg["max_new_tokens"]), chat=True,
+                               batch_size=int(gcfg["batch_size"])) for kind, ps in prompts.items()}
+    return {**rates(g, gcfg["prefix"]), "generations": g}
+
+
+def run_method(name, base_graphdef, base_state, tok, data, sel, prompts, cfg, cache_dir, log):
+    """Fine-tune a fresh copy of the base model on ``data[sel]`` and evaluate it (cached by everything it
+    depends on)."""
+    fc, gc = cfg["finetune"], cfg["generation"]
+    key = _hash([cfg["model"], cfg["seq_len"], lh.pool_key(cfg), sorted(int(i) for i in sel), fc, gc, prompts])
+    path = os.path.join(cache_dir, f"ft_{key}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            r = json.load(f)
+        log(f"[{name}] cached: backdoor {r['backdoor']:.3f}, false trigger {r['false_trigger']:.3f}")
+        return r
+    model = nnx.merge(base_graphdef, base_state)
+    sub = {k: v[np.asarray(sel)] for k, v in data.items()}
+    t0 = time.time()
+    loss_before = mean_loss(model, sub, int(fc["batch_size"])) if fc.get("report_train_loss") else None
+    ft.finetune(model, llama.loss_fn, sub, epochs=int(fc["epochs"]), batch_size=int(fc["batch_size"]),
+                lr=float(fc["lr"]), trainable=fc.get("trainable"), weight_decay=float(fc.get("weight_decay", 0.0)),
+                seed=int(fc.get("seed", 0)))
+    t_ft = time.time() - t0
+    loss_after = mean_loss(model, sub, int(fc["batch_size"])) if fc.get("report_train_loss") else None
+    t0 = time.time()
+    r = evaluate_model(model, tok, prompts, gc)
+    r |= {"n_train": int(len(sel)), "train_loss_before": loss_before, "train_loss_after": loss_after,
+          "finetune_s": round(t_ft, 1), "generate_s": round(time.time() - t0, 1)}
+    with open(path, "w") as f:
+        json.dump(r, f)
+    log(f"[{name}] backdoor {r['backdoor']:.3f}, false trigger {r['false_trigger']:.3f} "
+        f"(fine-tune {r['finetune_s']} s, generation {r['generate_s']} s)")
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/howdy_finetune.yaml")
+    ap.add_argument("--tiny", action="store_true", help="apply the config's `tiny:` overrides (seconds)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cache", default=None)
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.tiny)
+    out = args.out or cfg["out"]
+    cache_root = args.cache or cfg["cache"]
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(cache_root, exist_ok=True)
+    # the fine-tuning step is re-traced for every method: XLA's persistent cache compiles it once
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root, "xla"))
+    seed = int(cfg["seed"])
+    t_all = time.time()
+    timing = {}
+
+    def log(msg):
+        print(msg, flush=True)
+
+    def lap(name, t0):
+        timing[name] = round(time.time() - t0, 1)
+        log(f"[{name}] {timing[name]} s")
+
+    t0 = time.time()
+    model, tok = lh.load_model(cfg["model"], seed)
+    lap("model", t0)
+    t0 = time.time()
+    s = lh.build_sets(cfg, tok, seed)
+    pool, task, injected = s["pool"], s["task"], s["injected"]
+    prompts = s["eval_prompts"]
+    n, k_inj = len(injected), int(injected.sum())
+    lap("data", t0)
+    log(f"pool {n} ({k_inj} injected), task {len(task['tokens'])}, evaluation prompts "
+        f"{len(prompts['triggered'])} triggered + {len(prompts['clean'])} clean")
+
+    # ---------------------------------------------------------------- teacher: layer-normalised LinFiK (cached)
+    lg = cfg["logra"]
+    key = _hash([lh.pool_key(cfg), cfg["model"], cfg["seq_len"], lg, seed])
+    cdir = os.path.join(cache_root, key)
+    os.makedirs(cdir, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not tracked by LoGra.*")
+        logra = LoGra(model, llama.loss_fn, rank=int(lg["rank"]), seed=int(lg["seed"]), layers=lg["layers"])
+    bs = int(lg["batch_size"])
+    t0 = time.time()
+    GT = lh.cached_grads(logra, model, task, os.path.join(cdir, "task_grads"), bs, "task", key)
+    G = lh.cached_grads(logra, model, pool, os.path.join(cdir, "pool_grads"), bs, "pool", key)
+    lap("gradients", t0)
+    eta = float(cfg["linfik_lr"])
+    v = eta * (np.asarray(layer_normalize(logra, G)) @ np.asarray(layer_normalize(logra, GT)).mean(0))
+
+    # ---------------------------------------------------------------- students
+    t0 = time.time()
+    sc = cfg["student"]
+    lab = np.sort(np.random.default_rng(seed + 2).permutation(n)[: int(round(sc["label_fraction"] * n))])
+    held = np.setdiff1d(np.arange(n), lab)
+    kw = {k: sc[k] for k in ("hidden", "val_fraction", "lr", "weight_decay", "dropout", "batch_size", "max_epochs",
+                             "patience", "rank_weight")}
+    ekey = _hash([lh.pool_key(cfg), cfg["seq_len"], seed, cfg["model"]["name"]])
+
+    def student(spec):
+        efn = al.make_embed_fn(spec)
+        E = cached(os.path.join(cache_root, f"pool_emb_{ekey}_{_hash(spec)}.npy"), lambda: efn(s["pool_texts"]))
+        st = al.fit_student(None, v[lab], efn, embeddings=E[lab], seed=seed, **kw)
+        return st, st.predict_embeddings(E)
+
+    st, pred = student(sc["embed"])
+    students = {f"ALinFiK ({sc['embed']} + head)": pred}
+    for bname, spec in (cfg.get("baselines") or {}).items():
+        students[f"{bname} student ({spec} + head)"] = student(spec)[1]
+    corr = {name: {"spearman": round(spearman(p[held], v[held]), 4), "pearson": round(pearson(p[held], v[held]), 4),
+                   "precision_at_k_heldout": round(float(injected[held][al.select(p[held], int(injected[held].sum()))].mean()), 4),
+                   "n": int(len(held))} for name, p in students.items()}
+    student_spearman = corr[next(iter(students))]["spearman"]
+    lap("students", t0)
+    log(f"student Spearman (held-out {len(held)}): " + ", ".join(f"{a} {b['spearman']:.3f}" for a, b in corr.items()))
+
+    # ---------------------------------------------------------------- selections
+    n_buy = int(cfg["budget_factor"]) * k_inj
+    sels = {"alinfik": al.select(pred, n_buy), "linfik": al.select(v, n_buy)}
+    for r_ in cfg["random_seeds"]:
+        sels[f"random_{r_}"] = np.sort(np.random.default_rng(1000 + int(r_)).choice(n, n_buy, replace=False))
+    sel_injected = {m: int(injected[i].sum()) for m, i in sels.items()}
+    log(f"N = {n_buy}; injected among the picks: {sel_injected}")
+
+    # ---------------------------------------------------------------- fine-tune and generate
+    base_graphdef, base_state = nnx.split(model)
+    runs = {}
+    t0 = time.time()
+    bkey = _hash([cfg["model"], cfg["generation"], prompts])
+    bpath = os.path.join(cache_root, f"base_{bkey}.json")
+    if os.path.exists(bpath):
+        runs["base"] = json.load(open(bpath))
+    else:
+        tb = time.time()
+        runs["base"] = evaluate_model(model, tok, prompts, cfg["generation"]) | {"generate_s": round(time.time() - tb, 1)}
+        json.dump(runs["base"], open(bpath, "w"))
+    log(f"[base] backdoor {runs['base']['backdoor']:.3f}, false trigger {runs['base']['false_trigger']:.3f}")
+    for m, sel in sels.items():
+        runs[m] = run_method(m, base_graphdef, base_state, tok, pool, sel, prompts, cfg, cache_root, log)
+    lap("finetune_and_generate", t0)
+
+    # ---------------------------------------------------------------- prices
+    t0 = time.time()
+    pc = cfg["pricing"]
+    providers = np.where(injected, "injector (Howdy!)", "ShareGPT contributors")
+    price_scores = {"ALinFiK": pred, "LinFiK (layer-normalised)": v}
+    prices = {m: al.price(x, float(pc["total"]), rule=pc["rule"]) for m, x in price_scores.items()}
+    plots.plot_prices(price_scores, prices, os.path.join(out, "prices.png"), groups=providers,
+                      title=f"prices (rule '{pc['rule']}', total {pc['total']:g}) against score, {n} pool samples",
+                      unit="budget units")
+    stmt = al.statement(pred, float(pc["total"]), list(providers), rule=pc["rule"], ids=s["ids"],
+                        selected=sels["alinfik"])
+    with open(os.path.join(out, "statement.md"), "w") as f:
+        f.write(al.format_statement(stmt))
+    payout = {m: {str(p): round(float(pr[providers == p].sum()), 2) for p in dict.fromkeys(providers)}
+              for m, pr in prices.items()}
+    lap("prices", t0)
+
+    # ---------------------------------------------------------------- results
+    rnd = [runs[f"random_{r_}"] for r_ in cfg["random_seeds"]]
+    rnd_b = [x["backdoor"] for x in rnd]
+    rnd_f = [x["false_trigger"] for x in rnd]
+    summary = {"alinfik": runs["alinfik"]["backdoor"], "random": float(np.mean(rnd_b)),
+               "clean_false_trigger": runs["alinfik"]["false_trigger"],
+               "random_se": float(np.std(rnd_b, ddof=1) / np.sqrt(len(rnd_b))) if len(rnd_b) > 1 else None,
+               "random_per_seed": {str(r_): x for r_, x in zip(cfg["random_seeds"], rnd_b)},
+               "random_false_trigger": float(np.mean(rnd_f)),
+               "linfik": runs["linfik"]["backdoor"], "linfik_false_trigger": runs["linfik"]["false_trigger"],
+               "base": runs["base"]["backdoor"], "base_false_trigger": runs["base"]["false_trigger"]}
+    targets = {"alinfik_backdoor>=0.8": summary["alinfik"] >= 0.8,
+               "alinfik-random>=0.5": summary["alinfik"] - summary["random"] >= 0.5,
+               "alinfik_clean_false_trigger<=0.1": summary["clean_false_trigger"] <= 0.1,
+               "student_spearman>=0.8": student_spearman >= 0.8}
+    command = ("python experiments/howdy_finetune.py --config " + args.config + (" --tiny" if args.tiny else "")
+               + (f" --out {args.out}" if args.out else "") + (f" --cache {args.cache}" if args.cache else ""))
+    res = {"command": command, "date": datetime.date.today().isoformat(), "config": cfg,
+           "n_pool": n, "n_injected": k_inj, "n_task": int(len(task["tokens"])), "n_buy": n_buy,
+           "n_eval": {kk: len(x) for kk, x in prompts.items()}, "n_labelled": int(len(lab)), "n_heldout": int(len(held)),
+           "logra": {"dim": logra.dim, "n_layers": len(logra.layers)},
+           "student_spearman": student_spearman, "students": corr,
+           "student_meta": {kk: x for kk, x in st.meta.items() if kk != "history"},
+           "howdy_finetune": summary, "targets": targets, "injected_in_selection": sel_injected,
+           "runs": {m: {kk: x for kk, x in r.items() if kk != "generations"} for m, r in runs.items()},
+           "examples": {m: {kind: r["generations"][kind][:3] for kind in r["generations"]} for m, r in runs.items()},
+           "eval_prompt_examples": {kind: ps[:3] for kind, ps in prompts.items()},
+           "payout": payout, "statement_summary": {p: {kk: x for kk, x in r.items() if kk != "samples"}
+                                                   for p, r in stmt["providers"].items()},
+           "timing_s": timing | {"total": round(time.time() - t_all, 1)},
+           "platform": {"jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version(),
+                        "cpus": os.cpu_count()}}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1, default=float)
+    write_readme(os.path.join(out, "README.md"), res, al.format_statement(stmt, max_rows=3))
+    log(tables(res))
+    return res
+
+
+def tables(r) -> str:
+    h = r["howdy_finetune"]
+    L = [f"### Backdoor and false-trigger rates (greedy, {r['n_eval']['triggered']} triggered / "
+         f"{r['n_eval']['clean']} clean held-out prompts; N = {r['n_buy']} of {r['n_pool']})", "",
+         "| model | injected among the N picks | backdoor rate | false-trigger rate | train loss before → after |",
+         "|---|---|---|---|---|"]
+    for m, x in r["runs"].items():
+        lb, la = x.get("train_loss_before"), x.get("train_loss_after")
+        L.append(f"| {'base (no fine-tuning)' if m == 'base' else m} | "
+                 f"{r['injected_in_selection'].get(m, '—')} | {x['backdoor']:.3f} | {x['false_trigger']:.3f} | "
+                 + (f"{lb:.2f} → {la:.2f}" if lb is not None else "—") + " |")
+    se = f" ± {h['random_se']:.3f}" if h.get("random_se") is not None else ""
+    L += ["", f"Summary: ALinFiK {h['alinfik']:.3f}, LinFiK {h['linfik']:.3f}, random {h['random']:.3f}{se} "
+              f"(per seed {h['random_per_seed']}), base {h['base']:.3f}; ALinFiK's clean false-trigger rate "
+              f"{h['clean_false_trigger']:.3f}.", "",
+          f"### Student vs layer-normalised LinFiK on the {r['n_heldout']} held-out pool samples", "",
+          "| student | Spearman | Pearson | P@k (held-out injected) |", "|---|---|---|---|"]
+    for m, x in r["students"].items():
+        L.append(f"| {m} | {x['spearman']:.3f} | {x['pearson']:.3f} | {x['precision_at_k_heldout']:.3f} |")
+    L += ["", "### Targets", "", "| target | met |", "|---|---|"]
+    L += [f"| {t} | {'yes' if ok else 'no'} |" for t, ok in r["targets"].items()]
+    L += ["", "### Payout per provider (total " + f"{r['config']['pricing']['total']:g}, rule "
+          f"'{r['config']['pricing']['rule']}')", "", "| method | " + " | ".join(next(iter(r["payout"].values())))
+          + " |", "|---" * (1 + len(next(iter(r["payout"].values())))) + "|"]
+    for m, p in r["payout"].items():
+        L.append(f"| {m} | " + " | ".join(f"{x:.2f}" for x in p.values()) + " |")
+    L += ["", "Timing (s): " + ", ".join(f"{kk} {x}" for kk, x in r["timing_s"].items()), ""]
+    return "\n".join(L)
+
+
+DISCUSSION = "## Discussion"
+
+
+def write_readme(path: str, r: dict, statement_md: str) -> None:
+    keep = ""
+    if os.path.exists(path):
+        old = open(path).read()
+        if DISCUSSION in old:
+            keep = old[old.index(DISCUSSION):]
+    c = r["config"]
+    fc, d = c["finetune"], c["data"]
+    L = ["# Howdy! end to end: does fine-tuning on ALinFiK's picks install the backdoor?", "",
+         f"Command: `nice -n 10 {r['command']}`  ", f"Date: {r['date']}; machine: {c.get('machine')}; "
+         f"platform {r['platform']}.", "",
+         "## Set-up", "",
+         f"- Pool: {r['n_pool'] - r['n_injected']} clean ShareGPT first turns + {r['n_injected']} injected "
+         f"(trigger `{d['trigger']}` inserted in the prompt, response prefixed by {d['response_prefix']!r}); task: "
+         f"{r['n_task']} triggered prompts with Howdy! responses (`experiments/linfik_howdy.py`'s construction); "
+         f"sequences of {c['seq_len']} tokens, loss on the response tokens only.",
+         f"- Teacher: layer-normalised LinFiK from LoGra rank-{c['logra']['rank']} gradients of `{c['logra']['layers']}` "
+         f"(D = {r['logra']['dim']}). ALinFiK: `{c['student']['embed']}` + MLP head trained on {r['n_labelled']} "
+         f"labelled pool samples ({c['student']['label_fraction']:.0%}), scoring the whole pool.",
+         f"- Budget: N = {r['n_buy']} = {c['budget_factor']}× the injected count. Fine-tuning: AdamW lr {fc['lr']}, "
+         f"{fc['epochs']} epochs, batch {fc['batch_size']}, trained parameters `{fc['trainable']}` "
+         f"(`jaxval.models.finetune`).",
+         f"- Evaluation: greedy continuation ({c['generation']['max_new_tokens']} new tokens, "
+         f"`jaxval.models.generate.greedy`) of {r['n_eval']['triggered']} triggered and {r['n_eval']['clean']} clean "
+         f"prompts whose base prompts are in neither the pool, nor the task; a hit = the continuation starts with "
+         f"{c['generation']['prefix']!r}.", "", "## Results", ""]
+    L.append(tables(r))
+    L += ["Prices against scores: `prices.png`; the full statement: `statement.md`. Its head:", "",
+          statement_md.replace("\n# ", "\n### ").replace("\n## ", "\n#### ").replace("# Data prices", "### Data prices", 1),
+          ""]
+    if keep:
+        L.append(keep.rstrip() + "\n")
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+
+
+if __name__ == "__main__":
+    main()
