@@ -61,6 +61,30 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+class HashTokenizer:
+    """Tiny-mode tokenizer for a tiny BERT: ``[CLS]`` = 1, ``[SEP]`` = 2, characters hashed into the vocabulary,
+    truncated to ``max_length``; called on a list of texts like the MiniLM tokenizer."""
+
+    def __init__(self, vocab_size: int, max_length: int):
+        self.vocab_size, self.max_length = vocab_size, max_length
+
+    def __call__(self, texts):
+        rows = [[1] + [3 + ord(c) % (self.vocab_size - 3) for c in t][: self.max_length - 2] + [2] for t in texts]
+        ids = np.zeros((len(rows), max(map(len, rows))), np.int32)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_encoder(seed: int):
+    """``(tiny random BertEncoder, HashTokenizer)`` for the tiny smoke run."""
+    from jaxval.models import bert
+
+    cfg = bert.tiny_config(n_layer=2, max_position=64)
+    return bert.BertEncoder(cfg, rngs=nnx.Rngs(seed)), HashTokenizer(cfg.vocab_size, cfg.max_position)
+
+
 def rates(generations: dict[str, list[str]], prefix: str) -> dict:
     """``{"backdoor": share of triggered continuations starting with prefix, "false_trigger": same on clean}``."""
     return {"backdoor": gen.starts_with_rate(generations["triggered"], prefix),
@@ -182,20 +206,40 @@ def main(argv=None):
     sc = cfg["student"]
     lab = np.sort(np.random.default_rng(seed + 2).permutation(n)[: int(round(sc["label_fraction"] * n))])
     held = np.setdiff1d(np.arange(n), lab)
-    kw = {k: sc[k] for k in ("hidden", "val_fraction", "lr", "weight_decay", "dropout", "batch_size", "max_epochs",
+    bc = sc | (cfg.get("baseline_student") or {})       # settings of the frozen-embedding heads
+    kw = {k: bc[k] for k in ("hidden", "val_fraction", "lr", "weight_decay", "dropout", "batch_size", "max_epochs",
                              "patience", "rank_weight")}
     ekey = _hash([lh.pool_key(cfg), cfg["seq_len"], seed, cfg["model"]["name"]])
 
-    def student(spec):
+    def frozen_student(spec):
         efn = al.make_embed_fn(spec)
         E = cached(os.path.join(cache_root, f"pool_emb_{ekey}_{_hash(spec)}.npy"), lambda: efn(s["pool_texts"]))
         st = al.fit_student(None, v[lab], efn, embeddings=E[lab], seed=seed, **kw)
         return st, st.predict_embeddings(E)
 
-    st, pred = student(sc["embed"])
-    students = {f"ALinFiK ({sc['embed']} + head)": pred}
-    for bname, spec in (cfg.get("baselines") or {}).items():
-        students[f"{bname} student ({spec} + head)"] = student(spec)[1]
+    if sc.get("kind", "frozen") == "encoder":
+        # the fine-tuned student: the encoder's top n_finetune blocks + head; the lower blocks' outputs cached
+        enc = sc["encoder"] if sc["encoder"] != "tiny" else tiny_encoder(seed)
+        n_layer = 6 if isinstance(enc, str) else enc[0].cfg.n_layer          # all-MiniLM-L6-v2: 6 blocks
+        n_lower = n_layer - int(sc["n_finetune"])
+        spath = os.path.join(cache_root, f"pool_lower_{ekey}_{_hash([sc['encoder'], n_lower])}.npz")
+        if os.path.exists(spath):
+            z = np.load(spath)
+            states = al.LowerStates(z["h"], z["mask"], int(z["n_lower"]))
+        else:
+            states = al.encode_lower(s["pool_texts"], enc, n_lower)
+            np.savez(spath, h=states.h, mask=states.mask, n_lower=states.n_lower)
+        ekw = {k: sc[k] for k in ("n_finetune", "hidden", "val_fraction", "lr", "head_lr", "weight_decay", "dropout",
+                                  "batch_size", "max_epochs", "patience", "rank_weight") if k in sc}
+        st = al.fit_encoder_student(None, v[lab], enc, states=states.take(lab), seed=seed, **ekw)
+        pred = st.predict_states(states)
+        main_name = f"ALinFiK (fine-tuned {sc['encoder']}, top {sc['n_finetune']} blocks + head)"
+    else:
+        st, pred = frozen_student(sc["embed"])
+        main_name = f"ALinFiK ({sc['embed']} + head)"
+    students = {main_name: pred}
+    for spec in cfg.get("baselines") or ():
+        students[f"frozen {spec} + head"] = frozen_student(spec)[1]
     corr = {name: {"spearman": round(spearman(p[held], v[held]), 4), "pearson": round(pearson(p[held], v[held]), 4),
                    "precision_at_k_heldout": round(float(injected[held][al.select(p[held], int(injected[held].sum()))].mean()), 4),
                    "n": int(len(held))} for name, p in students.items()}
@@ -334,7 +378,7 @@ def write_readme(path: str, r: dict, statement_md: str) -> None:
          f"{r['n_task']} triggered prompts with Howdy! responses (`experiments/linfik_howdy.py`'s construction); "
          f"sequences of {c['seq_len']} tokens, loss on the response tokens only.",
          f"- Teacher: layer-normalised LinFiK from LoGra rank-{c['logra']['rank']} gradients of `{c['logra']['layers']}` "
-         f"(D = {r['logra']['dim']}). ALinFiK: `{c['student']['embed']}` + MLP head trained on {r['n_labelled']} "
+         f"(D = {r['logra']['dim']}). ALinFiK: {next(iter(r['students']))} trained on {r['n_labelled']} "
          f"labelled pool samples ({c['student']['label_fraction']:.0%}), scoring the whole pool.",
          f"- Budget: N = {r['n_buy']} = {c['budget_factor']}× the injected count. Fine-tuning: AdamW lr {fc['lr']}, "
          f"{fc['epochs']} epochs, batch {fc['batch_size']}, trained parameters `{fc['trainable']}` "
