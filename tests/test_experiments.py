@@ -81,6 +81,11 @@ def test_linfik_howdy_sharegpt_parser():
 
 
 def test_linfik_wikitext_tiny(tmp_path):
+    """The WikiText experiment end to end at its tiny size (tiny GPT, tiny random BERT as the fine-tuned student's
+    encoder, no MiniLM package): the results hold the summary fields the lead merges, every method at both
+    budgets, losses finite, standard errors from the random subsets, and the selections' sizes."""
+    import numpy as np
+
     if not (Path(os.environ.get("JAXVAL_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2").exists():
         pytest.skip("WikiText-2 not found (set JAXVAL_DATA)")
     r = subprocess.run([sys.executable, "experiments/linfik_wikitext.py", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
@@ -88,9 +93,16 @@ def test_linfik_wikitext_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "README.md").read_text().startswith("# ")
-    assert res["n_labelled"] + res["n_heldout"] == res["n_pool"] and res["selection"]
+    assert res["n_labelled"] + res["n_heldout"] == res["n_pool"]
+    assert -1.0 <= res["student_spearman"] <= 1.0
+    assert set(res["selection"]) == {"0.1", "0.2"}
+    for frac, e in res["selection"].items():
+        assert e["budget"] == round(float(frac) * res["n_pool"])
+        for k in ("alinfik", "linfik", "embedding", "perplexity", "random_mean", "alinfik_frozen", "alinfik_hashed"):
+            assert np.isfinite(e[k]), k
+        assert len(e["per_seed"]["random"]) == 2 and e["random_se"] >= 0
+        assert e["random_mean"] == pytest.approx(np.mean(e["per_seed"]["random"]), abs=1e-4)
     assert (tmp_path / "stability.png").exists() and (tmp_path / "scatter.png").exists()
-
 
 
 # ---------------------------------------------------------------------------------------------- one loader

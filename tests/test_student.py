@@ -49,6 +49,8 @@ def test_cached_lower_forward_equals_full_encoder():
         st = al.encode_lower(texts, (enc, tok), n_lower, batch_size=16)      # padded last batch
         assert st.h.shape[:2] == b["input_ids"].shape and st.n_lower == n_lower
         np.testing.assert_allclose(al.frozen_embeddings(enc, st, batch_size=16), full, atol=1e-5, rtol=1e-5)
+    adv = al.advance(al.encode_lower(texts, (enc, tok), 0, batch_size=16), enc, 1, batch_size=16)
+    np.testing.assert_allclose(adv.h, al.encode_lower(texts, (enc, tok), 1).h, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="n_lower"):
         al.encode_lower(texts, (enc, tok), 2)
 

@@ -25,9 +25,14 @@ STUDENT = Schema({
     "weight_decay": Field((float,)), "dropout": Field((float,)), "batch_size": Field((int,)),
     "max_epochs": Field((int,)), "patience": Field((int,)), "rank_weight": Field((float,)), "tau": Field((float,)),
     "huber_delta": Field((float,)), "progress": Field((bool,)),
+    "n_finetune": Field((int, None), None, help="fine-tune the top N encoder blocks with the head "
+                                                "(jaxval.alinfik.fit_encoder_student); absent: frozen-embedding head"),
+    "encoder": Field((str, None), None, help="encoder of the fine-tuned student (default minilm:max_length=128)"),
+    "head_lr": Field((float,), help="head learning rate of the fine-tuned student"),
 })
 """The config of ``jaxval alinfik train``: ``fraction``, ``embed``, and :func:`jaxval.alinfik.fit_student`'s
-keyword arguments (absent keys take fit_student's defaults)."""
+keyword arguments (absent keys take fit_student's defaults); with ``n_finetune`` (and optionally ``encoder``,
+``head_lr``) the fine-tuned student of :func:`jaxval.alinfik.fit_encoder_student` instead."""
 
 
 def _read_jsonl(path: str, field: str | None = None) -> list[dict]:
@@ -124,8 +129,19 @@ def _train(args) -> None:
         raise ConfigError(f"{args.pool} has {len(rows)} lines but {args.values} has {len(v)} values: give the "
                           "pool.jsonl and linfik.npy of one `jaxval linfik` run")
     idx = np.sort(np.random.default_rng(seed).permutation(len(v))[: max(8, int(round(frac * len(v))))])
-    st = fit_student([rows[i]["text"] for i in idx], v[idx], make_embed_fn(embed) if embed else None, seed=seed,
-                     **cfg)
+    n_ft, encoder = cfg.pop("n_finetune", None), cfg.pop("encoder", None)
+    labelled = [rows[i]["text"] for i in idx]
+    if n_ft:
+        from jaxval.valuation.student import DEFAULT_ENCODER, fit_encoder_student
+
+        if embed:
+            raise ConfigError("embed is the frozen student's feature extractor; the fine-tuned student "
+                              "(n_finetune) takes encoder: minilm[:max_length=N]")
+        st = fit_encoder_student(labelled, v[idx], encoder or DEFAULT_ENCODER, n_finetune=n_ft, seed=seed, **cfg)
+    else:
+        if encoder or "head_lr" in cfg:
+            raise ConfigError("encoder / head_lr belong to the fine-tuned student: set n_finetune too")
+        st = fit_student(labelled, v[idx], make_embed_fn(embed) if embed else None, seed=seed, **cfg)
     st.meta["labelled_indices"] = idx.tolist()
     if provenance is not None:
         st.meta["provenance"] = provenance

@@ -156,13 +156,15 @@ class BertEncoder(nnx.Module):
             h = self.layers[i](h, key_mask)
         return h
 
-    def from_layer(self, h, attention_mask, start: int):
-        """Blocks ``start..n_layer-1`` applied to hidden states ``h [B, T, d]`` (what :meth:`hidden_after`
-        with ``n_layers=start`` returns) -> the last hidden states ``[B, T, d]``."""
-        if not 0 <= start <= self.cfg.n_layer:
-            raise ValueError(f"start must be in [0, {self.cfg.n_layer}], got {start}")
+    def from_layer(self, h, attention_mask, start: int, stop: int | None = None):
+        """Blocks ``start..stop-1`` (``stop`` default ``n_layer``) applied to hidden states ``h [B, T, d]`` (what
+        :meth:`hidden_after` with ``n_layers=start`` returns) -> the hidden states after block ``stop-1``
+        (the last hidden states by default)."""
+        stop = self.cfg.n_layer if stop is None else stop
+        if not 0 <= start <= stop <= self.cfg.n_layer:
+            raise ValueError(f"need 0 <= start <= stop <= {self.cfg.n_layer}, got start={start}, stop={stop}")
         key_mask = attention_mask > 0
-        for i in range(start, self.cfg.n_layer):
+        for i in range(start, stop):
             h = self.layers[i](h, key_mask)
         return h
 

