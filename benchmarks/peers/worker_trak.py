@@ -3,7 +3,10 @@ the peers' venv, driven by run.py (``--peer trak``) with the protocol of worker_
 
 TRAK's route: per-example gradients of all parameters (``torch.func`` vmap), then a dense Gaussian JL
 projection to ``proj_dim`` (on CPU its ``BasicProjector``, generating the projection in blocks), features
-stored in float16 (``use_half_precision``), ``finalize_features`` forms its kernel (Φᵀ Φ)⁻¹. Logging = TRAKer
+stored in float16 by TRAK's default (``use_half_precision``), ``finalize_features`` forms its kernel (Φᵀ Φ)⁻¹.
+This worker runs TRAK in float32 (``use_half_precision=False``) unless ``PEERS_TRAK_HALF=1``: on a CPU
+without AVX-512 (the 2026-12-02 VM) torch's float16 matmul in TRAK's projector is emulated and one
+256-example batch did not finish in 20 minutes; float32 is TRAK's fast route on such a CPU. Logging = TRAKer
 set-up + ``featurize`` of N examples + ``finalize_features``; scoring = ``finalize_scores`` of Q queries
 already featurized (``score``, untimed, as the other sides' precomputed query gradients).
 """
@@ -28,6 +31,7 @@ import torch_models  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("PEERS_TORCH_THREADS", os.cpu_count() or 1)))
 PROJ_DIM = int(os.environ.get("PEERS_TRAK_PROJ_DIM", "8192"))
+HALF = os.environ.get("PEERS_TRAK_HALF", "0") == "1"
 S: dict = {}
 
 
@@ -52,7 +56,7 @@ def setup(workload, weights, rank=64, n_log=512, n_score=1024, q=64, seed=0, roo
         loss0 = float(loss_fn(model, S["ref_b"][0]).sum())
     _featurize(S["log_b"][:1])                                  # warm-up
     return {"loss0": loss0, "torch": torch.__version__, "threads": torch.get_num_threads(), "dim": PROJ_DIM,
-            "params": int(sum(p.numel() for p in model.parameters()))}
+            "half_precision": HALF, "params": int(sum(p.numel() for p in model.parameters()))}
 
 
 def _featurize(batches):
@@ -63,7 +67,7 @@ def _featurize(batches):
     n = sum(int(b[0].shape[0]) for b in batches)
     t0 = time.perf_counter()
     tr = TRAKer(model=S["model"], task="image_classification", train_set_size=n, save_dir=d, device="cpu",
-                proj_dim=PROJ_DIM, logging_level=logging.WARNING)
+                proj_dim=PROJ_DIM, use_half_precision=HALF, logging_level=logging.WARNING)
     tr.load_checkpoint(S["model"].state_dict(), model_id=0)
     for b in batches:
         tr.featurize(batch=b, num_samples=int(b[0].shape[0]))

@@ -16,8 +16,10 @@ from jaxval._src.errors import ConfigError, IncompleteStoreError
 from jaxval._src.scoring import memo
 from jaxval._src.scoring.groups import normalize_groups, selectors_key
 from jaxval._src.scoring.kernels import (MODES, NEEDS_Z_SELF, PreconditionerSpec, as_f32, block_scores,
-                                         cached_kernel, self_kernel, parse_precision, prepare_queries, topk_key)
-from jaxval._src.scoring.sources import Placer, TrainRows, device_blocks, progress_bar, resolve_block_rows
+                                         cached_kernel, native_bf16_dot, self_kernel, parse_precision,
+                                         prepare_queries, topk_key)
+from jaxval._src.scoring.sources import (BF16, Placer, TrainRows, device_blocks, pad_rows, progress_bar,
+                                         resolve_block_rows)
 
 __all__ = ["influence", "top_k", "self_influence"]
 
@@ -150,6 +152,7 @@ class _Plan:
                                              src.chunk_rows, src.native)
         self.names, self.sels = normalize_groups(groups, self.dim)
         self.sels_key = selectors_key(self.sels)
+        self.resident, self.resident_dtype = self._resident_identity(src)
         self.pre = PreconditionerSpec(precond, self.dim)
         self.precision = parse_precision(precision)
         q = _check_queries(queries, self.dim)
@@ -180,7 +183,36 @@ class _Plan:
             self._self_kernel = self_kernel(self.pre, sels, self.sels_key)
 
     def blocks(self, prefetch):
-        return device_blocks(self.src, self.block_rows, self.placer, self.extra, prefetch)
+        """(start, stop, block, extra) on the device; a complete local store's blocks are served from, or
+        kept in, the resident-rows cache (:mod:`memo`), converted to float32 where bfloat16 is emulated."""
+        if self.resident is None:
+            yield from device_blocks(self.src, self.block_rows, self.placer, self.extra, prefetch)
+            return
+        cached = memo.rows_lookup(self.resident)
+        if cached is not None:
+            for start, stop, block in cached:
+                yield start, stop, block, tuple(
+                    self.placer.vector(pad_rows(np.asarray(e[start:stop], np.float32), self.block_rows))
+                    for e in self.extra)
+            return
+        kept = []
+        for start, stop, block, ex in device_blocks(self.src, self.block_rows, self.placer, self.extra, prefetch):
+            if block.dtype != self.resident_dtype:
+                block = cached_kernel(("to_f32",), None, lambda: as_f32)(block)
+            kept.append((start, stop, block))
+            yield start, stop, block, ex
+        if len(kept) == self.n_blocks:
+            memo.rows_remember(self.resident, kept)
+
+    def _resident_identity(self, src: TrainRows):
+        """Where the rows may stay on the device between calls: one device, a complete local store, and
+        the blocks within the budget (else None)."""
+        if self.placer.mesh is not None or src.kind != "store":
+            return None, None
+        dtype = np.dtype(BF16) if (src.native and native_bf16_dot()) else np.dtype(np.float32)
+        if self.n_blocks * self.block_rows * self.dim * dtype.itemsize > memo.ROWS_MAX_BYTES:
+            return None, None
+        return memo.rows_identity(src, self.block_rows, dtype), dtype
 
     def z_self(self, block, ex):
         """zself tuple for the kernel (or None)."""

@@ -1,4 +1,5 @@
-"""In-memory cache of training self-influences ``g_zᵀ H⁻¹ g_z`` between scoring calls.
+"""In-memory caches between scoring calls: training self-influences ``g_zᵀ H⁻¹ g_z``, and the rows of
+small complete local stores kept on the device.
 
 ``cosine``/``relative``/``l2`` need every training row's self-influence; for repeated calls over the
 same rows with the same preconditioner it cannot have changed, so it is computed once (in the first
@@ -17,6 +18,13 @@ made, and served, only when both sides are immutable and identified exactly:
 - the row range and the column groups.
 
 Values are kept as read-only host copies; at most ``MAX_BYTES`` in all (least recently used dropped).
+
+Resident rows (:func:`rows_identity`, :func:`rows_lookup`, :func:`rows_remember`): the device blocks a
+streamed pass over a *complete local* GradientStore produced (identified as above: path, manifest hash,
+files' fingerprint; plus the row range, block size and dtype), at most ``ROWS_MAX_BYTES`` in all, so that a
+user scoring a few queries at a time against the same store (a notebook, a service) reads and converts its
+rows once, as in-memory peers (TRAK) keep their features. Device arrays are immutable; a rewritten store
+changes its files' fingerprint and misses.
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ import numpy as np
 from jaxval._src.scoring.kernels import PreconditionerSpec
 from jaxval._src.scoring.sources import TrainRows
 
-__all__ = ["MAX_BYTES", "identify", "lookup", "remember", "clear", "files_fingerprint"]
+__all__ = ["MAX_BYTES", "ROWS_MAX_BYTES", "identify", "lookup", "remember", "rows_identity", "rows_lookup",
+           "rows_remember", "clear", "files_fingerprint"]
 
 MAX_BYTES = 256 * 2**20
+ROWS_MAX_BYTES = 256 * 2**20
 
 
 class _Id:
@@ -153,6 +163,45 @@ def remember(ident: _Id | None, values: list[Any]) -> None:
         _ENTRIES.popitem(last=False)
 
 
+_ROWS: "OrderedDict[tuple, tuple[_Id, list, int]]" = OrderedDict()
+
+
+def rows_identity(src: TrainRows, block_rows: int, dtype) -> _Id | None:
+    """The identity of a complete local store's rows as device blocks (None: not cached; jax arrays are on
+    the device already, and other sources cannot be identified)."""
+    from jaxval._src.store import GradientStore
+
+    if not isinstance(src.obj, GradientStore):
+        return None
+    t = _train_identity(src)
+    if t is None:
+        return None
+    return _Id(("rows", t[0], src.lo, src.hi, int(block_rows), str(np.dtype(dtype))), t[1])
+
+
+def rows_lookup(ident: _Id | None) -> list | None:
+    """The cached ``[(start, stop, block)]`` device blocks, or None."""
+    hit = _ROWS.get(ident.key) if ident is not None else None
+    if hit is None:
+        return None
+    _ROWS.move_to_end(ident.key)
+    return hit[1]
+
+
+def rows_remember(ident: _Id | None, blocks: list) -> None:
+    """Keep ``[(start, stop, block)]`` (device arrays) under ``ident`` within ``ROWS_MAX_BYTES``."""
+    if ident is None:
+        return
+    nbytes = sum(int(b.size) * b.dtype.itemsize for _, _, b in blocks)
+    if nbytes > ROWS_MAX_BYTES:
+        return
+    _ROWS[ident.key] = (ident, list(blocks), nbytes)
+    _ROWS.move_to_end(ident.key)
+    while sum(v[2] for v in _ROWS.values()) > ROWS_MAX_BYTES:
+        _ROWS.popitem(last=False)
+
+
 def clear() -> None:
-    """Forget every cached self-influence."""
+    """Forget every cached self-influence and every resident store's rows."""
     _ENTRIES.clear()
+    _ROWS.clear()
