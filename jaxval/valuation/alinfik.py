@@ -55,12 +55,12 @@ from flax import nnx
 
 from jaxval._src.stats import pearson, rankdata, spearman
 from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance, distill_loss, encode_lower,
-                                      resolve_encoder,
-                                      fit_encoder_student, frozen_embeddings, ranknet_loss)
+                                      fit_encoder_student, frozen_embeddings, ranknet_loss, resolve_encoder)
 
 __all__ = [
     "Student", "fit_student", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
-    "LowerStates", "load_student", "resolve_encoder", "Head", "ranknet_loss", "distill_loss", "select", "price", "statement", "format_statement",
+    "LowerStates", "load_student", "resolve_encoder", "Head", "ranknet_loss", "distill_loss",
+    "select", "price", "statement", "format_statement",
     "hashed_ngram_embed", "make_embed_fn", "default_embed_fn", "PRICE_RULES",
 ]
 
