@@ -34,6 +34,36 @@ def test_greedy_batch_equals_cached_decoder():
     assert len(got_s[1]) <= 3 and got_s[1][-1] == stop
 
 
+def test_greedy_starts_with_equals_generation():
+    m = _tiny()
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(3, m.cfg.vocab_size, size=n)) for n in (4, 9, 2, 7, 5)]
+    prompts.append(list(prompts[1]))                                  # a duplicate: two hits for its target
+    ref = generate.greedy(m, prompts, 3, batch_size=4)
+    for i in range(len(prompts)):
+        got = generate.greedy_starts_with(m, prompts, ref[i], batch_size=4)
+        assert got.tolist() == [r == ref[i] for r in ref]
+    assert generate.greedy_starts_with(m, prompts, ref[1][:1], batch_size=4).tolist() == \
+        [r[0] == ref[1][0] for r in ref]
+    wrong_second = [ref[0][0], (ref[0][1] + 1) % m.cfg.vocab_size, ref[0][2]]      # right first token only
+    assert not generate.greedy_starts_with(m, prompts, wrong_second, batch_size=4)[0]
+
+
+def test_upper_blocks_equal_the_whole_model():
+    m = _tiny(2)
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, m.cfg.vocab_size, size=(3, 10)).astype(np.int32)
+    mask = np.ones((3, 10), np.float32)
+    mask[:, :3] = 0
+    full = np.asarray(m(tokens))
+    for k in (0, 1, 2):
+        h = m.hidden_after(tokens, k)
+        np.testing.assert_allclose(np.asarray(m.from_layer(h, k)), full, rtol=1e-5, atol=1e-5)
+        up = llama.Upper(m, k)
+        np.testing.assert_allclose(np.asarray(llama.upper_loss_fn(up, {"h": h, "tokens": tokens, "mask": mask})),
+                                   np.asarray(llama.loss_fn(m, {"tokens": tokens, "mask": mask})), rtol=1e-5)
+
+
 def test_greedy_errors_and_rate():
     m = _tiny()
     with pytest.raises(ConfigError, match="context"):

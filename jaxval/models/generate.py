@@ -11,7 +11,9 @@ the buffer shape and the number of steps (buffers are rounded up to 16 tokens; a
 with copies of its last prompt), so a batch of fine-tuned copies of one model reuses it.
 
 :func:`greedy_text`: the same on strings, through a tokenizer (optionally the model's chat template), and
-:func:`starts_with_rate`: the share of texts that start with a given prefix.
+:func:`starts_with_rate`: the share of texts that start with a given prefix. :func:`greedy_starts_with` answers
+"does the greedy continuation start with these tokens?" exactly with ONE forward pass per batch (teacher forcing
+of the target), ``k`` times cheaper than generating ``k`` tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from flax import nnx
 
 from jaxval._src.errors import ConfigError
 
-__all__ = ["greedy", "greedy_text", "starts_with_rate"]
+__all__ = ["greedy", "greedy_text", "greedy_starts_with", "forced_batch", "forced_hits", "chat_prompt_ids",
+           "starts_with_rate"]
 
 
 @partial(jax.jit, static_argnames=("graphdef", "steps"))
@@ -102,8 +105,7 @@ def greedy_text(model: nnx.Module, tok, prompts: Sequence[str], max_new_tokens: 
     ``apply_chat_template`` when ``chat``: each prompt becomes a user turn followed by the assistant's
     generation prompt); generation stops at the tokenizer's ``stop_ids`` when it has them."""
     if chat:
-        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
-               for p in prompts]
+        ids = chat_prompt_ids(tok, prompts)
     else:
         ids = [tok.encode(p) for p in prompts]
     new = greedy(model, ids, max_new_tokens, stop_ids=getattr(tok, "stop_ids", ()), batch_size=batch_size,
@@ -118,3 +120,74 @@ def starts_with_rate(texts: Sequence[str], prefix: str, strip: bool = True) -> f
         return float("nan")
     hits = [(t.lstrip() if strip else t).startswith(prefix) for t in texts]
     return float(np.mean(hits))
+
+
+def forced_batch(prompts: Sequence[Sequence[int]], target: Sequence[int], pad_id: int = 0,
+                 multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens [n, W], lengths [n])``: each prompt followed by ``target`` (teacher forcing), right-padded to
+    a width ``W`` rounded up to ``multiple``; ``lengths`` are the prompts' lengths (see :func:`forced_hits`)."""
+    prompts = [[int(t) for t in p] for p in prompts]
+    target = [int(t) for t in target]
+    if not target:
+        raise ConfigError("target must hold at least one token id")
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    width = -(-(max((len(p) for p in prompts), default=0) + len(target)) // multiple) * multiple
+    buf = np.full((len(prompts), width), pad_id, np.int32)
+    for r, p in enumerate(prompts):
+        buf[r, :len(p)] = p
+        buf[r, len(p):len(p) + len(target)] = target
+    return buf, np.array([len(p) for p in prompts], np.int32)
+
+
+def forced_hits(logits: jax.Array, lengths: jax.Array, target: jax.Array) -> jax.Array:
+    """``[B]`` bool from the logits ``[B, W, V]`` of a :func:`forced_batch`: the argmax at each row's last prompt
+    position is ``target[0]`` and at each following position the next target token, i.e. (by induction) greedy
+    decoding continues the prompt with exactly ``target``. Ties resolve as ``jnp.argmax`` (the lowest id)."""
+    k = target.shape[0]
+    pos = lengths[:, None] - 1 + jnp.arange(k)[None, :]
+    pred = jnp.argmax(jnp.take_along_axis(logits, pos[:, :, None], axis=1), axis=-1)
+    return jnp.all(pred == target[None, :], axis=1)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _forced_model_hits(graphdef, state, buf, lengths, target):
+    return forced_hits(nnx.merge(graphdef, state)(buf), lengths, target)
+
+
+def greedy_starts_with(model: nnx.Module, prompts: Sequence[Sequence[int]], target: Sequence[int], *,
+                       batch_size: int = 16, pad_id: int = 0) -> np.ndarray:
+    """``[len(prompts)]`` bool: does the greedy continuation of each prompt start with the token ids ``target``?
+
+    Exact, with ONE forward pass per batch (:func:`forced_batch`, :func:`forced_hits`) instead of ``k`` decoding
+    steps: the greedy continuation starts with ``t_1..t_k`` iff, with the target appended to the prompt, the
+    argmax at the prompt's last position is ``t_1`` and at each following position the next target token."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        return np.zeros(0, bool)
+    buf, lengths = forced_batch(prompts, target, pad_id)
+    limit = _context_limit(model)
+    if limit is not None and int(lengths.max()) + len(target) > limit:
+        raise ConfigError(f"the longest prompt ({int(lengths.max())} tokens) + the target ({len(target)}) exceeds "
+                          f"the model's context ({limit})")
+    if limit is not None and buf.shape[1] > limit:
+        buf = buf[:, :limit]
+    graphdef, state = nnx.split(model)
+    n = len(buf)
+    bs = min(int(batch_size), n)
+    tgt = jnp.asarray([int(t) for t in target], jnp.int32)
+    out = np.zeros(n, bool)
+    for s in range(0, n, bs):
+        idx = np.arange(s, min(s + bs, n))
+        rows = np.concatenate([idx, np.repeat(idx[-1:], bs - len(idx))])
+        out[idx] = np.asarray(_forced_model_hits(graphdef, state, jnp.asarray(buf[rows]), jnp.asarray(lengths[rows]),
+                                                 tgt))[: len(idx)]
+    return out
+
+
+def chat_prompt_ids(tok, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt as a user turn in the tokenizer's chat template, with the assistant's
+    generation prompt (the format :func:`greedy_text` with ``chat=True`` continues)."""
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
+            for p in prompts]

@@ -232,10 +232,60 @@ class Llama(nnx.Module):
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
         return self._forward(tokens)[0]
 
+    def hidden_after(self, tokens: jax.Array, n_layers: int) -> jax.Array:
+        """The residual stream ``[B, T, d]`` after the embedding and the first ``n_layers`` blocks (positions
+        0..T-1): the input of block ``n_layers``. With :meth:`from_layer`, a frozen bottom's outputs can be
+        computed once and only the top re-run (``from_layer(hidden_after(t, k), k) == model(t)``)."""
+        if not 0 <= n_layers <= len(self.blocks):
+            raise ValueError(f"n_layers must be in [0, {len(self.blocks)}], got {n_layers}")
+        cos, sin = rope_tables(jnp.arange(tokens.shape[1]), self.cfg.dh, self.cfg.rope_base)
+        h = self.embed(tokens)
+        for block in self.blocks[:n_layers]:
+            h, _ = block(h, cos, sin)
+        return h
+
+    def from_layer(self, h: jax.Array, start: int) -> jax.Array:
+        """Logits ``[B, T, vocab]`` (float32) from the residual stream ``h`` entering block ``start``."""
+        if not 0 <= start <= len(self.blocks):
+            raise ValueError(f"start must be in [0, {len(self.blocks)}], got {start}")
+        cos, sin = rope_tables(jnp.arange(h.shape[1]), self.cfg.dh, self.cfg.rope_base)
+        for block in self.blocks[start:]:
+            h, _ = block(h, cos, sin)
+        h = self.norm(h)
+        out = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        return out.astype(jnp.float32)
+
     def decode(self, tokens: jax.Array, caches, pos) -> tuple[jax.Array, list]:
         """Logits of ``tokens`` [B, T] placed at positions ``pos..pos+T-1`` using and updating ``caches``
         (from :func:`init_cache`). Returns ``(logits [B, T, vocab], new caches)``."""
         return self._forward(tokens, caches, pos)
+
+
+class Upper(nnx.Module):
+    """The blocks ``start..`` of a :class:`Llama` (sharing its parameters: training it trains the model) as a
+    model of the residual stream entering block ``start``: ``upper(h [B, T, d]) -> logits [B, T, vocab]``.
+    With the bottom's outputs computed once (:meth:`Llama.hidden_after`), fine-tuning, LoGra gradients and
+    scoring of the top blocks skip the frozen bottom. Loss: :func:`upper_loss_fn`."""
+
+    def __init__(self, model: Llama, start: int):
+        if not 0 <= start <= len(model.blocks):
+            raise ValueError(f"start must be in [0, {len(model.blocks)}], got {start}")
+        self.model = model
+        self.start = int(start)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.model.from_layer(h, self.start)
+
+
+def upper_loss_fn(upper: Upper, batch: dict[str, jax.Array]) -> jax.Array:
+    """Per-example LM loss [B] of an :class:`Upper` on ``{"h": [B, T, d], "tokens": [B, T], "mask": [B, T]}``
+    (``h = model.hidden_after(tokens, start)``): equal to :func:`loss_fn` of the whole model on
+    ``{"tokens", "mask"}`` (causal: the states of positions < T-1 do not depend on the last token)."""
+    mask = batch.get("mask")
+    tokens = batch["tokens"]
+    if mask is None:
+        mask = jnp.ones(tokens.shape, jnp.float32)
+    return sequence_loss(upper(batch["h"][:, :-1]), tokens[:, 1:], mask[:, 1:])
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> list[tuple[jax.Array, jax.Array]]:
