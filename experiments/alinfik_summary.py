@@ -1,0 +1,88 @@
+"""Issue 19's summary: ``experiments/results/alinfik_summary.json`` (and ``.md``) from the two ALinFiK experiments'
+results, with the targets checked.
+
+    python experiments/alinfik_summary.py        # after linfik_wikitext.py and howdy_finetune.py
+
+Reads ``experiments/results/linfik_wikitext/results.json`` (student vs teacher on WikiText, selection at budgets
+0.1 / 0.2) and ``experiments/results/howdy_finetune/results.json`` (student vs teacher on the Howdy! pool, backdoor
+rates after fine-tuning SmolLM2 on each method's top-N and on random-N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SELECTION_KEYS = ("alinfik", "linfik", "embedding", "random_mean", "random_se")
+
+
+def summarize(wikitext: dict, howdy: dict) -> dict:
+    """The summary dict of the issue (``student_spearman``, ``selection``, ``howdy_finetune``) plus ``targets``."""
+    selection = {}
+    for budget in ("0.1", "0.2"):
+        if budget not in wikitext["selection"]:
+            raise KeyError(f"the WikiText results have no selection at budget {budget}")
+        e = wikitext["selection"][budget]
+        missing = [k for k in SELECTION_KEYS if k not in e]
+        if missing:
+            raise KeyError(f"selection {budget} lacks {missing}")
+        selection[budget] = {k: e[k] for k in SELECTION_KEYS}
+        selection[budget]["others"] = {k: v for k, v in e.items()
+                                       if isinstance(v, (int, float)) and k not in SELECTION_KEYS and k != "budget"}
+    h = howdy["howdy_finetune"]
+    out = {"student_spearman": {"wikitext": wikitext["student_spearman"], "howdy": howdy["student_spearman"]},
+           "selection": selection,
+           "howdy_finetune": {"alinfik": h["alinfik"], "random": h["random"],
+                              "clean_false_trigger": h["clean_false_trigger"],
+                              **{k: v for k, v in h.items() if k not in ("alinfik", "random", "clean_false_trigger")}}}
+    t = {f"student_spearman[{k}] >= 0.8": v >= 0.8 for k, v in out["student_spearman"].items()}
+    for b, e in selection.items():
+        t[f"selection[{b}]: alinfik <= random_mean - 3 random_se"] = e["alinfik"] <= e["random_mean"] - 3 * e["random_se"]
+        t[f"selection[{b}]: alinfik <= embedding"] = e["alinfik"] <= e["embedding"]
+    t["howdy: alinfik backdoor rate >= 0.8"] = h["alinfik"] >= 0.8
+    t["howdy: alinfik - random >= 0.5"] = h["alinfik"] - h["random"] >= 0.5
+    t["howdy: clean false-trigger rate <= 0.1"] = h["clean_false_trigger"] <= 0.1
+    out["targets"] = t
+    out["sources"] = {"wikitext": wikitext.get("command"), "howdy": howdy.get("command")}
+    return out
+
+
+def markdown(s: dict) -> str:
+    lines = ["# ALinFiK summary (issue 19)", "", "Produced by `python experiments/alinfik_summary.py` from:", ""]
+    lines += [f"- {k}: `{v}`" for k, v in s["sources"].items()]
+    lines += ["", "## Student vs teacher (Spearman, held-out samples)", "", "| pool | Spearman |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in s["student_spearman"].items()]
+    lines += ["", "## Selection on WikiText (task loss after continued training; lower is better)", "",
+              "| budget | ALinFiK | LinFiK | embedding | random (mean ± se) |", "|---|---|---|---|---|"]
+    for b, e in s["selection"].items():
+        lines.append(f"| {b} | {e['alinfik']:.4f} | {e['linfik']:.4f} | {e['embedding']:.4f} | "
+                     f"{e['random_mean']:.4f} ± {e['random_se']:.4f} |")
+    h = s["howdy_finetune"]
+    lines += ["", "## Howdy! backdoor after fine-tuning SmolLM2-135M on the top-N", "",
+              "| ALinFiK backdoor rate | random-N backdoor rate | clean false-trigger rate (ALinFiK model) |",
+              "|---|---|---|", f"| {h['alinfik']:.3f} | {h['random']:.3f} | {h['clean_false_trigger']:.3f} |",
+              "", "## Targets", "", "| target | met |", "|---|---|"]
+    lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in s["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--wikitext", default=os.path.join(ROOT, "experiments/results/linfik_wikitext/results.json"))
+    ap.add_argument("--howdy", default=os.path.join(ROOT, "experiments/results/howdy_finetune/results.json"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "experiments/results/alinfik_summary.json"))
+    a = ap.parse_args(argv)
+    with open(a.wikitext) as f, open(a.howdy) as g:
+        s = summarize(json.load(f), json.load(g))
+    with open(a.out, "w") as f:
+        json.dump(s, f, indent=1)
+    with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
+        f.write(markdown(s))
+    print(markdown(s))
+    return s
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""experiments/alinfik_summary.py: the issue's summary fields and its targets, checked by hand-made results."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("alinfik_summary", ROOT / "experiments" / "alinfik_summary.py")
+summary = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(summary)
+
+
+def results(alinfik=4.00, random_mean=4.10, random_se=0.02, embedding=4.05, backdoor=0.9, rnd=0.2, false=0.05):
+    sel = {b: {"budget": float(b), "alinfik": alinfik, "linfik": 3.99, "embedding": embedding,
+               "random_mean": random_mean, "random_se": random_se, "perplexity": 4.3, "se": {"random": random_se}}
+           for b in ("0.1", "0.2")}
+    return ({"student_spearman": 0.85, "selection": sel, "command": "w"},
+            {"student_spearman": 0.81, "howdy_finetune": {"alinfik": backdoor, "random": rnd,
+                                                          "clean_false_trigger": false, "linfik": 1.0},
+             "command": "h"})
+
+
+def test_fields_and_met_targets(tmp_path):
+    w, h = results()
+    (tmp_path / "w.json").write_text(json.dumps(w))
+    (tmp_path / "h.json").write_text(json.dumps(h))
+    s = summary.main(["--wikitext", str(tmp_path / "w.json"), "--howdy", str(tmp_path / "h.json"),
+                      "--out", str(tmp_path / "s.json")])
+    back = json.loads((tmp_path / "s.json").read_text())
+    assert back["student_spearman"] == {"wikitext": 0.85, "howdy": 0.81}
+    assert set(back["selection"]) == {"0.1", "0.2"}
+    assert back["selection"]["0.1"]["random_se"] == 0.02 and back["selection"]["0.2"]["others"] == {"perplexity": 4.3}
+    assert back["howdy_finetune"]["clean_false_trigger"] == 0.05 and back["howdy_finetune"]["linfik"] == 1.0
+    assert all(s["targets"].values()) and len(s["targets"]) == 2 + 4 + 3
+    assert "| 0.1 | 4.0000 |" in (tmp_path / "s.md").read_text()
+
+
+@pytest.mark.parametrize("kw, failing", [
+    (dict(random_se=0.04), "alinfik <= random_mean - 3 random_se"),     # 4.00 > 4.10 - 0.12
+    (dict(embedding=3.99), "alinfik <= embedding"),
+    (dict(backdoor=0.79, rnd=0.0), "backdoor rate >= 0.8"),
+    (dict(backdoor=0.9, rnd=0.41), "alinfik - random >= 0.5"),
+    (dict(false=0.11), "false-trigger"),
+])
+def test_missed_targets_are_reported(kw, failing):
+    s = summary.summarize(*results(**kw))
+    missed = [k for k, v in s["targets"].items() if not v]
+    assert missed and all(failing in k for k in missed)
+
+
+def test_missing_budget_refused():
+    w, h = results()
+    del w["selection"]["0.2"]
+    with pytest.raises(KeyError, match="0.2"):
+        summary.summarize(w, h)
