@@ -7,14 +7,20 @@ flags go into the environment before JAX starts, so subprocesses (experiments, m
 too. ``JAXVAL_TEST_FULL_XLA=1`` runs the suite with XLA's default optimisation instead.
 
 ``JAXVAL_TEST_PROFILE=path.jsonl`` appends each test's wall and CPU seconds (its own process and its
-subprocesses) to that file, to find what makes the suite slow.
+subprocesses; setup, i.e. fixtures, included and also given apart), its xdist worker and start time to that
+file, to find what makes the suite slow.
+
+Helpers the test modules share (test modules never import each other): ``from conftest import rel_err, ce``.
 """
 
 import json
 import os
 import resource
+import shutil
+import tempfile
 import time
 
+import numpy as np
 import pytest
 
 CHEAP_XLA = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
@@ -25,9 +31,54 @@ if os.environ.get("JAXVAL_TEST_FULL_XLA") != "1":
                                                 {g.split("=")[0] for g in flags}])
 
 
+def rel_err(a, b) -> float:
+    """The suite's relative error, in float64: max |a - b| / max |b|."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def ce(logits, y):
+    """Per-example cross-entropy of integer labels ``y`` under ``logits`` ``[B, C]``: ``[B]``."""
+    import jax
+    import jax.numpy as jnp
+
+    return -jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]), y]
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache per run, in a fresh temporary folder, shared by the xdist workers
+    and every subprocess (through the environment, set before any of them imports JAX; removed at the end by
+    the process that made it). Executables are compiled once per HLO and set of flags: tests that build new
+    LoGra objects over the same model and shapes, parent and child processes and the two workers then load
+    the compiled code instead of compiling it again (the same executable: results are bit for bit those of a
+    fresh compilation). ``JAXVAL_TEST_XLA_CACHE=0`` turns it off; a ``JAX_COMPILATION_CACHE_DIR`` already
+    set is used as it is."""
+    if os.environ.get("JAXVAL_TEST_XLA_CACHE", "0") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="jaxval-test-xla-cache-"),
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                      JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),   # a size limit makes JAX lock the folder
+                      JAXVAL_TEST_XLA_CACHE_OWNER=str(os.getpid()))
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("JAXVAL_TEST_XLA_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
 def _cpu() -> float:
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+_SETUP_CPU = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    c = _cpu()
+    yield
+    item.stash[_SETUP_CPU] = _cpu() - c
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -36,8 +87,10 @@ def pytest_runtest_protocol(item, nextitem):
     if not path:
         yield
         return
-    t, c = time.perf_counter(), _cpu()
+    start, t, c = time.time(), time.perf_counter(), _cpu()
     yield
     with open(path, "a") as f:
         f.write(json.dumps({"test": item.nodeid, "wall": round(time.perf_counter() - t, 2),
-                            "cpu": round(_cpu() - c, 2)}) + "\n")
+                            "cpu": round(_cpu() - c, 2), "setup_cpu": round(item.stash.get(_SETUP_CPU, 0.0), 2),
+                            "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+                            "start": round(start, 2)}) + "\n")

@@ -15,17 +15,9 @@ import pytest
 from flax import nnx
 
 import jaxval as jv
+from conftest import ce, rel_err
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def ce(logits, y):
-    return -jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]), y]
 
 
 def per_example_grads(params, loss_fn, batch):

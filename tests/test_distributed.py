@@ -17,6 +17,7 @@ import pytest
 
 import jaxval as jv
 from jaxval import distributed as dist
+from conftest import rel_err
 
 SETUP = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
@@ -133,11 +134,6 @@ def live_in_group(pgid, wait=5.0):
         time.sleep(0.1)
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
 def run(n, out, timeout, **env):
     buf = io.StringIO()
     e = {k: v for k, v in os.environ.items() if k not in ("CRASH_PROCESS", "CRASH_AFTER_WRITES")}
@@ -168,21 +164,21 @@ def runs(tmp_path_factory):
 
 def test_one_process_global_mesh_matches_the_plain_library(runs):
     r = runs["ref"]
-    assert rel(r["HG1"], r["HG"]) < 1e-5
-    assert rel(r["scores1"], r["scores"]) < 1e-5
+    assert rel_err(r["HG1"], r["HG"]) < 1e-5
+    assert rel_err(r["scores1"], r["scores"]) < 1e-5
 
 
 def test_two_processes_equal_one_process(runs):
     a, b = runs["ref"], np.load(runs["two"] / "result_2.npz")
     assert b["done"].all()
-    assert rel(b["store"], a["store"]) < 1e-5
-    assert rel(b["HG"], a["HG"]) < 1e-5
-    assert rel(b["eig"], a["eig"]) < 1e-5
-    assert rel(b["scores"], a["scores"]) < 1e-5
-    assert rel(b["cos"], a["cos"]) < 1e-5 and rel(b["self"], a["self"]) < 1e-5
-    assert rel(b["botv"], a["botv"]) < 1e-5
+    assert rel_err(b["store"], a["store"]) < 1e-5
+    assert rel_err(b["HG"], a["HG"]) < 1e-5
+    assert rel_err(b["eig"], a["eig"]) < 1e-5
+    assert rel_err(b["scores"], a["scores"]) < 1e-5
+    assert rel_err(b["cos"], a["cos"]) < 1e-5 and rel_err(b["self"], a["self"]) < 1e-5
+    assert rel_err(b["botv"], a["botv"]) < 1e-5
     np.testing.assert_array_equal(b["boti"], a["boti"])
-    assert rel(b["topv"], a["topv"]) < 1e-5
+    assert rel_err(b["topv"], a["topv"]) < 1e-5
     np.testing.assert_array_equal(b["topi"], a["topi"])
     np.testing.assert_array_equal(b["psum"], np.full((3, 2), 3.0))          # 1 + 2 over the two processes
     assert "[p0] worker done" in runs["log2"] and "[p1] worker done" in runs["log2"]

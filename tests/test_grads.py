@@ -14,17 +14,9 @@ from flax import nnx
 from jaxval.distributed import xla_flags
 import jaxval as jv
 from jaxval._src.layers import find_module, weight_matrix
+from conftest import ce, rel_err
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def ce(logits, y):
-    return -jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]), y]
 
 
 def check_fast_vs_explicit(model, loss_fn, batch, rank=3, init="gaussian", tol=1e-5, **kw):

@@ -14,13 +14,9 @@ from flax import nnx
 
 import jaxval as jv
 from jaxval.models import llama
+from conftest import rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:jaxval. parameters")
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def explicit(model, loss_fn, projections, batch):
