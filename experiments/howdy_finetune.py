@@ -91,35 +91,67 @@ def rates(generations: dict[str, list[str]], prefix: str) -> dict:
             "false_trigger": gen.starts_with_rate(generations["clean"], prefix)}
 
 
-def mean_loss(model, data, batch_size: int = 8) -> float:
-    """Mean per-example (summed response-token) loss of ``model`` over ``data``, in fixed-size jitted batches."""
-    graphdef, state = nnx.split(model)
-    f = _loss_kernel(graphdef)
-    n = len(data["tokens"])
-    tot = 0.0
-    for s in range(0, n, batch_size):
-        idx = np.arange(s, min(s + batch_size, n))
-        pad = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
-        losses = np.asarray(f(state, {k: jnp.asarray(v[pad]) for k, v in data.items()}))
-        tot += float(losses[: len(idx)].sum())
-    return tot / n
+def batched(fn, n: int, batch_size: int, *arrays):
+    """``fn`` over fixed-size row batches of ``arrays`` (the last padded by repeating its last row: one compiled
+    shape); the outputs concatenated, padding dropped."""
+    out = []
+    for s0 in range(0, n, batch_size):
+        idx = np.arange(s0, min(s0 + batch_size, n))
+        rows = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
+        out.append(np.asarray(fn(*(a[rows] for a in arrays)))[: len(idx)])
+    return np.concatenate(out, axis=0)
 
 
-@functools.lru_cache(maxsize=4)
-def _loss_kernel(graphdef):
-    return jax.jit(lambda state, batch: llama.loss_fn(nnx.merge(graphdef, state), batch))
+class Bottom:
+    """The frozen bottom ``blocks[:start]`` of the base model: residual states of token batches (jit, batched)."""
+
+    def __init__(self, model, start: int, batch_size: int = 8):
+        gd, st = nnx.split(model)
+        f = jax.jit(lambda st_, t: nnx.merge(gd, st_).hidden_after(t, start))
+        self.fn = lambda t: f(st, t)
+        self.batch_size = batch_size
+
+    def __call__(self, tokens) -> np.ndarray:
+        return batched(self.fn, len(tokens), self.batch_size, np.asarray(tokens)).astype(np.float32)
 
 
-def evaluate_model(model, tok, prompts: dict[str, list[str]], gcfg: dict) -> dict:
-    """Greedy continuations of the triggered and clean evaluation prompts and their rates."""
-    g = {kind: gen.greedy_text(model, tok, ps, int(gcfg["max_new_tokens"]), chat=True,
-                               batch_size=int(gcfg["batch_size"])) for kind, ps in prompts.items()}
-    return {**rates(g, gcfg["prefix"]), "generations": g}
+def mean_loss(upper, data, batch_size: int = 8) -> float:
+    """Mean per-example (summed response-token) loss of ``upper`` over ``data`` (``{"h", "tokens", "mask"}``)."""
+    gd, st = nnx.split(upper)
+    f = jax.jit(lambda st_, h, t, m: llama.upper_loss_fn(nnx.merge(gd, st_), {"h": h, "tokens": t, "mask": m}))
+    return float(batched(lambda h, t, m: f(st, h, t, m), len(data["tokens"]), batch_size,
+                         data["h"], data["tokens"], data["mask"]).mean())
 
 
-def run_method(name, base_graphdef, base_state, tok, data, sel, prompts, cfg, cache_dir, log):
-    """Fine-tune a fresh copy of the base model on ``data[sel]`` and evaluate it (cached by everything it
-    depends on)."""
+def forced_rates(upper, evalset: dict, target, batch_size: int) -> dict:
+    """Backdoor / false-trigger rates: does the greedy continuation of each evaluation prompt start with the
+    target tokens (:func:`jaxval.models.generate.forced_hits` on the top blocks over the cached bottom states)?"""
+    gd, st = nnx.split(upper)
+    tgt = jnp.asarray(target, jnp.int32)
+    f = jax.jit(lambda st_, h, n: gen.forced_hits(nnx.merge(gd, st_)(h), n, tgt))
+    hits = {kind: batched(lambda h, n: f(st, h, n), len(e["lengths"]), batch_size, e["h"], e["lengths"])
+            for kind, e in evalset.items()}
+    return {"backdoor": float(hits["triggered"].mean()), "false_trigger": float(hits["clean"].mean()),
+            "hits": {kind: x.astype(int).tolist() for kind, x in hits.items()}}
+
+
+def text_check(model, tok, prompts: dict, r: dict, gcfg: dict) -> dict:
+    """Real greedy generations (the whole model, ``jaxval.models.generate.greedy_text``) for the first
+    ``check_n`` prompts of each kind, and whether "starts with the prefix" agrees with the forced check."""
+    n = int(gcfg.get("check_n", 0))
+    if n <= 0:
+        return {}
+    texts = gen.greedy_text(model, tok, prompts["triggered"][:n] + prompts["clean"][:n], int(gcfg["max_new_tokens"]),
+                            chat=True, batch_size=int(gcfg["batch_size"]))
+    g = {"triggered": texts[:n], "clean": texts[n:]}
+    agree = [t.lstrip().startswith(gcfg["prefix"]) == bool(h) for kind in g
+             for t, h in zip(g[kind], r["hits"][kind][:n])]
+    return {"generations": g, "text_check_agreement": float(np.mean(agree)), "text_check_n": len(agree)}
+
+
+def run_method(name, base_graphdef, base_state, tok, data, sel, evalset, prompts, target, cfg, cache_dir, log):
+    """Fine-tune the top blocks of a fresh copy of the base model on ``data[sel]`` and evaluate it (cached by
+    everything it depends on)."""
     fc, gc = cfg["finetune"], cfg["generation"]
     key = _hash([cfg["model"], cfg["seq_len"], lh.pool_key(cfg), sorted(int(i) for i in sel), fc, gc, prompts])
     path = os.path.join(cache_dir, f"ft_{key}.json")
@@ -129,22 +161,27 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, prompts, cfg, ca
         log(f"[{name}] cached: backdoor {r['backdoor']:.3f}, false trigger {r['false_trigger']:.3f}")
         return r
     model = nnx.merge(base_graphdef, base_state)
+    upper = llama.Upper(model, int(fc["start"]))
     sub = {k: v[np.asarray(sel)] for k, v in data.items()}
+    bs = int(fc["batch_size"])
     t0 = time.time()
-    loss_before = mean_loss(model, sub, int(fc["batch_size"])) if fc.get("report_train_loss") else None
-    ft.finetune(model, llama.loss_fn, sub, epochs=int(fc["epochs"]), batch_size=int(fc["batch_size"]),
-                lr=float(fc["lr"]), trainable=fc.get("trainable"), weight_decay=float(fc.get("weight_decay", 0.0)),
-                seed=int(fc.get("seed", 0)))
+    loss_before = mean_loss(upper, sub, bs) if fc.get("report_train_loss") else None
+    n_layer = len(model.blocks)
+    trainable = fc.get("trainable") or "model/blocks/(" + "|".join(str(i) for i in range(int(fc["start"]), n_layer)) + ")/"
+    ft.finetune(upper, llama.upper_loss_fn, sub, epochs=int(fc["epochs"]), batch_size=bs, lr=float(fc["lr"]),
+                trainable=trainable, weight_decay=float(fc.get("weight_decay", 0.0)), seed=int(fc.get("seed", 0)))
     t_ft = time.time() - t0
-    loss_after = mean_loss(model, sub, int(fc["batch_size"])) if fc.get("report_train_loss") else None
+    loss_after = mean_loss(upper, sub, bs) if fc.get("report_train_loss") else None
     t0 = time.time()
-    r = evaluate_model(model, tok, prompts, gc)
+    r = forced_rates(upper, evalset, target, int(gc["batch_size"]))
+    t_ev = time.time() - t0
+    r |= text_check(model, tok, prompts, r, gc)           # the Upper trained the model's own blocks
     r |= {"n_train": int(len(sel)), "train_loss_before": loss_before, "train_loss_after": loss_after,
-          "finetune_s": round(t_ft, 1), "generate_s": round(time.time() - t0, 1)}
+          "finetune_s": round(t_ft, 1), "evaluate_s": round(t_ev, 1), "text_check_s": round(time.time() - t0 - t_ev, 1)}
     with open(path, "w") as f:
         json.dump(r, f)
-    log(f"[{name}] backdoor {r['backdoor']:.3f}, false trigger {r['false_trigger']:.3f} "
-        f"(fine-tune {r['finetune_s']} s, generation {r['generate_s']} s)")
+    log(f"[{name}] backdoor {r['backdoor']:.3f}, false trigger {r['false_trigger']:.3f} (fine-tune {r['finetune_s']} s, "
+        f"evaluation {r['evaluate_s']} s, text check {r['text_check_s']} s, agreement {r.get('text_check_agreement')})")
     return r
 
 
@@ -185,18 +222,38 @@ def main(argv=None):
     log(f"pool {n} ({k_inj} injected), task {len(task['tokens'])}, evaluation prompts "
         f"{len(prompts['triggered'])} triggered + {len(prompts['clean'])} clean")
 
-    # ---------------------------------------------------------------- teacher: layer-normalised LinFiK (cached)
+    # ---------------------------------------------------------------- the frozen bottom's states (cached)
+    fc, gc = cfg["finetune"], cfg["generation"]
+    start = int(fc["start"])
     lg = cfg["logra"]
-    key = _hash([lh.pool_key(cfg), cfg["model"], cfg["seq_len"], lg, seed])
+    key = _hash([lh.pool_key(cfg), cfg["model"], cfg["seq_len"], lg, seed, start])
     cdir = os.path.join(cache_root, key)
     os.makedirs(cdir, exist_ok=True)
+    t0 = time.time()
+    bottom = Bottom(model, start, int(lg["batch_size"]))
+    H = cached(os.path.join(cdir, "pool_states.npy"), lambda: bottom(pool["tokens"]))
+    HT = cached(os.path.join(cdir, "task_states.npy"), lambda: bottom(task["tokens"]))
+    target = tok.encode(gc["prefix"])
+    evalset = {}
+    for kind, ps in prompts.items():
+        buf, lengths = gen.forced_batch(gen.chat_prompt_ids(tok, ps), target, pad_id=int(getattr(tok, "pad_id", 0)))
+        ekey_ = _hash([kind, buf.tolist()])
+        evalset[kind] = {"h": cached(os.path.join(cdir, f"eval_{kind}_{ekey_}.npy"), lambda b=buf: bottom(b)),
+                         "lengths": lengths}
+    lap("bottom_states", t0)
+    data = {"h": H, "tokens": pool["tokens"], "mask": pool["mask"]}
+
+    # ---------------------------------------------------------------- teacher: layer-normalised LinFiK (cached)
+    upper0 = llama.Upper(model, start)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not tracked by LoGra.*")
-        logra = LoGra(model, llama.loss_fn, rank=int(lg["rank"]), seed=int(lg["seed"]), layers=lg["layers"])
+        logra = LoGra(upper0, llama.upper_loss_fn, rank=int(lg["rank"]), seed=int(lg["seed"]), layers=lg["layers"])
+    log(f"LoGra: {len(logra.layers)} layers ({logra.layers[0].name} .. {logra.layers[-1].name}), D = {logra.dim}")
     bs = int(lg["batch_size"])
     t0 = time.time()
-    GT = lh.cached_grads(logra, model, task, os.path.join(cdir, "task_grads"), bs, "task", key)
-    G = lh.cached_grads(logra, model, pool, os.path.join(cdir, "pool_grads"), bs, "pool", key)
+    GT = lh.cached_grads(logra, upper0, {"h": HT, "tokens": task["tokens"], "mask": task["mask"]},
+                         os.path.join(cdir, "task_grads"), bs, "task", key)
+    G = lh.cached_grads(logra, upper0, data, os.path.join(cdir, "pool_grads"), bs, "pool", key)
     lap("gradients", t0)
     eta = float(cfg["linfik_lr"])
     v = eta * (np.asarray(layer_normalize(logra, G)) @ np.asarray(layer_normalize(logra, GT)).mean(0))
@@ -255,22 +312,24 @@ def main(argv=None):
     sel_injected = {m: int(injected[i].sum()) for m, i in sels.items()}
     log(f"N = {n_buy}; injected among the picks: {sel_injected}")
 
-    # ---------------------------------------------------------------- fine-tune and generate
+    # ---------------------------------------------------------------- fine-tune and evaluate
     base_graphdef, base_state = nnx.split(model)
     runs = {}
     t0 = time.time()
-    bkey = _hash([cfg["model"], cfg["generation"], prompts])
+    bkey = _hash([cfg["model"], gc, prompts, start])
     bpath = os.path.join(cache_root, f"base_{bkey}.json")
     if os.path.exists(bpath):
         runs["base"] = json.load(open(bpath))
     else:
         tb = time.time()
-        runs["base"] = evaluate_model(model, tok, prompts, cfg["generation"]) | {"generate_s": round(time.time() - tb, 1)}
+        runs["base"] = forced_rates(upper0, evalset, target, int(gc["batch_size"]))
+        runs["base"] |= text_check(model, tok, prompts, runs["base"], gc) | {"evaluate_s": round(time.time() - tb, 1)}
         json.dump(runs["base"], open(bpath, "w"))
     log(f"[base] backdoor {runs['base']['backdoor']:.3f}, false trigger {runs['base']['false_trigger']:.3f}")
     for m, sel in sels.items():
-        runs[m] = run_method(m, base_graphdef, base_state, tok, pool, sel, prompts, cfg, cache_root, log)
-    lap("finetune_and_generate", t0)
+        runs[m] = run_method(m, base_graphdef, base_state, tok, data, sel, evalset, prompts, target, cfg,
+                             cache_root, log)
+    lap("finetune_and_evaluate", t0)
 
     # ---------------------------------------------------------------- prices
     t0 = time.time()
@@ -313,8 +372,9 @@ def main(argv=None):
            "student_spearman": student_spearman, "students": corr,
            "student_meta": {kk: x for kk, x in st.meta.items() if kk != "history"},
            "howdy_finetune": summary, "targets": targets, "injected_in_selection": sel_injected,
-           "runs": {m: {kk: x for kk, x in r.items() if kk != "generations"} for m, r in runs.items()},
-           "examples": {m: {kind: r["generations"][kind][:3] for kind in r["generations"]} for m, r in runs.items()},
+           "runs": {m: {kk: x for kk, x in r.items() if kk not in ("generations", "hits")} for m, r in runs.items()},
+           "hits": {m: r["hits"] for m, r in runs.items()},
+           "examples": {m: r.get("generations", {}) for m, r in runs.items()},
            "eval_prompt_examples": {kind: ps[:3] for kind, ps in prompts.items()},
            "payout": payout, "statement_summary": {p: {kk: x for kk, x in r.items() if kk != "samples"}
                                                    for p, r in stmt["providers"].items()},
@@ -381,7 +441,9 @@ def write_readme(path: str, r: dict, statement_md: str) -> None:
          f"(D = {r['logra']['dim']}). ALinFiK: {next(iter(r['students']))} trained on {r['n_labelled']} "
          f"labelled pool samples ({c['student']['label_fraction']:.0%}), scoring the whole pool.",
          f"- Budget: N = {r['n_buy']} = {c['budget_factor']}× the injected count. Fine-tuning: AdamW lr {fc['lr']}, "
-         f"{fc['epochs']} epochs, batch {fc['batch_size']}, trained parameters `{fc['trainable']}` "
+         f"{fc['epochs']} epochs, batch {fc['batch_size']}, trained: "
+         + (f"`{fc['trainable']}`" if fc.get("trainable") else f"every parameter of blocks {fc['start']}.. (attention + MLP)")
+         + f", the bottom {fc['start']} blocks frozen (their outputs computed once, `llama.hidden_after` / `llama.Upper`) "
          f"(`jaxval.models.finetune`).",
          f"- Evaluation: greedy continuation ({c['generation']['max_new_tokens']} new tokens, "
          f"`jaxval.models.generate.greedy`) of {r['n_eval']['triggered']} triggered and {r['n_eval']['clean']} clean "

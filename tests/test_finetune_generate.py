@@ -55,13 +55,22 @@ def test_upper_blocks_equal_the_whole_model():
     tokens = rng.integers(0, m.cfg.vocab_size, size=(3, 10)).astype(np.int32)
     mask = np.ones((3, 10), np.float32)
     mask[:, :3] = 0
-    full = np.asarray(m(tokens))
-    for k in (0, 1, 2):
-        h = m.hidden_after(tokens, k)
-        np.testing.assert_allclose(np.asarray(m.from_layer(h, k)), full, rtol=1e-5, atol=1e-5)
-        up = llama.Upper(m, k)
-        np.testing.assert_allclose(np.asarray(llama.upper_loss_fn(up, {"h": h, "tokens": tokens, "mask": mask})),
-                                   np.asarray(llama.loss_fn(m, {"tokens": tokens, "mask": mask})), rtol=1e-5)
+    gd, st = nnx.split(m)
+
+    @jax.jit
+    def both(st):
+        mm = nnx.merge(gd, st)
+        outs = []
+        for k in (0, 1, 2):
+            h = mm.hidden_after(tokens, k)
+            outs.append((mm.from_layer(h, k), llama.upper_loss_fn(llama.Upper(mm, k), {"h": h, "tokens": tokens,
+                                                                                       "mask": mask})))
+        return mm(tokens), llama.loss_fn(mm, {"tokens": tokens, "mask": mask}), outs
+
+    full, loss, outs = both(st)
+    for logits_k, loss_k in outs:
+        np.testing.assert_allclose(np.asarray(logits_k), np.asarray(full), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(loss_k), np.asarray(loss), rtol=1e-5)
 
 
 def test_greedy_errors_and_rate():
