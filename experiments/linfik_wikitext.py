@@ -291,7 +291,7 @@ def main():
     held = np.sort(perm[int(round(max(fracs) * n)):])                       # never labelled in any sweep row
     vkey = hashlib.sha256(v.tobytes()).hexdigest()[:12]
     fit_keys = ("n_finetune", "hidden", "val_fraction", "lr", "head_lr", "weight_decay", "dropout", "batch_size",
-                "max_epochs", "patience", "rank_weight", "tau", "huber_delta")
+                "max_epochs", "patience", "rank_weight", "tau", "huber_delta", "warm_start")
     rows, best = [], None
     for i, row in enumerate(sweep):
         nl = n_layer - int(row["n_finetune"])
@@ -310,6 +310,7 @@ def main():
             st = al.fit_encoder_student(None, v[lab], (enc, tok, espec), states=states[nl].take(lab), seed=seed,
                                         **{k: row[k] for k in fit_keys})
             rec = {"row": row, "val_spearman": round(st.meta["val_spearman"], 4),
+                   "warm_val_spearman": st.meta["warm_val_spearman"],
                    "best_epoch": st.meta["best_epoch"], "epochs_run": st.meta["epochs_run"],
                    "n_labelled": int(len(lab)), "fit_s": round(time.time() - t1, 1)}
             if espec != "tiny":

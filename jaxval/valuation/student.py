@@ -16,9 +16,11 @@ the top 2 by default, all 6 as an option) with the head:
 * **target and loss.** LinFiK standardised with the training split's mean and std (predictions are mapped
   back to teacher units); loss = Huber regression ``+ rank_weight ×`` the pairwise RankNet loss
   :func:`ranknet_loss` over the mini-batch (selection and pricing use the order).
-* **optimiser.** optax AdamW with two learning rates (``lr`` for the encoder blocks, ``head_lr`` for the
-  head), mini-batches, early stopping on the validation split's Spearman correlation (``patience`` epochs);
-  the best epoch's weights are kept.
+* **optimiser.** Linear probing then fine-tuning: the head is first fitted alone on the frozen embeddings
+  (cheap, many epochs), then blocks and head are trained together with optax AdamW and two learning rates
+  (``lr`` for the encoder blocks, ``head_lr`` for the head), mini-batches, early stopping on the validation
+  split's Spearman correlation (``patience`` epochs; the warm-started student counts as epoch −1); the best
+  epoch's weights are kept.
 * **checkpoint.** :meth:`EncoderStudent.save` writes the fine-tuned blocks, the head and the statistics through
   jaxval's orbax module, plus the encoder's name and a sha256 of the frozen lower weights;
   :meth:`EncoderStudent.load` (or :meth:`jaxval.alinfik.Student.load`, which dispatches) rebuilds it and
@@ -313,8 +315,8 @@ def fit_encoder_student(texts: Sequence[str] | None, v, encoder=DEFAULT_ENCODER,
                         n_finetune: int = 2, hidden: Sequence[int] = (256,), val_fraction: float = 0.2, seed: int = 0,
                         lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 1e-4, dropout: float = 0.1,
                         batch_size: int = 32, max_epochs: int = 30, patience: int = 5, rank_weight: float = 1.0,
-                        tau: float = 1.0, huber_delta: float = 1.0, progress: bool | Callable = False
-                        ) -> EncoderStudent:
+                        tau: float = 1.0, huber_delta: float = 1.0, progress: bool | Callable = False,
+                        warm_start: bool = True, warm_epochs: int = 300, warm_patience: int = 40) -> EncoderStudent:
     """Distil LinFiK ``v [n]`` of ``texts`` (the labelled sample) into an :class:`EncoderStudent` whose top
     ``n_finetune`` encoder blocks are fine-tuned with the head (module docstring).
 
@@ -322,7 +324,10 @@ def fit_encoder_student(texts: Sequence[str] | None, v, encoder=DEFAULT_ENCODER,
     of texts to ``{"input_ids", "attention_mask"}``). ``states``: the texts' :class:`LowerStates` already computed
     with :func:`encode_lower` (``n_lower = n_layer − n_finetune``), instead of ``texts``. ``val_fraction`` of the
     sample is held out (seeded) for early stopping on Spearman. ``progress``: print per epoch (or a callable
-    taking each epoch's record).
+    taking each epoch's record). ``warm_start``: first fit the head alone on the frozen embeddings (up to
+    ``warm_epochs``, early stopping after ``warm_patience``), then fine-tune blocks and head together from there
+    (linear probing then fine-tuning); the warm-started student is "epoch -1" of the early stopping, so the result
+    is never worse on the validation split than the frozen-embedding head.
     """
     v = np.asarray(v, np.float64).reshape(-1)
     if not np.all(np.isfinite(v)):
@@ -344,13 +349,25 @@ def fit_encoder_student(texts: Sequence[str] | None, v, encoder=DEFAULT_ENCODER,
         raise ConfigError(f"states come after {states.n_lower} blocks but n_finetune={n_finetune} needs "
                           f"{n_lower}: encode them with n_lower={n_lower}")
     it, iv = split_labelled(len(v), val_fraction, seed)
-    e_tr = frozen_embeddings(enc, states.take(it))
+    e_all = frozen_embeddings(enc, states)
+    e_tr = e_all[it]
     x_mu, x_sd = e_tr.mean(0), e_tr.std(0) + 1e-6
     y_mu, y_sd = float(v[it].mean()), float(v[it].std() + 1e-12)
     y = ((v - y_mu) / y_sd).astype(np.float32)
     hidden = [int(h) for h in hidden]
     net = TopNet([nnx.clone(enc.layers[i]) for i in range(n_lower, n_layer)],
                  Head(enc.cfg.d_model, hidden, dropout, rngs=nnx.Rngs(seed)))
+    warm = None
+    if warm_start:
+        # linear probing, then fine-tuning: the head is first fitted on the frozen embeddings (the baseline student,
+        # same split, same standardisation), so fine-tuning starts from the frozen student's predictions
+        from jaxval.valuation.alinfik import fit_student
+
+        warm = fit_student(None, v, lambda t: None, embeddings=e_all, hidden=hidden, val_fraction=val_fraction,
+                           seed=seed, lr=head_lr, weight_decay=weight_decay, dropout=dropout,
+                           batch_size=max(int(batch_size), 64), max_epochs=int(warm_epochs),
+                           patience=int(warm_patience), rank_weight=rank_weight, tau=tau, huber_delta=huber_delta)
+        nnx.update(net.head, nnx.state(warm.head, nnx.Param))
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     label = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: "head" if str(path[0]) == "['head']" else "encoder", p)
@@ -377,6 +394,10 @@ def fit_encoder_student(texts: Sequence[str] | None, v, encoder=DEFAULT_ENCODER,
     bs = min(int(batch_size), len(it))
     sv = states.take(iv)
     best, best_params, best_epoch, hist = -np.inf, params, -1, []
+    if warm is not None:                                   # epoch -1: the warm-started (frozen-encoder) student
+        pv = _batched(lambda h, m: predict(params, h, m), len(sv), 64, sv.h, sv.mask)
+        best = spearman(pv, y[iv])
+        hist.append({"epoch": -1, "train_loss": float("nan"), "val_spearman": best})
     for epoch in range(int(max_epochs)):
         order = it[rng.permutation(len(it))]
         losses = []
@@ -404,7 +425,8 @@ def fit_encoder_student(texts: Sequence[str] | None, v, encoder=DEFAULT_ENCODER,
             "n_val": int(len(iv)), "best_epoch": int(best_epoch), "val_spearman": float(best),
             "epochs_run": len(hist), "lr": float(lr), "head_lr": float(head_lr), "rank_weight": float(rank_weight),
             "tau": float(tau), "huber_delta": float(huber_delta), "weight_decay": float(weight_decay),
-            "history": hist}
+            "warm_start": bool(warm_start), "warm_val_spearman": (float(hist[0]["val_spearman"]) if warm is not None
+                                                                   else None), "history": hist}
     st = EncoderStudent(net, enc, tok, meta, {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(y_mu),
                                               "y_sd": np.float32(y_sd)})
     meta["val_pearson"] = pearson(st.predict_states(sv), v[iv])
