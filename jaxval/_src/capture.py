@@ -63,7 +63,7 @@ class CaptureError(ValueError):
 
 def where(eqn) -> str:
     try:
-        from jax._src import source_info_util  # only for the message
+        from jax.extend import source_info_util  # only for the message
 
         return source_info_util.summarize(eqn.source_info)
     except Exception:  # noqa: BLE001

@@ -373,15 +373,15 @@ def top_k(
     block_rows: int | None = None,
     self_influence=None,
     *,
-    mesh=None,
-    precision="highest",
-    prefetch: int | None = None,
-    progress: bool | None = None,
     logra=None,
     model=None,
     provenance=None,
     unchecked: bool = False,
     allow_incomplete: bool = False,
+    mesh=None,
+    precision="highest",
+    prefetch: int | None = None,
+    progress: bool | None = None,
 ):
     """The ``k`` highest (``largest=True``: proponents) or lowest (opponents) scoring training rows per query.
 
