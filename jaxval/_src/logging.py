@@ -253,21 +253,6 @@ def _write_error_message(store, start, stop, why) -> StoreWriteError:
     return err
 
 
-def record_skipped(store, rows_idx, ids) -> None:
-    """Record rows stored as zeros because their gradients were not finite (``nonfinite="skip"``): one JSON
-    file per block under ``skipped/`` beside the store's arrays (writers own disjoint blocks)."""
-    import json
-    import os
-
-    if store._loc.local is None:
-        raise StoreError("nonfinite='skip' needs a local store (the skipped rows are recorded in files)")
-    d = os.path.join(store._loc.local, "skipped")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"{int(rows_idx[0])}.json"), "w") as f:
-        json.dump({"rows": [int(r) for r in rows_idx], "ids": [v.item() if hasattr(v, "item") else v for v in ids]},
-                  f)
-
-
 # ----------------------------------------------------------------------------------------------- setup
 
 def _recover_half_created(path, dim: int, num_rows: int, dtype: str) -> bool:
@@ -671,7 +656,7 @@ class _Run:
                 "store them as zeros and record them (store.skipped_rows())")
         rows = np.array(rows, copy=True)
         rows[bad] = 0
-        record_skipped(self.store, rows_idx, ids)
+        self.store.record_skipped(rows_idx, ids)
         return rows
 
     def _open(self, total: int):

@@ -570,6 +570,18 @@ class GradientStore:
             yield s, aligned(cur.result(), None if native else np.float32)
             s = nxt
 
+    def record_skipped(self, rows_idx, ids) -> None:
+        """Record rows written as zeros because their gradients were not finite (``log_gradients(...,
+        nonfinite="skip")``): one JSON file per block under ``skipped/`` beside the arrays (writers own
+        disjoint blocks, so files never collide)."""
+        if self._loc.local is None:
+            raise StoreError("nonfinite='skip' needs a local store (the skipped rows are recorded in files)")
+        d = os.path.join(self._loc.local, "skipped")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"{int(rows_idx[0])}.json"), "w") as f:
+            json.dump({"rows": [int(r) for r in rows_idx],
+                       "ids": [v.item() if hasattr(v, "item") else v for v in ids]}, f)
+
     def skipped_rows(self) -> np.ndarray:
         """Rows stored as zeros by ``log_gradients(..., nonfinite="skip")`` (their gradients held NaN / inf)."""
         d = None if self._loc.local is None else os.path.join(self._loc.local, "skipped")
