@@ -498,6 +498,9 @@ def report(r) -> str:
         mark = " **(chosen)**" if w == r["student_chosen"] else ""
         L.append(f"| {w['n_finetune']} | {w['lr']:g} | {w['head_lr']:g} | {w['rank_weight']:g} | {w['label_fraction']:g} | "
                  f"{row['val_spearman']:.3f}{mark} | {row['best_epoch']} | {row['epochs_run']} | {row.get('fit_s', '')} |")
+    if sc.get("earlier_trials"):
+        L += ["", "Earlier trials of the fine-tuned student on this pool and target (before the sweep above):", ""]
+        L += [f"- {t}" for t in sc["earlier_trials"]]
     L += ["", "## Propositions (stability.png)", ""]
     for k, v in r["propositions"].items():
         L.append(f"- {k}: " + ", ".join(f"{s}: {x}" for s, x in v.items()))
