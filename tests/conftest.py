@@ -10,7 +10,7 @@ too. ``JAXVAL_TEST_FULL_XLA=1`` runs the suite with XLA's default optimisation i
 subprocesses; setup, i.e. fixtures, included and also given apart), its xdist worker and start time to that
 file, to find what makes the suite slow.
 
-Helpers the test modules share (test modules never import each other): ``from conftest import rel_err, ce``.
+Helpers the test modules share (test modules never import each other): ``from conftest import rel_err, ce, explicit``.
 """
 
 import json
@@ -45,6 +45,22 @@ def ce(logits, y):
     return -jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]), y]
 
 
+def explicit(model, loss_fn, projections, batch):
+    """``jv.explicit_grads`` (the ``vmap(grad)`` reference) under ``jax.jit``: the same computation, compiled
+    as one program (eager vmap(grad) dispatches op by op, each op compiled on its own: slow on CPU).
+    ``model``: an nnx module or a parameter pytree."""
+    import jax
+    from flax import nnx
+
+    import jaxval as jv
+
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda st, p, b: jv.explicit_grads(nnx.merge(graphdef, st), loss_fn, p, b))(
+            state, projections, batch)
+    return jax.jit(lambda m, p, b: jv.explicit_grads(m, loss_fn, p, b))(model, projections, batch)
+
+
 def pytest_configure(config):
     """One persistent XLA compilation cache per run, in a fresh temporary folder, shared by the xdist workers
     and every subprocess (through the environment, set before any of them imports JAX; removed at the end by
@@ -53,7 +69,7 @@ def pytest_configure(config):
     the compiled code instead of compiling it again (the same executable: results are bit for bit those of a
     fresh compilation). ``JAXVAL_TEST_XLA_CACHE=0`` turns it off; a ``JAX_COMPILATION_CACHE_DIR`` already
     set is used as it is."""
-    if os.environ.get("JAXVAL_TEST_XLA_CACHE", "0") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    if os.environ.get("JAXVAL_TEST_XLA_CACHE", "1") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="jaxval-test-xla-cache-"),
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
@@ -64,6 +80,33 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if os.environ.get("JAXVAL_TEST_XLA_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# Scheduling under xdist (`-n 2 --dist loadgroup --no-loadscope-reorder`, pyproject addopts): the tests of a
+# module whose expensive module- or session-scoped fixture they share run on one worker (the fixture is built
+# once per run, not once per worker); every other test is its own unit, handed to whichever worker is free,
+# in collection order, with the longest work first (from a JAXVAL_TEST_PROFILE ranking), so that no long
+# test starts last and runs alone on one worker while the other idles.
+ONE_WORKER = ("test_bad_inputs.py", "test_bert.py", "test_distributed.py", "test_linfik.py", "test_llama.py",
+              "test_pipeline.py", "test_sharding.py")
+FIRST = ("tests/test_experiments.py::test_linfik_wikitext_tiny", "tests/test_experiments.py::test_linfik_howdy_tiny",
+         "tests/test_distributed.py", "tests/test_experiments.py::test_experiment_tiny[lds_gpt]",
+         "tests/test_sharding.py", "tests/test_howdy_finetune.py", "tests/test_experiments_text.py",
+         "tests/test_experiments.py::test_experiment_tiny[lds_fmnist]", "tests/test_bad_inputs.py",
+         "tests/test_experiments.py::test_experiment_tiny[lds_logreg]", "tests/test_llama.py", "tests/test_pipeline.py",
+         "tests/test_bert.py", "tests/test_linfik.py")
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+    def rank(item):
+        return next((i for i, p in enumerate(FIRST) if item.nodeid.startswith(p)), len(FIRST))
+
+    items.sort(key=rank)   # stable: the rest keep their order
 
 
 def _cpu() -> float:
@@ -87,10 +130,37 @@ def pytest_runtest_protocol(item, nextitem):
     if not path:
         yield
         return
+    counts = _compile_counts(item.session)
+    before = dict(counts)
     start, t, c = time.time(), time.perf_counter(), _cpu()
     yield
     with open(path, "a") as f:
         f.write(json.dumps({"test": item.nodeid, "wall": round(time.perf_counter() - t, 2),
                             "cpu": round(_cpu() - c, 2), "setup_cpu": round(item.stash.get(_SETUP_CPU, 0.0), 2),
+                            "compiles": counts["compiles"] - before["compiles"],
+                            "cache_hits": counts["hits"] - before["hits"],
                             "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
                             "start": round(start, 2)}) + "\n")
+
+
+_COUNTS = pytest.StashKey[dict]()
+
+
+def _compile_counts(session) -> dict:
+    """This process's XLA compilations (a persistent-cache hit counts as one too) and cache hits so far."""
+    if _COUNTS not in session.stash:
+        import jax
+
+        counts = session.stash[_COUNTS] = {"compiles": 0, "hits": 0}
+
+        def on_duration(name, *args, **kw):
+            if name.endswith("backend_compile_duration"):
+                counts["compiles"] += 1
+
+        def on_event(name, *args, **kw):
+            if name.endswith("compilation_cache/cache_hits"):
+                counts["hits"] += 1
+
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+        jax.monitoring.register_event_listener(on_event)
+    return session.stash[_COUNTS]

@@ -12,6 +12,7 @@ from flax import nnx
 import jaxval as jv
 from jaxval.evaluation import baselines as bl
 from jaxval import evaluation as ev
+from conftest import explicit
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 
@@ -253,7 +254,7 @@ def test_streamed_scores_equal_explicit_gradient_scores(toy, seq):
     the explicit per-example gradients (vmap(grad)), in float64."""
     model, loss, train, _ = _scoring_problem(toy, seq, 24)
     lg = jv.LoGra(model, loss, rank=None, init="identity")
-    g = np.asarray(jv.explicit_grads(model, loss, lg.projections, jax.tree.map(jnp.asarray, train)), np.float64)
+    g = np.asarray(explicit(model, loss, lg.projections, jax.tree.map(jnp.asarray, train)), np.float64)
     hq = np.asarray(jax.random.normal(jax.random.key(4), (6, lg.dim)), np.float32)
     got = bl.streamed_scores(lg, model, hq, train, batch_size=7)
     np.testing.assert_allclose(got, hq.astype(np.float64) @ g.T, rtol=1e-4, atol=1e-5 * np.abs(hq @ g.T).max())
@@ -269,8 +270,8 @@ def test_ekfac_streamed_scores_equal_float64_solve_on_explicit_gradients(toy, se
     model, loss, train, test = _scoring_problem(toy, seq, 30)
     lg = jv.LoGra(model, loss, rank=rank, init="identity" if rank is None else "gaussian")
     pc = jv.fit_preconditioner(lg, model, train, kind=kind, relative_damping=0.1, batch_size=8)
-    g = np.asarray(jv.explicit_grads(model, loss, lg.projections, jax.tree.map(jnp.asarray, train)), np.float64)
-    gq = np.asarray(jv.explicit_grads(model, loss, lg.projections, jax.tree.map(jnp.asarray, test)), np.float64)
+    g = np.asarray(explicit(model, loss, lg.projections, jax.tree.map(jnp.asarray, train)), np.float64)
+    gq = np.asarray(explicit(model, loss, lg.projections, jax.tree.map(jnp.asarray, test)), np.float64)
     hq, o = [], 0
     for l in lg.layers:
         f = {k: np.asarray(v, np.float64) for k, v in pc.factors[l.name].items()}

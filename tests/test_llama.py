@@ -14,16 +14,9 @@ from flax import nnx
 
 import jaxval as jv
 from jaxval.models import llama
-from conftest import rel_err
+from conftest import explicit, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:jaxval. parameters")
-
-
-def explicit(model, loss_fn, projections, batch):
-    """``jv.explicit_grads`` under ``jax.jit`` (eager vmap(grad) dispatches op by op: slow on CPU)."""
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda st, b, p: jv.explicit_grads(nnx.merge(graphdef, st), loss_fn, p, b))(
-        state, batch, projections)
 
 
 @functools.cache

@@ -12,6 +12,7 @@ from flax import nnx
 
 import jaxval as jv
 from jaxval.models import gpt
+from conftest import explicit
 
 T = 9
 
@@ -58,7 +59,7 @@ def _explicit_token_grads(model, logra, *batches):
     toks = np.concatenate([np.repeat(b["tokens"], T - 1, axis=0) for b in batches])
     t = np.concatenate([np.tile(np.arange(1, T), len(b["tokens"])) for b in batches]).astype(np.int32)
     w = np.concatenate([(b["mask"][:, 1:] > 0).reshape(-1) for b in batches]).astype(np.float32)
-    g = np.asarray(jv.explicit_grads(model, _token_ce, logra.projections, {"tokens": toks, "t": t, "w": w}))
+    g = np.asarray(explicit(model, _token_ce, logra.projections, {"tokens": toks, "t": t, "w": w}))
     out, s = [], 0
     for b in batches:
         n = len(b["tokens"])
