@@ -274,27 +274,36 @@ def main(argv=None):
         st = al.fit_student(None, v[lab], efn, embeddings=E[lab], seed=seed, **kw)
         return st, st.predict_embeddings(E)
 
-    if sc.get("kind", "frozen") == "encoder":
+    def encoder_student(ec):
         # the fine-tuned student: the encoder's top n_finetune blocks + head; the lower blocks' outputs cached
-        enc = sc["encoder"] if sc["encoder"] != "tiny" else tiny_encoder(seed)
+        enc = ec["encoder"] if ec["encoder"] != "tiny" else tiny_encoder(seed)
         n_layer = 6 if isinstance(enc, str) else enc[0].cfg.n_layer          # all-MiniLM-L6-v2: 6 blocks
-        n_lower = n_layer - int(sc["n_finetune"])
-        spath = os.path.join(cache_root, f"pool_lower_{ekey}_{_hash([sc['encoder'], n_lower])}.npz")
+        n_lower = n_layer - int(ec["n_finetune"])
+        spath = os.path.join(cache_root, f"pool_lower_{ekey}_{_hash([ec['encoder'], n_lower])}.npz")
         if os.path.exists(spath):
             z = np.load(spath)
             states = al.LowerStates(z["h"], z["mask"], int(z["n_lower"]))
         else:
             states = al.encode_lower(s["pool_texts"], enc, n_lower)
             np.savez(spath, h=states.h, mask=states.mask, n_lower=states.n_lower)
-        ekw = {k: sc[k] for k in ("n_finetune", "hidden", "val_fraction", "lr", "head_lr", "weight_decay", "dropout",
-                                  "batch_size", "max_epochs", "patience", "rank_weight") if k in sc}
-        st = al.fit_encoder_student(None, v[lab], enc, states=states.take(lab), seed=seed, **ekw)
-        pred = st.predict_states(states)
+        ekw = {k: ec[k] for k in ("n_finetune", "hidden", "val_fraction", "lr", "head_lr", "weight_decay", "dropout",
+                                  "batch_size", "max_epochs", "patience", "rank_weight") if k in ec}
+        est = al.fit_encoder_student(None, v[lab], enc, states=states.take(lab), seed=seed, **ekw)
+        return est, est.predict_states(states)
+
+    if sc.get("kind", "frozen") == "encoder":
+        st, pred = encoder_student(sc)
         main_name = f"ALinFiK (fine-tuned {sc['encoder']}, top {sc['n_finetune']} blocks + head)"
     else:
         st, pred = frozen_student(sc["embed"])
         main_name = f"ALinFiK ({sc['embed']} + head)"
     students = {main_name: pred}
+    extra_sel = {}
+    ec = cfg.get("encoder_student")
+    if ec:
+        name = f"fine-tuned {ec['encoder']} (top {ec['n_finetune']} blocks + head, alinfik.fit_encoder_student)"
+        students[name] = encoder_student(ec)[1]
+        extra_sel["alinfik_finetuned_student"] = students[name]
     for spec in cfg.get("baselines") or ():
         students[f"frozen {spec} + head"] = frozen_student(spec)[1]
     corr = {name: {"spearman": round(spearman(p[held], v[held]), 4), "pearson": round(pearson(p[held], v[held]), 4),
@@ -307,6 +316,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- selections
     n_buy = int(cfg["budget_factor"]) * k_inj
     sels = {"alinfik": al.select(pred, n_buy), "linfik": al.select(v, n_buy)}
+    sels |= {m: al.select(x, n_buy) for m, x in extra_sel.items()}
     for r_ in cfg["random_seeds"]:
         sels[f"random_{r_}"] = np.sort(np.random.default_rng(1000 + int(r_)).choice(n, n_buy, replace=False))
     sel_injected = {m: int(injected[i].sum()) for m, i in sels.items()}
