@@ -4,11 +4,13 @@ The suite is compile-bound (tiny models, many shapes): XLA's CPU backend is aske
 (LLVM optimisation level 0, no expensive passes), which cuts the suite's CPU time by about a fifth to a third
 without changing what is computed (HLO passes still run; only machine-code optimisation is lighter). The
 flags go into the environment before JAX starts, so subprocesses (experiments, multi-process runs) get them
-too. ``JAXVAL_TEST_FULL_XLA=1`` runs the suite with XLA's default optimisation instead.
+too. ``JAXVAL_TEST_FULL_XLA=1`` runs the suite with XLA's default optimisation instead. Compiled executables
+are kept in one persistent XLA cache per run (``pytest_configure``), and the run is scheduled over the xdist
+workers longest work first (``pytest_collection_modifyitems``, ``pytest_xdist_make_scheduler``).
 
 ``JAXVAL_TEST_PROFILE=path.jsonl`` appends each test's wall and CPU seconds (its own process and its
-subprocesses; setup, i.e. fixtures, included and also given apart), its xdist worker and start time to that
-file, to find what makes the suite slow.
+subprocesses; setup, i.e. fixtures, included and also given apart), the XLA compilations and persistent-cache
+hits in its process, its xdist worker and start time to that file, to find what makes the suite slow.
 
 Helpers the test modules share (test modules never import each other): ``from conftest import rel_err, ce, explicit``.
 """
@@ -82,11 +84,12 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-# Scheduling under xdist (`-n 2 --dist loadgroup --no-loadscope-reorder`, pyproject addopts): the tests of a
-# module whose expensive module- or session-scoped fixture they share run on one worker (the fixture is built
-# once per run, not once per worker); every other test is its own unit, handed to whichever worker is free,
-# in collection order, with the longest work first (from a JAXVAL_TEST_PROFILE ranking), so that no long
-# test starts last and runs alone on one worker while the other idles.
+# Scheduling under xdist (`-n 2 --dist loadscope --no-loadscope-reorder`, pyproject addopts; the scheduler
+# below): the tests of a module whose expensive module- or session-scoped fixture they share run on one worker
+# (the fixture is built once per run, not once per worker); every other test is a unit of its own, handed to
+# whichever worker is free, in collection order, the longest work first (from a JAXVAL_TEST_PROFILE ranking), so
+# that no long test starts last and runs alone on one worker while the other idles. (xdist's `xdist_group`
+# marks do nothing under pytest 9: xdist 3.8 renames `item._nodeid`, which pytest 9 no longer reads.)
 ONE_WORKER = ("test_bad_inputs.py", "test_bert.py", "test_distributed.py", "test_linfik.py", "test_llama.py",
               "test_pipeline.py", "test_sharding.py")
 FIRST = ("tests/test_experiments.py::test_linfik_wikitext_tiny", "tests/test_experiments.py::test_linfik_howdy_tiny",
@@ -97,16 +100,26 @@ FIRST = ("tests/test_experiments.py::test_linfik_wikitext_tiny", "tests/test_exp
          "tests/test_bert.py", "tests/test_linfik.py")
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-
     def rank(item):
         return next((i for i, p in enumerate(FIRST) if item.nodeid.startswith(p)), len(FIRST))
 
     items.sort(key=rank)   # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadscope``: one unit per ONE_WORKER module, one per test elsewhere."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleOrTest(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path.rsplit("/", 1)[-1] in ONE_WORKER else nodeid
+
+    return ModuleOrTest(config, log)
 
 
 def _cpu() -> float:
