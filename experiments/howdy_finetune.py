@@ -123,14 +123,19 @@ def mean_loss(upper, data, batch_size: int = 8) -> float:
                          data["h"], data["tokens"], data["mask"]).mean())
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _upper_hits(graphdef, state, h, lengths, target):
+    # one compilation per buffer shape for every fine-tuned copy (their graphs are equal)
+    return gen.forced_hits(nnx.merge(graphdef, state)(h), lengths, target)
+
+
 def forced_rates(upper, evalset: dict, target, batch_size: int) -> dict:
     """Backdoor / false-trigger rates: does the greedy continuation of each evaluation prompt start with the
     target tokens (:func:`jaxval.models.generate.forced_hits` on the top blocks over the cached bottom states)?"""
     gd, st = nnx.split(upper)
     tgt = jnp.asarray(target, jnp.int32)
-    f = jax.jit(lambda st_, h, n: gen.forced_hits(nnx.merge(gd, st_)(h), n, tgt))
-    hits = {kind: batched(lambda h, n: f(st, h, n), len(e["lengths"]), batch_size, e["h"], e["lengths"])
-            for kind, e in evalset.items()}
+    hits = {kind: batched(lambda h, n: _upper_hits(gd, st, h, n, tgt), len(e["lengths"]), batch_size, e["h"],
+                          e["lengths"]) for kind, e in evalset.items()}
     return {"backdoor": float(hits["triggered"].mean()), "false_trigger": float(hits["clean"].mean()),
             "hits": {kind: x.astype(int).tolist() for kind, x in hits.items()}}
 
@@ -149,7 +154,8 @@ def text_check(model, tok, prompts: dict, r: dict, gcfg: dict) -> dict:
     return {"generations": g, "text_check_agreement": float(np.mean(agree)), "text_check_n": len(agree)}
 
 
-def run_method(name, base_graphdef, base_state, tok, data, sel, evalset, prompts, target, cfg, cache_dir, log):
+def run_method(name, base_graphdef, base_state, tok, data, sel, evalset, prompts, target, cfg, cache_dir, log,
+               cached_only: bool = False):
     """Fine-tune the top blocks of a fresh copy of the base model on ``data[sel]`` and evaluate it (cached by
     everything it depends on)."""
     fc, gc = cfg["finetune"], cfg["generation"]
@@ -160,6 +166,9 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, evalset, prompts
             r = json.load(f)
         log(f"[{name}] cached: backdoor {r['backdoor']:.3f}, false trigger {r['false_trigger']:.3f}")
         return r
+    if cached_only:
+        log(f"[{name}] not in the cache: left out (--cached-only)")
+        return None
     model = nnx.merge(base_graphdef, base_state)
     upper = llama.Upper(model, int(fc["start"]))
     sub = {k: v[np.asarray(sel)] for k, v in data.items()}
@@ -170,6 +179,7 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, evalset, prompts
     trainable = fc.get("trainable") or "model/blocks/(" + "|".join(str(i) for i in range(int(fc["start"]), n_layer)) + ")/"
     ft.finetune(upper, llama.upper_loss_fn, sub, epochs=int(fc["epochs"]), batch_size=bs, lr=float(fc["lr"]),
                 trainable=trainable, weight_decay=float(fc.get("weight_decay", 0.0)), seed=int(fc.get("seed", 0)))
+    jax.block_until_ready(nnx.state(upper))      # (dispatch is asynchronous: time the steps themselves)
     t_ft = time.time() - t0
     loss_after = mean_loss(upper, sub, bs) if fc.get("report_train_loss") else None
     t0 = time.time()
@@ -191,6 +201,8 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="apply the config's `tiny:` overrides (seconds)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--cached-only", action="store_true",
+                    help="fine-tune nothing: report the methods whose fine-tuned results are in the cache")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.tiny)
     out = args.out or cfg["out"]
@@ -337,8 +349,10 @@ def main(argv=None):
         json.dump(runs["base"], open(bpath, "w"))
     log(f"[base] backdoor {runs['base']['backdoor']:.3f}, false trigger {runs['base']['false_trigger']:.3f}")
     for m, sel in sels.items():
-        runs[m] = run_method(m, base_graphdef, base_state, tok, data, sel, evalset, prompts, target, cfg,
-                             cache_root, log)
+        r = run_method(m, base_graphdef, base_state, tok, data, sel, evalset, prompts, target, cfg, cache_root, log,
+                       cached_only=args.cached_only)
+        if r is not None:
+            runs[m] = r
     lap("finetune_and_evaluate", t0)
 
     # ---------------------------------------------------------------- prices
@@ -359,20 +373,27 @@ def main(argv=None):
     lap("prices", t0)
 
     # ---------------------------------------------------------------- results
-    rnd = [runs[f"random_{r_}"] for r_ in cfg["random_seeds"]]
-    rnd_b = [x["backdoor"] for x in rnd]
-    rnd_f = [x["false_trigger"] for x in rnd]
-    summary = {"alinfik": runs["alinfik"]["backdoor"], "random": float(np.mean(rnd_b)),
-               "clean_false_trigger": runs["alinfik"]["false_trigger"],
+    seeds = [r_ for r_ in cfg["random_seeds"] if f"random_{r_}" in runs]
+    rnd_b = [runs[f"random_{r_}"]["backdoor"] for r_ in seeds]
+    rnd_f = [runs[f"random_{r_}"]["false_trigger"] for r_ in seeds]
+    nan = float("nan")
+
+    def rate(m, k):
+        return runs[m][k] if m in runs else nan
+
+    summary = {"alinfik": rate("alinfik", "backdoor"), "random": float(np.mean(rnd_b)) if rnd_b else nan,
+               "clean_false_trigger": rate("alinfik", "false_trigger"),
                "random_se": float(np.std(rnd_b, ddof=1) / np.sqrt(len(rnd_b))) if len(rnd_b) > 1 else None,
-               "random_per_seed": {str(r_): x for r_, x in zip(cfg["random_seeds"], rnd_b)},
-               "random_false_trigger": float(np.mean(rnd_f)),
-               "linfik": runs["linfik"]["backdoor"], "linfik_false_trigger": runs["linfik"]["false_trigger"],
-               "base": runs["base"]["backdoor"], "base_false_trigger": runs["base"]["false_trigger"]}
-    targets = {"alinfik_backdoor>=0.8": summary["alinfik"] >= 0.8,
-               "alinfik-random>=0.5": summary["alinfik"] - summary["random"] >= 0.5,
-               "alinfik_clean_false_trigger<=0.1": summary["clean_false_trigger"] <= 0.1,
-               "student_spearman>=0.8": student_spearman >= 0.8}
+               "random_per_seed": {str(r_): x for r_, x in zip(seeds, rnd_b)},
+               "random_false_trigger": float(np.mean(rnd_f)) if rnd_f else nan,
+               "linfik": rate("linfik", "backdoor"), "linfik_false_trigger": rate("linfik", "false_trigger"),
+               "alinfik_finetuned_student": rate("alinfik_finetuned_student", "backdoor"),
+               "alinfik_finetuned_student_false_trigger": rate("alinfik_finetuned_student", "false_trigger"),
+               "base": rate("base", "backdoor"), "base_false_trigger": rate("base", "false_trigger")}
+    targets = {"alinfik_backdoor>=0.8": bool(summary["alinfik"] >= 0.8),
+               "alinfik-random>=0.5": bool(summary["alinfik"] - summary["random"] >= 0.5),
+               "alinfik_clean_false_trigger<=0.1": bool(summary["clean_false_trigger"] <= 0.1),
+               "student_spearman>=0.8": bool(student_spearman >= 0.8)}
     command = ("python experiments/howdy_finetune.py --config " + args.config + (" --tiny" if args.tiny else "")
                + (f" --out {args.out}" if args.out else "") + (f" --cache {args.cache}" if args.cache else ""))
     res = {"command": command, "date": datetime.date.today().isoformat(), "config": cfg,
