@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,6 +69,17 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _strict(x):
+    """NaN / inf (a run that was not made) as null, so the file is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    return x
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wikitext", default=os.path.join(ROOT, "experiments/results/linfik_wikitext/results.json"))
@@ -77,7 +89,7 @@ def main(argv=None) -> dict:
     with open(a.wikitext) as f, open(a.howdy) as g:
         s = summarize(json.load(f), json.load(g))
     with open(a.out, "w") as f:
-        json.dump(s, f, indent=1)
+        json.dump(_strict(s), f, indent=1, allow_nan=False)
     with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
         f.write(markdown(s))
     print(markdown(s))
