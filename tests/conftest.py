@@ -39,6 +39,26 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+class CompileCounter:
+    """Counts XLA compilations (jax.monitoring's backend-compile events) inside a ``with`` block."""
+
+    def __enter__(self):
+        import jax
+
+        self.n = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+        return self
+
+    def _on(self, name, *args, **kw):
+        if name.endswith("backend_compile_duration"):
+            self.n += 1
+
+    def __exit__(self, *exc):
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._on)
+
+
 def ce(logits, y):
     """Per-example cross-entropy of integer labels ``y`` under ``logits`` ``[B, C]``: ``[B]``."""
     import jax

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jaxval as jv
+from conftest import CompileCounter
 from jaxval._src.scoring import memo
 from jaxval._src.scoring.groups import selectors_key
 from jaxval._src.scoring.kernels import PreconditionerSpec
@@ -54,22 +55,6 @@ def reference(q, z, hinv, mode):
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-class CompileCounter:
-    """Counts XLA compilations (jax.monitoring's backend-compile events) inside a ``with`` block."""
-
-    def __enter__(self):
-        self.n = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on)
-        return self
-
-    def _on(self, name, *args, **kw):
-        if name.endswith("backend_compile_duration"):
-            self.n += 1
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._on)
 
 
 @pytest.fixture()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jaxval as jv
+from conftest import CompileCounter
 from jaxval import GradientStore
 from jaxval._src.scoring import memo
 
@@ -26,19 +27,6 @@ class Reads:
             return orig(store, *a, **kw)
 
         monkeypatch.setattr(GradientStore, "read", read)
-
-
-class Compiles:
-    def __enter__(self):
-        self.n = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on)
-        return self
-
-    def _on(self, name, *args, **kw):
-        self.n += name.endswith("backend_compile_duration")
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._on)
 
 
 def make_store(path, rows, dtype):
@@ -67,7 +55,7 @@ def test_second_call_reads_and_compiles_nothing(dtype, tmp_path, monkeypatch):
     jv.top_k(q1, GradientStore.open(tmp_path / "s"), k=3, block_rows=16)
     first = reads.n
     q2 = rng.standard_normal((Q, D)).astype(np.float32)
-    with Compiles() as c:
+    with CompileCounter() as c:
         b = jv.influence(q2, GradientStore.open(tmp_path / "s"), block_rows=16)
         _, idx = jv.top_k(q2, GradientStore.open(tmp_path / "s"), k=3, block_rows=16)
     assert reads.n == first and c.n == 0

@@ -14,6 +14,16 @@ import numpy as np
 __all__ = ["pyplot", "plot_stability", "plot_brittleness", "plot_prices"]
 
 
+
+def _finish(plt, fig, path: str, title: str = "") -> str:
+    """Title, lay out, save at 120 dpi and close ``fig``; returns ``path``."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 def pyplot():
     """``matplotlib.pyplot`` on the ``Agg`` backend; a clear error naming the extra if it is missing."""
     try:
@@ -59,12 +69,7 @@ def plot_stability(stats: Mapping, path: str, steps: Sequence[int] | None = None
     ax[1].set_ylabel("Spearman of per-sample ‖g‖")
     ax[1].set_title("rank stability of gradient norms")
     ax[1].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path, title)
 
 
 def plot_brittleness(curves: Mapping[str, np.ndarray], ks, path: str, title: str = "",
@@ -116,9 +121,4 @@ def plot_prices(scores: Mapping[str, np.ndarray], prices: Mapping[str, np.ndarra
         ax.grid(alpha=0.3)
         if g is not None:
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path, title)
