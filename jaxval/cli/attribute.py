@@ -28,44 +28,23 @@ __all__ = ["add_parser", "run", "generate_ids", "query_batch", "render_html"]
 
 # ----------------------------------------------------------------------------------------------- generation
 
-def _context_limit(model) -> int | None:
-    cfg = getattr(model, "cfg", None)
-    for name in ("block_size", "max_seq_len"):
-        if cfg is not None and getattr(cfg, name, None):
-            return int(getattr(cfg, name))
-    return None
-
-
 def generate_ids(model, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
     """Greedy continuation of ``prompt_ids`` by any model ``tokens [B, T] -> logits [B, T, V]`` (a Llama:
     its key/value-cached decoder); stops after the first of ``stop_ids`` (kept) or at the model's context
     length (``model.cfg.block_size`` / ``max_seq_len``)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     from jaxval.models import llama
+    from jaxval.models.generate import context_limit, greedy
 
     ids = [int(i) for i in prompt_ids]
     if not ids:
         raise ValueError("the prompt has no tokens")
     if isinstance(model, llama.Llama):
         return llama.generate_ids(model, ids, max_new_tokens, stop_ids=stop_ids)
-    limit = _context_limit(model)
+    limit = context_limit(model)
     steps = int(max_new_tokens) if limit is None else min(int(max_new_tokens), limit - len(ids))
     if steps < 1:
         raise ValueError(f"the prompt ({len(ids)} tokens) leaves no room in the model's context ({limit})")
-    length = -(-(len(ids) + steps) // 16) * 16
-    length = length if limit is None else min(length, limit)
-    graphdef, state = nnx.split(model)
-    # the full-recompute greedy loop of the Llama module (it calls only model(tokens)): one compiled
-    # function per (graphdef, buffer length, steps)
-    fn = llama._gen_fn(graphdef, len(ids), length, steps, use_cache=False)
-    new = [int(t) for t in np.asarray(fn(state, jnp.asarray([ids], jnp.int32), jnp.int32(len(ids))))[0]]
-    stops = {int(s) for s in stop_ids}
-    for j, t in enumerate(new):
-        if t in stops:
-            return new[: j + 1]
-    return new
+    return greedy(model, [ids], steps, stop_ids=stop_ids, batch_size=1)[0]
 
 
 def query_batch(prompt_ids: Sequence[int], new_ids: Sequence[int], limit: int | None = None,
@@ -199,6 +178,7 @@ def run(args) -> int:
     from jaxval.cli import config as C
     from jaxval.cli.app import model_path
     from jaxval.models import factory
+    from jaxval.models.generate import context_limit
     from jaxval._src.store import GradientStore, StoreError
 
     t0 = time.perf_counter()
@@ -235,7 +215,7 @@ def run(args) -> int:
     else:
         prompt_ids = ([tok.bos_id] if cfg["data"].get("add_bos") else []) + list(tok.encode(args.prompt))
     new_ids = generate_ids(model, prompt_ids, args.max_new_tokens, getattr(tok, "stop_ids", ()))
-    qb = query_batch(prompt_ids, new_ids, _context_limit(model),
+    qb = query_batch(prompt_ids, new_ids, context_limit(model),
                      length=np.shape(data["tokens"])[1] if "tokens" in data else None)
     chunk = int(cfg["log"]["batch_size"])
     # [1, D]: the query repeated to the chunk the per-token split runs in (one compiled step for both)

@@ -28,7 +28,7 @@ from flax import nnx
 
 from jaxval._src.errors import ConfigError
 
-__all__ = ["greedy", "greedy_text", "greedy_starts_with", "forced_batch", "forced_hits", "chat_prompt_ids",
+__all__ = ["context_limit", "greedy", "greedy_text", "greedy_starts_with", "forced_batch", "forced_hits", "chat_prompt_ids",
            "starts_with_rate"]
 
 
@@ -46,7 +46,8 @@ def _greedy_buffer(graphdef, state, buf, lengths, steps: int):
     return jnp.take_along_axis(seq, lengths[:, None] + jnp.arange(steps)[None, :], axis=1)
 
 
-def _context_limit(model) -> int | None:
+def context_limit(model) -> int | None:
+    """The model's context length (``model.cfg.max_seq_len`` or ``block_size``), or None if it has none."""
     cfg = getattr(model, "cfg", None)
     for name in ("max_seq_len", "block_size"):
         if cfg is not None and getattr(cfg, name, None):
@@ -68,7 +69,7 @@ def greedy(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: 
         raise ConfigError("every prompt needs at least one token (add a BOS token for an unconditional start)")
     if not prompts:
         return []
-    limit = _context_limit(model)
+    limit = context_limit(model)
     longest = max(len(p) for p in prompts)
     if limit is not None and longest + steps > limit:
         raise ConfigError(f"the longest prompt ({longest} tokens) + max_new_tokens ({steps}) exceeds the "
@@ -167,7 +168,7 @@ def greedy_starts_with(model: nnx.Module, prompts: Sequence[Sequence[int]], targ
     if not prompts:
         return np.zeros(0, bool)
     buf, lengths = forced_batch(prompts, target, pad_id)
-    limit = _context_limit(model)
+    limit = context_limit(model)
     if limit is not None and int(lengths.max()) + len(target) > limit:
         raise ConfigError(f"the longest prompt ({int(lengths.max())} tokens) + the target ({len(target)}) exceeds "
                           f"the model's context ({limit})")

@@ -55,7 +55,8 @@ from flax import nnx
 
 from jaxval._src.stats import pearson, rankdata, spearman
 from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance, distill_loss, encode_lower,
-                                      fit_encoder_student, frozen_embeddings, ranknet_loss, resolve_encoder)
+                                      fit_encoder_student, frozen_embeddings, ranknet_loss, resolve_encoder,
+                                      restore_student, save_student, split_labelled)
 
 __all__ = [
     "Student", "fit_student", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
@@ -187,12 +188,7 @@ class Student:
         return self.predict_embeddings(self.embed(texts))
 
     def save(self, path: str, overwrite: bool = False) -> str:
-        from jaxval._src import checkpoint
-
-        arrays = {f"head/{'/'.join(map(str, p))}": np.asarray(v[...])
-                  for p, v in nnx.to_flat_state(nnx.state(self.head, nnx.Param))}
-        arrays.update({f"stats/{k}": v for k, v in self.stats.items()})
-        return checkpoint.save(path, arrays, meta=self.meta, overwrite=overwrite)
+        return save_student(path, self.head, "head", self.stats, self.meta, overwrite)
 
     @classmethod
     def load(cls, path: str, embed_fn: EmbedFn | None = None, encoder=None):
@@ -204,17 +200,10 @@ class Student:
         if meta.get("kind") == EncoderStudent.kind:
             return EncoderStudent.load(path, encoder=encoder)
         head = Head(meta["d"], meta["hidden"], meta["dropout"], rngs=nnx.Rngs(0))
-        state = nnx.state(head, nnx.Param)
-        for p, v in nnx.to_flat_state(state):
-            key = f"head/{'/'.join(map(str, p))}"
-            if key not in arrays:
-                raise ValueError(f"checkpoint {path} lacks {key}: not a student of this architecture")
-            v[...] = jnp.asarray(arrays[key])
-        nnx.update(head, state)
+        stats = restore_student(path, head, "head", arrays)
         if embed_fn is None:
             spec = meta.get("embedder", "custom")
             embed_fn = None if spec == "custom" else make_embed_fn(spec)
-        stats = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("stats/")}
         return cls(head, embed_fn, meta, stats)
 
 
@@ -249,13 +238,7 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     if x_all.ndim != 2 or len(x_all) != len(v):
         raise ValueError(f"embeddings must be [n={len(v)}, d], got {x_all.shape}")
     n = len(v)
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n_val = max(2, int(round(val_fraction * n)))
-    if n - n_val < 4:
-        raise ValueError(f"too few labelled samples ({n}) for a validation split of {n_val}")
-    perm = np.random.default_rng(seed).permutation(n)
-    iv, it = perm[:n_val], perm[n_val:]
+    it, iv = split_labelled(n, val_fraction, seed)
     x_mu = x_all[it].mean(0)
     x_sd = x_all[it].std(0) + 1e-6
     y_mu, y_sd = float(v[it].mean()), float(v[it].std() + 1e-12)

@@ -45,7 +45,7 @@ from flax import nnx
 from jaxval._src.errors import CheckpointError, ConfigError
 from jaxval._src.stats import pearson, spearman
 
-__all__ = ["Head", "ranknet_loss", "distill_loss", "LowerStates", "encode_lower", "advance", "frozen_embeddings",
+__all__ = ["Head", "save_student", "restore_student", "ranknet_loss", "distill_loss", "LowerStates", "encode_lower", "advance", "frozen_embeddings",
            "resolve_encoder", "EncoderStudent", "fit_encoder_student"]
 
 DEFAULT_ENCODER = "minilm:max_length=128"
@@ -208,6 +208,30 @@ def _lower_sha256(enc, n_lower: int) -> str:
     return h.hexdigest()
 
 
+def save_student(path: str, module: nnx.Module, prefix: str, stats: dict, meta: dict, overwrite: bool = False) -> str:
+    """Save a student: the ``nnx.Param`` arrays of ``module`` under ``prefix/<path>``, its standardisation
+    ``stats`` under ``stats/<name>`` and ``meta`` (JSON) through the one checkpoint module."""
+    from jaxval._src import checkpoint
+
+    arrays = {f"{prefix}/{'/'.join(map(str, p))}": np.asarray(v[...])
+              for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    arrays.update({f"stats/{k}": v for k, v in stats.items()})
+    return checkpoint.save(path, arrays, meta=meta, overwrite=overwrite)
+
+
+def restore_student(path: str, module: nnx.Module, prefix: str, arrays: dict) -> dict:
+    """Write the checkpoint ``arrays`` (from ``checkpoint.load(path)``) under ``prefix/`` into ``module``'s
+    ``nnx.Param`` values in place; a missing array is a :class:`CheckpointError`. Returns the ``stats``."""
+    state = nnx.state(module, nnx.Param)
+    for p, v in nnx.to_flat_state(state):
+        key = f"{prefix}/{'/'.join(map(str, p))}"
+        if key not in arrays:
+            raise CheckpointError(f"checkpoint {path} lacks {key}: not a student of this architecture")
+        v[...] = jnp.asarray(arrays[key])
+    nnx.update(module, state)
+    return {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("stats/")}
+
+
 class TopNet(nnx.Module):
     """Fine-tuned upper blocks + pooling + fixed standardisation + :class:`Head`."""
 
@@ -271,12 +295,7 @@ class EncoderStudent:
         return self.predict_states(self.lower_states(texts))
 
     def save(self, path: str, overwrite: bool = False) -> str:
-        from jaxval._src import checkpoint
-
-        arrays = {f"net/{'/'.join(map(str, p))}": np.asarray(v[...])
-                  for p, v in nnx.to_flat_state(nnx.state(self.net, nnx.Param))}
-        arrays.update({f"stats/{k}": v for k, v in self.stats.items()})
-        return checkpoint.save(path, arrays, meta=self.meta, overwrite=overwrite)
+        return save_student(path, self.net, "net", self.stats, self.meta, overwrite)
 
     @classmethod
     def load(cls, path: str, encoder=None) -> "EncoderStudent":
@@ -300,15 +319,7 @@ class EncoderStudent:
         rngs = nnx.Rngs(0)
         net = TopNet([bert.Layer(cfg, rngs=rngs) for _ in range(cfg.n_layer - meta["n_lower"])],
                      Head(cfg.d_model, meta["hidden"], meta["dropout"], rngs=rngs))
-        state = nnx.state(net, nnx.Param)
-        for p, v in nnx.to_flat_state(state):
-            key = f"net/{'/'.join(map(str, p))}"
-            if key not in arrays:
-                raise CheckpointError(f"checkpoint {path} lacks {key}: not a student of this architecture")
-            v[...] = jnp.asarray(arrays[key])
-        nnx.update(net, state)
-        stats = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("stats/")}
-        return cls(net, enc, tok, meta, stats)
+        return cls(net, enc, tok, meta, restore_student(path, net, "net", arrays))
 
 
 def fit_encoder_student(texts: Sequence[str] | None, v, encoder=DEFAULT_ENCODER, *, states: LowerStates | None = None,
