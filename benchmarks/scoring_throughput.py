@@ -182,8 +182,7 @@ class PeakSampler:
 
 
 def topk_memory_child(args) -> None:
-    import importlib
-    inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
+    import jaxval as inf
 
     store = open_store(Path(args.workdir) / "store", args.rows, args.dim)
     rng = np.random.default_rng(1)
@@ -252,9 +251,8 @@ def main(argv=None):
 
     import jax
 
-    import importlib
 
-    inf = importlib.import_module("jaxval.influence")  # the module (jaxval.influence is the function)
+    import jaxval as inf
 
     Q, D, N, B = args.queries, args.dim, args.rows, args.block_rows
     madds = Q * D * N
