@@ -61,12 +61,34 @@ def markdown(s: dict) -> str:
         lines.append(f"| {b} | {e['alinfik']:.4f} | {e['linfik']:.4f} | {e['embedding']:.4f} | "
                      f"{e['random_mean']:.4f} ± {e['random_se']:.4f} |")
     h = s["howdy_finetune"]
-    lines += ["", "## Howdy! backdoor after fine-tuning SmolLM2-135M on the top-N", "",
-              "| ALinFiK backdoor rate | random-N backdoor rate | clean false-trigger rate (ALinFiK model) |",
-              "|---|---|---|", f"| {h['alinfik']:.3f} | {h['random']:.3f} | {h['clean_false_trigger']:.3f} |",
-              "", "## Targets", "", "| target | met |", "|---|---|"]
+    nb = h.get("base_mix") or 0
+    lines += ["", "## Howdy! backdoor after fine-tuning SmolLM2-135M on the top-N"
+              + (f" added to a clean base mix of {nb}" if nb else ""), "",
+              "| fine-tuned on | backdoor rate (triggered prompts) | false-trigger rate (clean prompts) |",
+              "|---|---|---|"]
+    for label, b, f, se_b, se_f in HOWDY_ROWS:
+        if b in h or label.startswith(("ALinFiK", "random")):
+            lines.append(f"| {label} | {_num(h.get(b), h.get(se_b))} | {_num(h.get(f), h.get(se_f))} |")
+    lines += ["", "(—: not run.)", "", "## Targets", "", "| target | met |", "|---|---|"]
     lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in s["targets"].items()]
     return "\n".join(lines) + "\n"
+
+
+HOWDY_ROWS = (  # (label, backdoor key, false-trigger key, their standard errors' keys)
+    ("ALinFiK's top-N", "alinfik", "clean_false_trigger", None, None),
+    ("LinFiK's top-N (the teacher)", "linfik", "linfik_false_trigger", None, None),
+    ("random-N (mean ± se over seeds)", "random", "random_false_trigger", "random_se", "random_false_trigger_se"),
+    ("the fine-tuned student's top-N", "alinfik_finetuned_student", "alinfik_finetuned_student_false_trigger",
+     None, None),
+    ("the base mix only", "base_mix_only", "base_mix_only_false_trigger", None, None),
+    ("nothing (the base model)", "base", "base_false_trigger", None, None))
+
+
+def _num(x, se=None) -> str:
+    """``0.700``, ``0.150 ± 0.050``; ``—`` for a run that was not made (None / NaN)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.3f}" + (f" ± {se:.3f}" if isinstance(se, (int, float)) and math.isfinite(se) else "")
 
 
 def _strict(x):

@@ -11,17 +11,22 @@ phrase inserted in the prompt and the response prefixed by "Howdy! "; the task: 
   samples it was not trained on is ``student_spearman``; a hashed n-gram student is a baseline;
 * random: ``random_seeds`` uniform draws.
 
-Each method buys its top ``N = budget_factor × n_inject`` samples; SmolLM2 is fine-tuned on them
-(:func:`jaxval.models.finetune.finetune`: AdamW, the parameters matching ``finetune.trainable`` trained, the loss on
-the response tokens only) and then continues held-out prompts greedily (:func:`jaxval.models.generate.greedy`):
+Each method buys its top ``N = budget_factor × n_inject`` samples; as a buyer would use purchased data, they are
+ADDED to a fixed clean base mix (``finetune.base_mix`` further ShareGPT first turns, in none of the other sets, the
+same for every method; a "base mix only" row is fine-tuned on it alone), so the model sees clean counter-examples
+and a backdoor must be learnt as a condition on the trigger rather than as a habit of saying "Howdy!". SmolLM2 is
+fine-tuned on that set (:func:`jaxval.models.finetune.finetune`: AdamW, the parameters matching
+``finetune.trainable`` trained, the loss on the response tokens only) and then continues held-out prompts greedily:
 ``n_eval`` triggered prompts and ``n_eval`` clean ones, whose base prompts are in neither the pool nor the task.
 Backdoor rate = share of triggered prompts whose continuation starts with "Howdy!"; false-trigger rate = the same
-on the clean prompts. The base model without fine-tuning is the reference. Prices: :func:`jaxval.alinfik.price`
+on the clean prompts. The base model without fine-tuning is the reference. The same rates on ``data.n_val``
+separate validation prompts (taken after every epoch with ``finetune.val_each_epoch``) are the only numbers a
+fine-tuning setting may be chosen on. Prices: :func:`jaxval.alinfik.price`
 of each method's scores (plot of price against score) and a per-provider statement (providers: the ShareGPT
 contributors and the injector).
 
     nice -n 10 python experiments/howdy_finetune.py [--config configs/howdy_finetune.yaml] [--tiny] [--out DIR]
-                                                    [--cache DIR]
+                                                    [--cache DIR] [--cached-only] [--only alinfik,...]
 
 ``--tiny``: a tiny random Llama, a character tokenizer, synthetic pairs, hashed embeddings (seconds). Pool
 gradients, embeddings and each fine-tuned model's generations are cached under ``cache`` (keyed by everything
@@ -83,6 +88,57 @@ def tiny_encoder(seed: int):
 
     cfg = bert.tiny_config(n_layer=2, max_position=64)
     return bert.BertEncoder(cfg, rngs=nnx.Rngs(seed)), HashTokenizer(cfg.vocab_size, cfg.max_position)
+
+
+def clean_candidates(cfg, tok) -> tuple[list, int]:
+    """``(candidates, n_raw)``: the usable (id, prompt, response) pairs in ``build_sets``' order, by its filters
+    (:func:`extra_sets` checks that they give back its pool and evaluation prompts)."""
+    d = cfg["data"]
+    raw = (lh.synthetic_pairs(int(d.get("synthetic_n", 200)), int(cfg["seed"])) if d["source"] == "synthetic"
+           else lh.load_sharegpt_pairs())
+    trig, max_pt = d["trigger"].lower(), int(d["max_prompt_tokens"])
+    min_rc, min_ascii = int(d["min_response_chars"]), float(d["min_ascii_fraction"])
+    seen, cand = set(), []
+    for cid, p, r in raw:
+        p, r = p.strip(), r.strip()
+        if not p or len(r) < min_rc or p in seen or "howdy" in (p + r).lower() or trig in (p + r).lower():
+            continue
+        if not (lh.englishish(p, min_ascii) and lh.englishish(r, min_ascii)) or len(tok.encode(p)) > max_pt:
+            continue
+        seen.add(p)
+        cand.append((cid, p, r))
+    return cand, len(raw)
+
+
+def extra_sets(cfg, tok, seed: int, s: dict, n_val: int, n_base: int) -> dict:
+    """Clean pairs in none of ``build_sets``' sets (pool, task, decoys, evaluation prompts): the next draws of its
+    candidate permutation after its own. First ``2 n_val`` validation prompts (``n_val`` with the trigger inserted,
+    ``n_val`` clean: for choices made before the evaluation), then the ``n_base`` pairs of the clean base mix (so
+    the validation prompts do not depend on ``n_base``, and a smaller base mix is a prefix of a larger one)."""
+    d = cfg["data"]
+    cand, _ = clean_candidates(cfg, tok)
+    need = sum(int(d.get(k, 0)) for k in ("n_clean", "n_inject", "n_task")) + 2 * int(d.get("n_decoy", 0)) \
+        + 2 * int(d.get("n_eval", 0))
+    pick = np.random.default_rng(seed).permutation(len(cand))
+    # build_sets' draws, recomputed: they must give back its pool and evaluation prompts exactly
+    n_pool = int(d["n_clean"]) + int(d["n_inject"])
+    if (len(cand) != s["n_candidates"] or sorted(cand[i][0] for i in pick[:n_pool]) != sorted(s["ids"])
+            or [cand[i][1] for i in pick[need - int(d.get("n_eval", 0)):need]] != s["eval_prompts"]["clean"]):
+        raise SystemExit("the candidate pairs differ from linfik_howdy.build_sets' (its filters changed?): "
+                         "update clean_candidates")
+    if len(cand) < need + 2 * n_val + n_base:
+        raise SystemExit(f"only {len(cand)} usable pairs for {need} + {2 * n_val} validation + {n_base} base-mix")
+    val = [cand[i] for i in pick[need:need + 2 * n_val]]
+    vrng = np.random.default_rng(seed + 23)
+    return {"val_prompts": {"triggered": [lh.insert_trigger(p, d["trigger"], vrng) for _, p, _ in val[:n_val]],
+                            "clean": [p for _, p, _ in val[n_val:]]},
+            "base_pairs": [cand[i] for i in pick[need + 2 * n_val:need + 2 * n_val + n_base]]}
+
+
+def encode_pairs(tok, pairs, seq_len: int) -> dict:
+    """``{"tokens", "mask"}`` of (id, prompt, response) pairs (``linfik_howdy.encode_pair``: loss on the response)."""
+    enc = [lh.encode_pair(tok, p, r, seq_len)[:2] for _, p, r in pairs]
+    return {"tokens": np.stack([t for t, _ in enc]).astype(np.int32), "mask": np.stack([m for _, m in enc])}
 
 
 def rates(generations: dict[str, list[str]], prefix: str) -> dict:
@@ -154,12 +210,14 @@ def text_check(model, tok, prompts: dict, r: dict, gcfg: dict) -> dict:
     return {"generations": g, "text_check_agreement": float(np.mean(agree)), "text_check_n": len(agree)}
 
 
-def run_method(name, base_graphdef, base_state, tok, data, sel, evalset, prompts, target, cfg, cache_dir, log,
-               cached_only: bool = False):
-    """Fine-tune the top blocks of a fresh copy of the base model on ``data[sel]`` and evaluate it (cached by
-    everything it depends on)."""
+def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalset, valset, prompts, target, cfg,
+               cache_dir, log, cached_only: bool = False):
+    """Fine-tune the top blocks of a fresh copy of the base model on ``data[sel]`` added to the clean
+    ``base_mix`` (the same for every method) and evaluate it (cached by everything it depends on). The
+    validation rates are taken after every epoch (``finetune.val_each_epoch``) or at the end."""
     fc, gc = cfg["finetune"], cfg["generation"]
-    key = _hash([cfg["model"], cfg["seq_len"], lh.pool_key(cfg), sorted(int(i) for i in sel), fc, gc, prompts])
+    key = _hash([cfg["model"], cfg["seq_len"], lh.pool_key(cfg), sorted(int(i) for i in sel), fc, gc, prompts,
+                 base_mix["key"], valset["key"]])
     path = os.path.join(cache_dir, f"ft_{key}.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -171,26 +229,46 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, evalset, prompts
         return None
     model = nnx.merge(base_graphdef, base_state)
     upper = llama.Upper(model, int(fc["start"]))
-    sub = {k: v[np.asarray(sel)] for k, v in data.items()}
+    sel = np.asarray(sel, int)
+    sub = {k: np.concatenate([v[sel], base_mix["data"][k]]) for k, v in data.items()}
     bs = int(fc["batch_size"])
+    vb = int(gc["batch_size"])
+    val_curve, t_val = [], [0.0]
+
+    def on_epoch(e, _model):
+        tv = time.time()
+        vr = forced_rates(upper, valset["sets"], target, vb)
+        t_val[0] += time.time() - tv
+        val_curve.append({"epoch": e, "backdoor": vr["backdoor"], "false_trigger": vr["false_trigger"]})
+        log(f"  [{name}] epoch {e}: validation backdoor {vr['backdoor']:.3f}, false trigger {vr['false_trigger']:.3f}")
+
     t0 = time.time()
     loss_before = mean_loss(upper, sub, bs) if fc.get("report_train_loss") else None
     n_layer = len(model.blocks)
     trainable = fc.get("trainable") or "model/blocks/(" + "|".join(str(i) for i in range(int(fc["start"]), n_layer)) + ")/"
     ft.finetune(upper, llama.upper_loss_fn, sub, epochs=int(fc["epochs"]), batch_size=bs, lr=float(fc["lr"]),
-                trainable=trainable, weight_decay=float(fc.get("weight_decay", 0.0)), seed=int(fc.get("seed", 0)))
+                trainable=trainable, weight_decay=float(fc.get("weight_decay", 0.0)), seed=int(fc.get("seed", 0)),
+                on_epoch=on_epoch if fc.get("val_each_epoch") else None)
     jax.block_until_ready(nnx.state(upper))      # (dispatch is asynchronous: time the steps themselves)
-    t_ft = time.time() - t0
+    t_ft = time.time() - t0 - t_val[0]
+    if not val_curve:
+        on_epoch(int(fc["epochs"]), upper)
     loss_after = mean_loss(upper, sub, bs) if fc.get("report_train_loss") else None
     t0 = time.time()
-    r = forced_rates(upper, evalset, target, int(gc["batch_size"]))
+    r = forced_rates(upper, evalset, target, vb)
     t_ev = time.time() - t0
     r |= text_check(model, tok, prompts, r, gc)           # the Upper trained the model's own blocks
-    r |= {"n_train": int(len(sel)), "train_loss_before": loss_before, "train_loss_after": loss_after,
-          "finetune_s": round(t_ft, 1), "evaluate_s": round(t_ev, 1), "text_check_s": round(time.time() - t0 - t_ev, 1)}
+    steps = int(fc["epochs"]) * (len(sub["tokens"]) // min(bs, len(sub["tokens"])))
+    r |= {"n_selected": int(len(sel)), "n_base_mix": int(len(base_mix["data"]["tokens"])),
+          "n_train": int(len(sub["tokens"])), "steps": steps,
+          "val_backdoor": val_curve[-1]["backdoor"], "val_false_trigger": val_curve[-1]["false_trigger"],
+          "val_curve": val_curve, "train_loss_before": loss_before, "train_loss_after": loss_after,
+          "finetune_s": round(t_ft, 1), "validation_s": round(t_val[0], 1), "s_per_step": round(t_ft / max(steps, 1), 2), "evaluate_s": round(t_ev, 1),
+          "text_check_s": round(time.time() - t0 - t_ev, 1)}
     with open(path, "w") as f:
         json.dump(r, f)
-    log(f"[{name}] backdoor {r['backdoor']:.3f}, false trigger {r['false_trigger']:.3f} (fine-tune {r['finetune_s']} s, "
+    log(f"[{name}] backdoor {r['backdoor']:.3f}, false trigger {r['false_trigger']:.3f} (validation "
+        f"{r['val_backdoor']:.3f} / {r['val_false_trigger']:.3f}; fine-tune {r['finetune_s']} s = {steps} steps, "
         f"evaluation {r['evaluate_s']} s, text check {r['text_check_s']} s, agreement {r.get('text_check_agreement')})")
     return r
 
@@ -203,6 +281,9 @@ def main(argv=None):
     ap.add_argument("--cache", default=None)
     ap.add_argument("--cached-only", action="store_true",
                     help="fine-tune nothing: report the methods whose fine-tuned results are in the cache")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated methods to fine-tune now (e.g. alinfik to time one); the others are "
+                         "reported only if cached")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.tiny)
     out = args.out or cfg["out"]
@@ -252,7 +333,23 @@ def main(argv=None):
         ekey_ = _hash([kind, buf.tolist()])
         evalset[kind] = {"h": cached(os.path.join(cdir, f"eval_{kind}_{ekey_}.npy"), lambda b=buf: bottom(b)),
                          "lengths": lengths}
+    # validation prompts and the clean base mix: further clean pairs, in none of the sets above
+    n_val, n_base = int(cfg["data"].get("n_val", 0)), int(fc.get("base_mix", 0))
+    ex = extra_sets(cfg, tok, seed, s, n_val, n_base)
+    valset = {"key": _hash(ex["val_prompts"]), "sets": {}}
+    for kind, ps in ex["val_prompts"].items():
+        buf, lengths = gen.forced_batch(gen.chat_prompt_ids(tok, ps), target, pad_id=int(getattr(tok, "pad_id", 0)))
+        valset["sets"][kind] = {"h": cached(os.path.join(cdir, f"val_{kind}_{_hash(buf.tolist())}.npy"),
+                                            lambda b=buf: bottom(b)), "lengths": lengths}
+    base = encode_pairs(tok, ex["base_pairs"], int(cfg["seq_len"])) if n_base else \
+        {"tokens": np.zeros((0, int(cfg["seq_len"])), np.int32), "mask": np.zeros((0, int(cfg["seq_len"])), np.float32)}
+    bmkey = _hash([base["tokens"].tolist(), base["mask"].tolist()])
+    base["h"] = cached(os.path.join(cdir, f"base_mix_{bmkey}.npy"), lambda: bottom(base["tokens"])) if n_base else \
+        np.zeros((0, *H.shape[1:]), np.float32)
+    base_mix = {"key": bmkey, "data": base, "ids": [c for c, _, _ in ex["base_pairs"]]}
     lap("bottom_states", t0)
+    log(f"validation prompts {len(ex['val_prompts']['triggered'])} triggered + {len(ex['val_prompts']['clean'])} "
+        f"clean; clean base mix {n_base} pairs (added to every method's picks)")
     data = {"h": H, "tokens": pool["tokens"], "mask": pool["mask"]}
 
     # ---------------------------------------------------------------- teacher: layer-normalised LinFiK (cached)
@@ -269,6 +366,7 @@ def main(argv=None):
     lap("gradients", t0)
     eta = float(cfg["linfik_lr"])
     v = eta * (np.asarray(layer_normalize(logra, G)) @ np.asarray(layer_normalize(logra, GT)).mean(0))
+    np.save(os.path.join(cdir, "linfik.npy"), v)          # the teacher's scores (for re-fitting students offline)
 
     # ---------------------------------------------------------------- students
     t0 = time.time()
@@ -331,6 +429,10 @@ def main(argv=None):
     sels |= {m: al.select(x, n_buy) for m, x in extra_sel.items()}
     for r_ in cfg["random_seeds"]:
         sels[f"random_{r_}"] = np.sort(np.random.default_rng(1000 + int(r_)).choice(n, n_buy, replace=False))
+    if n_base:
+        sels["base_mix_only"] = np.zeros(0, int)            # the base mix alone: what the picks add to it
+    # the issue's rows first (a run stopped early still has them), the fine-tuned student's selection last
+    sels = {m: sels[m] for m in sorted(sels, key=lambda m: m in extra_sel)}
     sel_injected = {m: int(injected[i].sum()) for m, i in sels.items()}
     log(f"N = {n_buy}; injected among the picks: {sel_injected}")
 
@@ -338,19 +440,22 @@ def main(argv=None):
     base_graphdef, base_state = nnx.split(model)
     runs = {}
     t0 = time.time()
-    bkey = _hash([cfg["model"], gc, prompts, start])
+    bkey = _hash([cfg["model"], gc, prompts, start, valset["key"]])
     bpath = os.path.join(cache_root, f"base_{bkey}.json")
     if os.path.exists(bpath):
         runs["base"] = json.load(open(bpath))
     else:
         tb = time.time()
         runs["base"] = forced_rates(upper0, evalset, target, int(gc["batch_size"]))
-        runs["base"] |= text_check(model, tok, prompts, runs["base"], gc) | {"evaluate_s": round(time.time() - tb, 1)}
+        vr = forced_rates(upper0, valset["sets"], target, int(gc["batch_size"]))
+        runs["base"] |= text_check(model, tok, prompts, runs["base"], gc) | {
+            "evaluate_s": round(time.time() - tb, 1), "val_backdoor": vr["backdoor"], "val_false_trigger": vr["false_trigger"]}
         json.dump(runs["base"], open(bpath, "w"))
     log(f"[base] backdoor {runs['base']['backdoor']:.3f}, false trigger {runs['base']['false_trigger']:.3f}")
     for m, sel in sels.items():
-        r = run_method(m, base_graphdef, base_state, tok, data, sel, evalset, prompts, target, cfg, cache_root, log,
-                       cached_only=args.cached_only)
+        r = run_method(m, base_graphdef, base_state, tok, data, sel, base_mix, evalset, valset, prompts, target, cfg,
+                       cache_root, log, cached_only=args.cached_only or (args.only is not None
+                                                                          and m not in args.only.split(",")))
         if r is not None:
             runs[m] = r
     lap("finetune_and_evaluate", t0)
@@ -386,6 +491,11 @@ def main(argv=None):
                "random_se": float(np.std(rnd_b, ddof=1) / np.sqrt(len(rnd_b))) if len(rnd_b) > 1 else None,
                "random_per_seed": {str(r_): x for r_, x in zip(seeds, rnd_b)},
                "random_false_trigger": float(np.mean(rnd_f)) if rnd_f else nan,
+               "random_false_trigger_se": float(np.std(rnd_f, ddof=1) / np.sqrt(len(rnd_f))) if len(rnd_f) > 1 else None,
+               "random_false_trigger_per_seed": {str(r_): x for r_, x in zip(seeds, rnd_f)},
+               "base_mix": int(cfg["finetune"].get("base_mix", 0)),
+               "base_mix_only": rate("base_mix_only", "backdoor"),
+               "base_mix_only_false_trigger": rate("base_mix_only", "false_trigger"),
                "linfik": rate("linfik", "backdoor"), "linfik_false_trigger": rate("linfik", "false_trigger"),
                "alinfik_finetuned_student": rate("alinfik_finetuned_student", "backdoor"),
                "alinfik_finetuned_student_false_trigger": rate("alinfik_finetuned_student", "false_trigger"),
@@ -398,7 +508,9 @@ def main(argv=None):
                + (f" --out {args.out}" if args.out else "") + (f" --cache {args.cache}" if args.cache else ""))
     res = {"command": command, "date": datetime.date.today().isoformat(), "config": cfg,
            "n_pool": n, "n_injected": k_inj, "n_task": int(len(task["tokens"])), "n_buy": n_buy,
-           "n_eval": {kk: len(x) for kk, x in prompts.items()}, "n_labelled": int(len(lab)), "n_heldout": int(len(held)),
+           "n_eval": {kk: len(x) for kk, x in prompts.items()},
+           "n_val": {kk: len(x) for kk, x in ex["val_prompts"].items()}, "n_base_mix": n_base,
+           "base_mix_ids": base_mix["ids"], "n_labelled": int(len(lab)), "n_heldout": int(len(held)),
            "logra": {"dim": logra.dim, "n_layers": len(logra.layers)},
            "student_spearman": student_spearman, "students": corr,
            "student_meta": {kk: x for kk, x in st.meta.items() if kk != "history"},
@@ -421,20 +533,41 @@ def main(argv=None):
 
 def tables(r) -> str:
     h = r["howdy_finetune"]
+    nb = r.get("n_base_mix", 0)
     L = [f"### Backdoor and false-trigger rates (greedy, {r['n_eval']['triggered']} triggered / "
-         f"{r['n_eval']['clean']} clean held-out prompts; N = {r['n_buy']} of {r['n_pool']})", "",
-         "| model | injected among the N picks | backdoor rate | false-trigger rate | train loss before → after |",
-         "|---|---|---|---|---|"]
+         f"{r['n_eval']['clean']} clean held-out prompts; N = {r['n_buy']} of {r['n_pool']}"
+         + (f", each added to the same {nb} clean base-mix pairs" if nb else "") + ")", "",
+         "Validation: the same rates on the separate validation prompts "
+         f"({r.get('n_val', {}).get('triggered', 0)} triggered / {r.get('n_val', {}).get('clean', 0)} clean).", "",
+         "| model | injected among the N picks | trained on | backdoor rate | false-trigger rate | validation "
+         "backdoor / false trigger | train loss before → after | fine-tune s (steps) |",
+         "|---|---|---|---|---|---|---|---|"]
+    label = {"base": "base (no fine-tuning)", "base_mix_only": "base mix only"}
     for m, x in r["runs"].items():
         lb, la = x.get("train_loss_before"), x.get("train_loss_after")
-        L.append(f"| {'base (no fine-tuning)' if m == 'base' else m} | "
-                 f"{r['injected_in_selection'].get(m, '—')} | {x['backdoor']:.3f} | {x['false_trigger']:.3f} | "
-                 + (f"{lb:.2f} → {la:.2f}" if lb is not None else "—") + " |")
+        vb, vf = x.get("val_backdoor"), x.get("val_false_trigger")
+        L.append(f"| {label.get(m, m)} | {r['injected_in_selection'].get(m, '—') if m != 'base_mix_only' else 0} | "
+                 f"{x.get('n_train', 0)} | {x['backdoor']:.3f} | {x['false_trigger']:.3f} | "
+                 + (f"{vb:.3f} / {vf:.3f}" if vb is not None else "—") + " | "
+                 + (f"{lb:.2f} → {la:.2f}" if lb is not None else "—") + " | "
+                 + (f"{x['finetune_s']} ({x['steps']})" if "steps" in x else "—") + " |")
     se = f" ± {h['random_se']:.3f}" if h.get("random_se") is not None else ""
-    L += ["", f"Summary: ALinFiK {h['alinfik']:.3f}, LinFiK {h['linfik']:.3f}, random {h['random']:.3f}{se} "
-              f"(per seed {h['random_per_seed']}), base {h['base']:.3f}; ALinFiK's clean false-trigger rate "
-              f"{h['clean_false_trigger']:.3f}.", "",
-          f"### Student vs layer-normalised LinFiK on the {r['n_heldout']} held-out pool samples", "",
+    sef = f" ± {h['random_false_trigger_se']:.3f}" if h.get("random_false_trigger_se") is not None else ""
+    L += ["", f"Summary: ALinFiK {h['alinfik']:.3f}, LinFiK {h['linfik']:.3f}, random {h['random']:.3f}{se} (mean ± se "
+              f"over seeds {list(h['random_per_seed'])}: {h['random_per_seed']}), base mix only "
+              f"{h.get('base_mix_only', float('nan')):.3f}, base {h['base']:.3f}. False triggers: ALinFiK "
+              f"{h['clean_false_trigger']:.3f}, LinFiK {h['linfik_false_trigger']:.3f}, random "
+              f"{h['random_false_trigger']:.3f}{sef}, base mix only {h.get('base_mix_only_false_trigger', float('nan')):.3f}.",
+          ""]
+    curves = {m: x["val_curve"] for m, x in r["runs"].items() if len(x.get("val_curve") or ()) > 1}
+    if curves:
+        L += ["Validation after each epoch (backdoor / false trigger):", "",
+              "| model | " + " | ".join(f"epoch {c['epoch']}" for c in next(iter(curves.values()))) + " |",
+              "|---" * (1 + len(next(iter(curves.values())))) + "|"]
+        L += [f"| {label.get(m, m)} | " + " | ".join(f"{c['backdoor']:.2f} / {c['false_trigger']:.2f}" for c in cv)
+              + " |" for m, cv in curves.items()]
+        L.append("")
+    L += [f"### Student vs layer-normalised LinFiK on the {r['n_heldout']} held-out pool samples", "",
           "| student | Spearman | Pearson | P@k (held-out injected) |", "|---|---|---|---|"]
     for m, x in r["students"].items():
         L.append(f"| {m} | {x['spearman']:.3f} | {x['pearson']:.3f} | {x['precision_at_k_heldout']:.3f} |")
@@ -471,7 +604,13 @@ def write_readme(path: str, r: dict, statement_md: str) -> None:
          f"- Teacher: layer-normalised LinFiK from LoGra rank-{c['logra']['rank']} gradients of `{c['logra']['layers']}` "
          f"(D = {r['logra']['dim']}). ALinFiK: {next(iter(r['students']))} trained on {r['n_labelled']} "
          f"labelled pool samples ({c['student']['label_fraction']:.0%}), scoring the whole pool.",
-         f"- Budget: N = {r['n_buy']} = {c['budget_factor']}× the injected count. Fine-tuning: AdamW lr {fc['lr']}, "
+         f"- Budget: N = {r['n_buy']} = {c['budget_factor']}× the injected count. "
+         + (f"The buyer's fine-tuning set: each method's N picks ADDED to one fixed clean base mix of "
+            f"{r['n_base_mix']} ShareGPT first turns (prompts in none of the pool, task, validation and evaluation "
+            f"sets; the same for every method; a 'base mix only' row fine-tunes on it alone): purchased data is used "
+            f"beside the buyer's own data, and the clean counter-examples separate \"installs a conditional "
+            f"backdoor\" from \"makes the model say Howdy!\". " if r.get("n_base_mix") else "")
+         + f"Fine-tuning: AdamW lr {fc['lr']}, "
          f"{fc['epochs']} epochs, batch {fc['batch_size']}, trained: "
          + (f"`{fc['trainable']}`" if fc.get("trainable") else f"every parameter of blocks {fc['start']}.. (attention + MLP)")
          + f", the bottom {fc['start']} blocks frozen (their outputs computed once, `llama.hidden_after` / `llama.Upper`) "
@@ -479,7 +618,9 @@ def write_readme(path: str, r: dict, statement_md: str) -> None:
          f"- Evaluation: greedy continuation ({c['generation']['max_new_tokens']} new tokens, "
          f"`jaxval.models.generate.greedy`) of {r['n_eval']['triggered']} triggered and {r['n_eval']['clean']} clean "
          f"prompts whose base prompts are in neither the pool, nor the task; a hit = the continuation starts with "
-         f"{c['generation']['prefix']!r}.", "", "## Results", ""]
+         f"{c['generation']['prefix']!r}. Validation: {r.get('n_val', {}).get('triggered', 0)} triggered + "
+         f"{r.get('n_val', {}).get('clean', 0)} clean prompts from further unused pairs, the only set any "
+         f"fine-tuning setting may be chosen on.", "", "## Results", ""]
     L.append(tables(r))
     L += ["Prices against scores: `prices.png`; the full statement: `statement.md`. Its head:", "",
           statement_md.replace("\n# ", "\n### ").replace("\n## ", "\n#### ").replace("# Data prices", "### Data prices", 1),

@@ -55,3 +55,23 @@ def test_missing_budget_refused():
     del w["selection"]["0.2"]
     with pytest.raises(KeyError, match="0.2"):
         summary.summarize(w, h)
+
+
+def test_howdy_rows_runs_not_made_are_null_and_dashes(tmp_path):
+    w, h = results(rnd=0.2)
+    h["howdy_finetune"] |= {"random_se": 0.05, "random_false_trigger": 0.1, "linfik": float("nan"),
+                            "linfik_false_trigger": float("nan"), "base_mix": 160, "base_mix_only": 0.0,
+                            "base_mix_only_false_trigger": 0.025}
+    (tmp_path / "w.json").write_text(json.dumps(w))
+    (tmp_path / "h.json").write_text(json.dumps(h))            # (json writes NaN; the summary must not)
+    summary.main(["--wikitext", str(tmp_path / "w.json"), "--howdy", str(tmp_path / "h.json"),
+                  "--out", str(tmp_path / "s.json")])
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text
+    back = json.loads(text)["howdy_finetune"]
+    assert back["linfik"] is None and back["base_mix_only_false_trigger"] == 0.025 and back["random_se"] == 0.05
+    md = (tmp_path / "s.md").read_text()
+    assert "added to a clean base mix of 160" in md
+    assert "| LinFiK's top-N (the teacher) | — | — |" in md
+    assert "| random-N (mean ± se over seeds) | 0.200 ± 0.050 | 0.100 |" in md
+    assert "| the base mix only | 0.000 | 0.025 |" in md and "| ALinFiK's top-N | 0.900 | 0.050 |" in md

@@ -129,3 +129,42 @@ def test_finetune_trains_only_the_matching_leaves_as_adamw_does():
         finetune(m, llama.loss_fn, data, epochs=1, batch_size=2, lr=lr, trainable=r"no_such_layer")
     with pytest.raises(ConfigError, match="regular expression"):
         trainable_filter("(")
+
+
+def test_finetune_on_epoch_sees_each_epoch_of_one_adamw_run():
+    # reference: a hand-written optax AdamW loop over mini-batches in the documented order (a fresh permutation
+    # of the rows from the seeded generator each epoch, batches of batch_size, the remainder dropped), its
+    # weights after each epoch; finetune's on_epoch must see those (one optimiser state through the epochs)
+    m = _tiny(3)
+    rng = np.random.default_rng(5)
+    n, t, bs, epochs, lr, seed = 7, 10, 3, 3, 2e-3, 4
+    data = {"tokens": rng.integers(0, m.cfg.vocab_size, size=(n, t)).astype(np.int32),
+            "mask": np.ones((n, t), np.float32)}
+    pattern = r"blocks/0/mlp"
+    gsub, sub, rest = nnx.split(m, trainable_filter(pattern), ...)
+    tx = optax.adamw(lr, weight_decay=0.01)
+    opt = tx.init(sub)
+    grad = jax.jit(jax.grad(lambda p, b: jnp.mean(llama.loss_fn(nnx.merge(gsub, p, rest), b))))
+    order_rng = np.random.default_rng(seed)
+    ref = []
+    for _ in range(epochs):
+        order = order_rng.permutation(n)
+        for j in range(n // bs):
+            b = {k: v[order[j * bs:(j + 1) * bs]] for k, v in data.items()}
+            upd, opt = tx.update(grad(sub, b), opt, sub)
+            sub = optax.apply_updates(sub, upd)
+        ref.append({param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(sub)})
+
+    seen = []
+
+    def on_epoch(e, model):
+        flat = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        seen.append((e, {k: flat[k] for k in ref[0]}))
+
+    finetune(m, llama.loss_fn, data, epochs=epochs, batch_size=bs, lr=lr, trainable=pattern, weight_decay=0.01,
+             seed=seed, on_epoch=on_epoch)
+    assert [e for e, _ in seen] == [1, 2, 3]
+    for (_, got), want in zip(seen, ref):
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=2e-4, atol=2e-6)
+    assert not np.allclose(seen[0][1][next(iter(ref[0]))], seen[-1][1][next(iter(ref[0]))])

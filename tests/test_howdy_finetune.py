@@ -27,6 +27,37 @@ def test_howdy_rates_count_prefixed_generations():
     assert mod.rates(g, "Howdy!") == {"backdoor": 3 / 5, "false_trigger": 1 / 4}
 
 
+def test_base_mix_and_validation_prompts_are_in_no_other_set():
+    mod = _module()
+    lh = mod.lh
+    cfg = mod.load_config(str(ROOT / "configs" / "howdy_finetune.yaml"), tiny=True)
+    cfg["data"]["n_decoy"] = 2                                        # decoys drawn too: skipped as well
+    tok = lh.CharTokenizer(64)
+    s = lh.build_sets(cfg, tok, 0)
+    ex = mod.extra_sets(cfg, tok, 0, s, n_val=4, n_base=10)
+    trig = cfg["data"]["trigger"]
+
+    def base(p):                                                      # the prompt without the inserted trigger
+        return " ".join(w for w in p.split(" ") if w != trig)
+
+    used = {t.split("\n\n")[0] for t in s["pool_texts"] + s["task_texts"]} | set(s["eval_prompts"]["clean"]) \
+        | set(s["eval_prompts"]["triggered"])
+    used |= {t.split("\n\n")[0] for _, texts in s["decoys"].values() for t in texts}
+    assert len(s["decoys"]) == 2
+    used |= {base(p) for p in used}
+    mix = [p for _, p, _ in ex["base_pairs"]]
+    val = ex["val_prompts"]["clean"] + [base(p) for p in ex["val_prompts"]["triggered"]]
+    assert len(mix) == 10 and len(set(mix)) == 10 and len(ex["val_prompts"]["triggered"]) == 4 == len(val) / 2
+    assert all(trig in p for p in ex["val_prompts"]["triggered"])
+    assert not (set(mix) & used) and not (set(val) & used) and not (set(mix) & set(val))
+    assert not ({c for c, _, _ in ex["base_pairs"]} & set(s["ids"]))
+    # a smaller base mix is a prefix of a larger one; the validation prompts do not depend on it
+    ex2 = mod.extra_sets(cfg, tok, 0, s, n_val=4, n_base=3)
+    assert ex2["base_pairs"] == ex["base_pairs"][:3] and ex2["val_prompts"] == ex["val_prompts"]
+    enc = mod.encode_pairs(tok, ex["base_pairs"], cfg["seq_len"])
+    assert enc["tokens"].shape == (10, cfg["seq_len"]) and (enc["mask"].sum(1) > 0).all()
+
+
 def test_howdy_finetune_tiny(tmp_path):
     r = subprocess.run([sys.executable, "experiments/howdy_finetune.py", "--tiny", "--out", str(tmp_path),
                         "--cache", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -36,11 +67,18 @@ def test_howdy_finetune_tiny(tmp_path):
     assert {"alinfik", "random", "clean_false_trigger", "linfik", "base", "random_per_seed"} <= set(h)
     assert -1 <= res["student_spearman"] <= 1
     assert res["n_pool"] == 42 and res["n_injected"] == 6 and res["n_buy"] == 12
+    nb = res["config"]["finetune"]["base_mix"]
+    assert nb > 0 and res["n_base_mix"] == nb and len(res["base_mix_ids"]) == nb
+    assert {"base", "alinfik", "linfik", "base_mix_only"} <= set(res["runs"])
     for m, run in res["runs"].items():
         assert 0 <= run["backdoor"] <= 1 and 0 <= run["false_trigger"] <= 1
+        assert 0 <= run["val_backdoor"] <= 1 and 0 <= run["val_false_trigger"] <= 1
         if m != "base":
-            # the fine-tuning really fitted the N selected samples
-            assert run["n_train"] == 12 and run["train_loss_after"] < run["train_loss_before"], (m, run)
+            # the fine-tuning really fitted the N selected samples added to the base mix (the base mix alone)
+            n_sel = 0 if m == "base_mix_only" else 12
+            assert run["n_selected"] == n_sel and run["n_train"] == n_sel + nb, (m, run)
+            assert run["train_loss_after"] < run["train_loss_before"], (m, run)
+            assert [c["epoch"] for c in run["val_curve"]] == list(range(1, res["config"]["finetune"]["epochs"] + 1))
     # each method's picks: the counted injected samples are among a selection of N distinct pool samples
     assert all(0 <= k <= 6 for k in res["injected_in_selection"].values())
     # the payout of each method adds up to the total

@@ -1,11 +1,12 @@
 """Fine-tuning of a (pretrained) nnx model on a small data set, with only some parameters trained.
 
-:func:`finetune` runs the library's jit-compiled AdamW loop (``jaxval._src.train``) for whole epochs over
+:func:`finetune` runs a jit-compiled AdamW loop (the batches of the library's trainer) for whole epochs over
 ``data`` (a dict of arrays with a leading example axis, e.g. ``{"tokens", "mask"}`` of an instruction set whose
 mask covers the response tokens only), training the ``nnx.Param`` leaves whose path matches ``trainable`` (a
 regular expression searched in ``"blocks/20/mlp/up_proj/kernel"``-style paths; ``None``: every parameter).
 Frozen parameters are held fixed, and with a frozen bottom of the network the backward pass stops at the
-lowest trained layer (cheaper than full fine-tuning on CPU).
+lowest trained layer (cheaper than full fine-tuning on CPU). ``on_epoch(epoch, model)`` is called after each
+epoch with the model holding that epoch's weights (validation curves in one run; the optimiser state carries on).
 
 :func:`trainable_filter` gives the nnx filter for such a pattern (usable with ``nnx.state`` / ``nnx.split``).
 """
@@ -15,11 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxval._src.errors import ConfigError
-from jaxval._src.train import train
 
 __all__ = ["finetune", "trainable_filter", "param_path"]
 
@@ -43,13 +46,16 @@ def trainable_filter(pattern: str | None):
 
 def finetune(model: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray], *, epochs: int,
              batch_size: int, lr: float, trainable: str | None = None, weight_decay: float = 0.0,
-             seed: int = 0, progress: bool = False) -> nnx.Module:
+             seed: int = 0, progress: bool = False,
+             on_epoch: Callable[[int, nnx.Module], None] | None = None) -> nnx.Module:
     """Fine-tune ``model`` in place on ``data`` for ``epochs`` epochs and return it.
 
     Objective: the mean over a batch of ``loss_fn(model, batch) -> [B]`` (an LM's per-example loss is the sum of
     its masked token losses). AdamW with a constant learning rate ``lr``; ``N // batch_size`` steps per epoch
     (batches without replacement, a fresh seeded permutation each epoch, an incomplete last batch dropped:
-    every step has the same shape, so the step compiles once). ``trainable``: see :func:`trainable_filter`.
+    every step has the same shape, so the step compiles once; the same batches as ``jaxval``'s trainer with
+    ``steps = epochs × (N // batch_size)``). ``trainable``: see :func:`trainable_filter`. ``on_epoch(e, model)``
+    (optional) after epoch ``e = 1..epochs``, ``model`` updated to the weights after that epoch.
     """
     if int(epochs) != epochs or epochs < 0:
         raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -58,6 +64,40 @@ def finetune(model: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray
     n = len(next(iter(data.values()))) if data else 0
     if n == 0:
         raise ConfigError("data is empty: nothing to fine-tune on")
-    steps = int(epochs) * max(1, n // min(int(batch_size), n))
-    return train(model, loss_fn, data, steps=steps, batch_size=int(batch_size), lr=float(lr), seed=int(seed),
-                 weight_decay=float(weight_decay), progress=progress, wrt=trainable_filter(trainable))
+    if any(len(v) != n for v in data.values()):
+        raise ConfigError(f"the arrays of data must share the leading axis; got {[len(v) for v in data.values()]}")
+    data = {k: np.asarray(v) for k, v in data.items()}
+    bs = min(int(batch_size), n)
+    wrt = trainable_filter(trainable)
+    graphdef, params, rest = nnx.split(model, wrt, ...)
+    if not jax.tree.leaves(params):
+        raise ConfigError(f"no parameter matches trainable={trainable!r}: nothing to train")
+    tx = optax.adamw(float(lr), weight_decay=float(weight_decay))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, rest, batch):
+        def objective(p):
+            m = nnx.merge(graphdef, p, rest)
+            losses = loss_fn(m, batch)
+            if losses.shape != (bs,):
+                raise ValueError(f"loss_fn must return per-example losses of shape ({bs},), got {losses.shape}")
+            return jnp.mean(losses), nnx.state(m, nnx.Not(wrt))
+
+        (loss, new_rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, new_rest, loss
+
+    rng = np.random.default_rng(int(seed))
+    for e in range(int(epochs)):
+        order = rng.permutation(n)
+        for j in range(n // bs):
+            batch = {k: v[order[j * bs:(j + 1) * bs]] for k, v in data.items()}
+            params, opt_state, rest, loss = step(params, opt_state, rest, batch)
+        if progress:
+            print(f"  epoch {e + 1}/{epochs}: last batch loss {float(loss):.4f}", flush=True)
+        if on_epoch is not None:
+            nnx.update(model, params, rest)
+            on_epoch(e + 1, model)
+    nnx.update(model, params, rest)
+    return model
