@@ -2,12 +2,15 @@
 
 ``loss_fn(model, batch) -> [B]`` (the jaxval contract); the optimised objective is the MEAN over the
 batch. The step is a pure function of ``(params, opt_state, rest, batch)`` built with
-``nnx.split`` / ``nnx.merge`` (no ``nnx.jit`` graph traversal per step); the loop over steps is
+``nnx.split`` / ``nnx.merge`` (no ``nnx.jit`` graph traversal per step), jitted once with the graph, the loss,
+the trained-variable filter and the optimiser's settings as static arguments: training several copies of one
+model (equal graphs, an equal filter) one after the other compiles the step once. The loop over steps is
 Python.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
@@ -48,6 +51,21 @@ def _check_data(data: Mapping[str, np.ndarray]) -> int:
     return n
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "wrt", "lr", "weight_decay"))
+def _adamw_step(params, opt_state, rest, batch, *, graphdef, loss_fn, wrt, lr, weight_decay):
+    """One AdamW step on the mean loss: ``(params, opt_state, rest, loss)`` after it."""
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+
+    def objective(p):
+        m = nnx.merge(graphdef, p, rest)
+        loss = _mean_loss(loss_fn, m, batch)
+        return loss, nnx.state(m, nnx.Not(wrt))
+
+    (loss, new_rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, new_rest, loss
+
+
 def train(
     model: nnx.Module,
     loss_fn: LossFn,
@@ -60,15 +78,19 @@ def train(
     weight_decay: float = 0.0,
     progress: bool = True,
     wrt: nnx.filterlib.Filter = nnx.Param,
+    on_epoch: Callable[[int, nnx.Module], None] | None = None,
 ) -> nnx.Module:
     """Train ``model`` in place with AdamW on the mean per-example loss and return it.
 
     ``wrt``: nnx filter of the variables that are trained (default every ``nnx.Param``); the others
-    (e.g. frozen lower blocks, see :func:`jaxval.models.finetune.finetune`) are held fixed.
+    (e.g. frozen lower blocks, see :func:`jaxval.models.finetune.finetune`) are held fixed. It is a static
+    argument of the compiled step: pass an equal (hashable) filter to reuse the compiled step.
 
     data: dict of arrays with a shared leading axis N. Batches of ``min(batch_size, N)`` rows are
     drawn without replacement, epoch by epoch (a fresh permutation from ``seed`` each epoch; the
     last incomplete batch of an epoch is dropped), so the same seed gives the same run.
+    ``on_epoch(e, model)``: called after each complete epoch ``e = 1, 2, ...`` (``N // batch_size`` steps) with
+    ``model`` holding the weights after it (validation curves in one run; the optimiser state carries on).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -81,22 +103,14 @@ def train(
     graphdef, params, rest = nnx.split(model, wrt, ...)
     if not jax.tree.leaves(params):
         raise ConfigError(f"no variable of the model matches wrt={wrt!r}: nothing to train")
-    tx = optax.adamw(lr, weight_decay=weight_decay)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, rest, batch):
-        def objective(p):
-            m = nnx.merge(graphdef, p, rest)
-            loss = _mean_loss(loss_fn, m, batch)
-            return loss, nnx.state(m, nnx.Not(wrt))
-
-        (loss, new_rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, new_rest, loss
+    lr, weight_decay = float(lr), float(weight_decay)
+    opt_state = optax.adamw(lr, weight_decay=weight_decay).init(params)
+    step = functools.partial(_adamw_step, graphdef=graphdef, loss_fn=loss_fn, wrt=wrt, lr=lr,
+                             weight_decay=weight_decay)
 
     rng = np.random.default_rng(seed)
     order, pos = rng.permutation(n), 0
+    per_epoch = n // bs
     bar = tqdm(range(steps), disable=not progress, desc="train", leave=False)
     for i in bar:
         if pos + bs > n:
@@ -107,6 +121,9 @@ def train(
         params, opt_state, rest, loss = step(params, opt_state, rest, batch)
         if progress and (i % 20 == 0 or i == steps - 1):
             bar.set_postfix(loss=f"{float(loss):.4f}")
+        if on_epoch is not None and (i + 1) % per_epoch == 0:
+            nnx.update(model, params, rest)
+            on_epoch((i + 1) // per_epoch, model)
     bar.close()
     nnx.update(model, params, rest)
     return model
