@@ -236,6 +236,7 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalse
     val_curve, t_val = [], [0.0]
 
     def on_epoch(e, _model):
+        jax.block_until_ready(nnx.state(upper))      # (the epoch's steps are not counted as validation time)
         tv = time.time()
         vr = forced_rates(upper, valset["sets"], target, vb)
         t_val[0] += time.time() - tv
@@ -327,20 +328,23 @@ def main(argv=None):
     H = cached(os.path.join(cdir, "pool_states.npy"), lambda: bottom(pool["tokens"]))
     HT = cached(os.path.join(cdir, "task_states.npy"), lambda: bottom(task["tokens"]))
     target = tok.encode(gc["prefix"])
-    evalset = {}
-    for kind, ps in prompts.items():
-        buf, lengths = gen.forced_batch(gen.chat_prompt_ids(tok, ps), target, pad_id=int(getattr(tok, "pad_id", 0)))
-        ekey_ = _hash([kind, buf.tolist()])
-        evalset[kind] = {"h": cached(os.path.join(cdir, f"eval_{kind}_{ekey_}.npy"), lambda b=buf: bottom(b)),
-                         "lengths": lengths}
     # validation prompts and the clean base mix: further clean pairs, in none of the sets above
     n_val, n_base = int(cfg["data"].get("n_val", 0)), int(fc.get("base_mix", 0))
+    if n_val < 1 or not all(prompts.values()):
+        raise SystemExit("data.n_val and data.n_eval must be >= 1")
     ex = extra_sets(cfg, tok, seed, s, n_val, n_base)
-    valset = {"key": _hash(ex["val_prompts"]), "sets": {}}
-    for kind, ps in ex["val_prompts"].items():
-        buf, lengths = gen.forced_batch(gen.chat_prompt_ids(tok, ps), target, pad_id=int(getattr(tok, "pad_id", 0)))
-        valset["sets"][kind] = {"h": cached(os.path.join(cdir, f"val_{kind}_{_hash(buf.tolist())}.npy"),
-                                            lambda b=buf: bottom(b)), "lengths": lengths}
+    # evaluation and validation prompts, each followed by the target (teacher forcing), right-padded to one width
+    # (one compiled shape; causal: the padding changes no logit that is read)
+    pad = int(getattr(tok, "pad_id", 0))
+    bufs = {(name, kind): gen.forced_batch(gen.chat_prompt_ids(tok, ps), target, pad_id=pad)
+            for name, group in (("eval", prompts), ("val", ex["val_prompts"])) for kind, ps in group.items() if ps}
+    width = max(b.shape[1] for b, _ in bufs.values())
+    evalset, valset = {}, {"key": _hash(ex["val_prompts"]), "sets": {}}
+    for (name, kind), (buf, lengths) in bufs.items():
+        buf = np.pad(buf, ((0, 0), (0, width - buf.shape[1])), constant_values=pad)
+        (evalset if name == "eval" else valset["sets"])[kind] = {
+            "h": cached(os.path.join(cdir, f"{name}_{kind}_{_hash([kind, buf.tolist()])}.npy"), lambda b=buf: bottom(b)),
+            "lengths": lengths}
     base = encode_pairs(tok, ex["base_pairs"], int(cfg["seq_len"])) if n_base else \
         {"tokens": np.zeros((0, int(cfg["seq_len"])), np.int32), "mask": np.zeros((0, int(cfg["seq_len"])), np.float32)}
     bmkey = _hash([base["tokens"].tolist(), base["mask"].tolist()])

@@ -44,6 +44,38 @@ def trainable_filter(pattern: str | None):
     return nnx.All(nnx.Param, lambda path, _value: rx.search(param_path(path)) is not None)
 
 
+_STEPS: dict = {}
+
+
+def _step(graphdef, loss_fn, lr: float, weight_decay: float, trainable):
+    """``(tx, jitted step)`` for one model graph, loss and optimiser: kept, so that fine-tuning copies of one
+    model (equal graphs) one after the other traces and compiles the step once."""
+    key = (graphdef, loss_fn, lr, weight_decay, trainable)
+    if key in _STEPS:
+        return _STEPS[key]
+    wrt = trainable_filter(trainable)
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+
+    @jax.jit
+    def step(params, opt_state, rest, batch):
+        def objective(p):
+            m = nnx.merge(graphdef, p, rest)
+            losses = loss_fn(m, batch)
+            b = jax.tree.leaves(batch)[0].shape[0]
+            if losses.shape != (b,):
+                raise ValueError(f"loss_fn must return per-example losses of shape ({b},), got {losses.shape}")
+            return jnp.mean(losses), nnx.state(m, nnx.Not(wrt))
+
+        (loss, new_rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, new_rest, loss
+
+    if len(_STEPS) > 16:
+        _STEPS.clear()
+    _STEPS[key] = tx, step
+    return tx, step
+
+
 def finetune(model: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray], *, epochs: int,
              batch_size: int, lr: float, trainable: str | None = None, weight_decay: float = 0.0,
              seed: int = 0, progress: bool = False,
@@ -72,22 +104,8 @@ def finetune(model: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray
     graphdef, params, rest = nnx.split(model, wrt, ...)
     if not jax.tree.leaves(params):
         raise ConfigError(f"no parameter matches trainable={trainable!r}: nothing to train")
-    tx = optax.adamw(float(lr), weight_decay=float(weight_decay))
+    tx, step = _step(graphdef, loss_fn, float(lr), float(weight_decay), trainable)
     opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, rest, batch):
-        def objective(p):
-            m = nnx.merge(graphdef, p, rest)
-            losses = loss_fn(m, batch)
-            if losses.shape != (bs,):
-                raise ValueError(f"loss_fn must return per-example losses of shape ({bs},), got {losses.shape}")
-            return jnp.mean(losses), nnx.state(m, nnx.Not(wrt))
-
-        (loss, new_rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, new_rest, loss
-
     rng = np.random.default_rng(int(seed))
     for e in range(int(epochs)):
         order = rng.permutation(n)
