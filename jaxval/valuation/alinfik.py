@@ -42,6 +42,7 @@ This module holds the algorithms only; the ``jaxval alinfik`` command is in :mod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -308,6 +309,35 @@ def default_embed_fn() -> EmbedFn:
 
 # ----------------------------------------------------------------------------- the frozen-embedding student
 
+@functools.lru_cache(maxsize=64)
+def _head_apply(graphdef):
+    """One compiled forward per head architecture (students of the same shape share it)."""
+    return jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+
+
+@functools.lru_cache(maxsize=64)
+def _fit_fns(graphdef, lr: float, weight_decay: float, rank_weight: float, tau: float, huber_delta: float):
+    """``(tx, step, predict)`` of :func:`fit_student`, compiled once per head architecture and settings (the
+    cross-validation folds and baselines of an experiment reuse them instead of compiling each fit anew)."""
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+
+    @jax.jit
+    def step(params, rest, opt, xb, yb, key):
+        def obj(p):
+            s = nnx.merge(graphdef, p, rest)(xb, key)
+            return distill_loss(s, yb, rank_weight, tau, huber_delta)
+
+        loss, g = jax.value_and_grad(obj)(params)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss
+
+    @jax.jit
+    def predict(params, rest, xb):
+        return nnx.merge(graphdef, params, rest)(xb)
+
+    return tx, step, predict
+
+
 class Student:
     """A trained ALinFiK student. ``score(texts) -> [M]`` predicted LinFiK (teacher units)."""
 
@@ -317,7 +347,7 @@ class Student:
         self.meta = meta
         self.stats = {k: np.asarray(v, np.float32) for k, v in stats.items()}
         graphdef, state = nnx.split(self.head)
-        self._fn = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+        self._fn = _head_apply(graphdef)
         self._state = state
 
     @property
@@ -410,23 +440,16 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     d = x.shape[1]
     hidden = [int(h) for h in hidden]
     head = Head(d, hidden, dropout, rngs=nnx.Rngs(seed))
-    tx = optax.adamw(lr, weight_decay=weight_decay)
     graphdef, params, rest = nnx.split(head, nnx.Param, ...)
+    tx, step_fn, predict_fn = _fit_fns(graphdef, float(lr), float(weight_decay), float(rank_weight), float(tau),
+                                       float(huber_delta))
     opt = tx.init(params)
 
-    @jax.jit
     def step(params, opt, xb, yb, key):
-        def obj(p):
-            s = nnx.merge(graphdef, p, rest)(xb, key)
-            return distill_loss(s, yb, rank_weight, tau, huber_delta)
+        return step_fn(params, rest, opt, xb, yb, key)
 
-        loss, g = jax.value_and_grad(obj)(params)
-        upd, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, upd), opt, loss
-
-    @jax.jit
     def predict(params, xb):
-        return nnx.merge(graphdef, params, rest)(xb)
+        return predict_fn(params, rest, xb)
 
     rng = np.random.default_rng(seed + 7)
     bs = min(batch_size, len(it))
