@@ -168,3 +168,22 @@ def test_finetune_on_epoch_sees_each_epoch_of_one_adamw_run():
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=2e-4, atol=2e-6)
     assert not np.allclose(seen[0][1][next(iter(ref[0]))], seen[-1][1][next(iter(ref[0]))])
+
+
+def test_finetuning_copies_of_one_model_compiles_the_step_once():
+    # fine-tuning several copies of one model (the experiments' methods, one after the other) reuses the
+    # trainer's compiled step: equal graphs, the same loss, an equal filter of the same pattern, the same settings
+    from conftest import CompileCounter
+
+    rng = np.random.default_rng(2)
+    data = {"tokens": rng.integers(0, 64, size=(6, 8)).astype(np.int32), "mask": np.ones((6, 8), np.float32)}
+    assert trainable_filter(r"blocks/1/") == trainable_filter(r"blocks/1/")
+    finetune(_tiny(7), llama.loss_fn, data, epochs=1, batch_size=3, lr=1e-3, trainable=r"blocks/1/")   # compiles
+    with CompileCounter() as c:
+        for seed in (8, 9):
+            m = _tiny(seed)
+            before = np.asarray(nnx.state(m, nnx.Param)["blocks"][1]["mlp"]["up_proj"]["kernel"][...]).copy()
+            finetune(m, llama.loss_fn, data, epochs=2, batch_size=3, lr=1e-3, trainable=r"blocks/1/", seed=seed)
+            after = np.asarray(nnx.state(m, nnx.Param)["blocks"][1]["mlp"]["up_proj"]["kernel"][...])
+            assert not np.array_equal(before, after)                  # it trained
+    assert c.n == 0
