@@ -337,6 +337,8 @@ def main(argv=None):
     ap.add_argument("--cache", default=None)
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.tiny)
+    if args.tiny:   # a smoke run: XLA's compile time dominates its seconds, the tiny programs need no optimising
+        jax.config.update("jax_disable_most_optimizations", True)
     out = args.out or cfg["out"]
     cache_root = args.cache or cfg["cache"]
     os.makedirs(out, exist_ok=True)

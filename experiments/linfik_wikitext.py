@@ -29,6 +29,8 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import load_config  # noqa: E402
 
+from jaxval.data import load_text  # noqa: E402
+
 from jaxval import LoGra  # noqa: E402
 from jaxval.cli.linfik import lm_setup  # noqa: E402
 from jaxval.evaluation import pearson, plot_stability, spearman  # noqa: E402
@@ -161,41 +163,35 @@ def make_encoder(spec):
 
 # ----------------------------------------------------------------------------- main
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/linfik_wikitext.yaml")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cache", default=None)
-    args = ap.parse_args()
-    cfg = load_config(args.config, args.tiny)
-    out = args.out or cfg["out"]
-    cache = args.cache or os.path.join(out, "cache")
-    os.makedirs(cache, exist_ok=True)
-    t_all = time.time()
-    timing = {}
+    return ap.parse_args(argv)
+
+
+def teacher(cfg, cache, tiny, lap):
+    """The pool, the GPT checkpoints and the LinFiK scores (early and late, layer-normalised and plain) with the
+    gradient-stability statistics; GPT checkpoints and LinFiK are cached under ``cache`` (not in tiny mode).
+    Returns a dict of everything the rest of the experiment reads."""
     seed = int(cfg["seed"])
-
-    def lap(name, t0):
-        timing[name] = round(time.time() - t0, 1)
-        print(f"[{name}] {timing[name]} s", flush=True)
-
-    # ---------------------------------------------------------------- data
     t0 = time.time()
     s = lm_setup(cfg["data"] | {"seed": seed})
-    pool, src, texts = s["pool"], s["pool_source"], s["pool_texts"]
-    n = len(src)
+    n = len(s["pool_source"])
     lap("data", t0)
 
     # ---------------------------------------------------------------- model and checkpoints along one run
     t0 = time.time()
+    pool = s["pool"]
     m = cfg["model"]
     gcfg = GPTConfig(vocab_size=s["tok"].vocab_size, block_size=cfg["data"]["block_len"], d_model=m["d_model"],
                      n_layer=m["n_layer"], n_head=m["n_head"])
     ckpt_steps = sorted(cfg["checkpoints"])
     gkey = hashlib.sha256(json.dumps([cfg["data"], seed, m, ckpt_steps]).encode()).hexdigest()[:12]
     gpath = os.path.join(cache, f"gpt_{gkey}.npz")
-    if os.path.exists(gpath) and not args.tiny:
+    if os.path.exists(gpath) and not tiny:
         z = np.load(gpath)
         ckpts = {}
         for st_ in ckpt_steps:
@@ -207,12 +203,10 @@ def main():
             ckpts[st_] = mod
     else:
         ckpts = train_checkpoints(GPT(gcfg, rngs=nnx.Rngs(seed)), m["lr"], seed, pool, m["batch_size"], ckpt_steps)
-        if not args.tiny:
+        if not tiny:
             np.savez(gpath, **{f"{st_}/" + "/".join(map(str, p_)): np.asarray(x_[...])
                                for st_, mod in ckpts.items() for p_, x_ in nnx.to_flat_state(nnx.state(mod, nnx.Param))})
     early, late = ckpts[cfg["early_step"]], ckpts[ckpt_steps[-1]]
-    token_loss = TokenLoss(early)
-    task_eval_loss = {st: float(token_loss(c, s["task_eval"]).mean()) for st, c in ckpts.items()}
     lap("train_checkpoints", t0)
 
     # ---------------------------------------------------------------- LinFiK (default: layer-normalised) + plain
@@ -232,7 +226,7 @@ def main():
     lkey = hashlib.sha256(json.dumps([gkey, lc, eta, cfg["stability_samples"]]).encode()).hexdigest()[:12]
     lpath = os.path.join(cache, f"linfik_{lkey}.npz")
     sub = np.random.default_rng(seed + 1).choice(n, int(cfg["stability_samples"]), replace=False)
-    if os.path.exists(lpath) and not args.tiny:
+    if os.path.exists(lpath) and not tiny:
         z = dict(np.load(lpath))
         v, v_plain, v_late, v_late_plain = z.pop("v"), z.pop("v_plain"), z.pop("v_late"), z.pop("v_late_plain")
         stats = z
@@ -245,16 +239,19 @@ def main():
         lap("linfik_late", t0)
         t0 = time.time()
         stats = gradient_stability(logra, [ckpts[k] for k in ckpt_steps], {k: a[sub] for k, a in pool.items()}, bs)
-        if not args.tiny:
+        if not tiny:
             np.savez(lpath, v=v, v_plain=v_plain, v_late=v_late, v_late_plain=v_late_plain,
                      **{k: np.asarray(x) for k, x in stats.items()})
+        lap("stability", t0)
+    return {"s": s, "pool": pool, "src": s["pool_source"], "texts": s["pool_texts"], "n": n, "ckpts": ckpts,
+            "ckpt_steps": ckpt_steps, "early": early, "late": late, "logra": logra, "v": v, "v_plain": v_plain,
+            "v_late": v_late, "v_late_plain": v_late_plain, "stats": stats, "sub": sub}
 
-    # ---------------------------------------------------------------- propositions on a subset
-    plot_stability(stats, os.path.join(out, "stability.png"), steps=ckpt_steps,
-                   title=f"GPT d={m['d_model']} L={m['n_layer']} on the pool; {len(sub)} pool blocks, LoGra rank {lc['rank']}")
-    lap("stability", t0)
 
-    # ---------------------------------------------------------------- frozen lower encoder blocks (cached)
+def encoder_states(cfg, T, cache, lap):
+    """The student encoder, its frozen lower blocks' outputs for the pool (for the fine-tuned student) and the
+    frozen sentence embeddings of the pool and the task texts; cached under ``cache`` (not for the tiny encoder)."""
+    seed = int(cfg["seed"])
     t0 = time.time()
     sc = cfg["student"]
     espec = sc["encoder"]
@@ -267,28 +264,125 @@ def main():
     if espec != "tiny" and os.path.exists(hp) and os.path.exists(mp):
         S = al.LowerStates(np.load(hp), np.load(mp), nl_min)
     else:
-        S = al.encode_lower(texts, (enc, tok), nl_min)
+        S = al.encode_lower(T["texts"], (enc, tok), nl_min)
         if espec != "tiny":
             np.save(hp, S.h)
             np.save(mp, S.mask)
-    states = {nl_min: S}
     ep, etp = os.path.join(cache, f"frozen_{dkey}.npy"), os.path.join(cache, f"frozen_task_{dkey}.npy")
     if espec != "tiny" and os.path.exists(ep) and os.path.exists(etp):
         E, Et = np.load(ep), np.load(etp)
     else:
         E = al.frozen_embeddings(enc, S)                                     # frozen sentence embeddings
-        Et = al.frozen_embeddings(enc, al.encode_lower(s["task_texts"], (enc, tok), nl_min))
+        Et = al.frozen_embeddings(enc, al.encode_lower(T["s"]["task_texts"], (enc, tok), nl_min))
         if espec != "tiny":
             np.save(ep, E)
             np.save(etp, Et)
     lap("lower_states", t0)
+    return {"enc": enc, "tok": tok, "espec": espec, "S": S, "nl_min": nl_min, "dkey": dkey, "E": E, "Et": Et,
+            "sweep": sweep}
 
-    # ---------------------------------------------------------------- the student: validation sweep
+
+def main():
+    args = parse_args()
+    cfg = load_config(args.config, args.tiny)
+    if args.tiny:   # a smoke run: XLA's compile time dominates its seconds, the tiny programs need no optimising
+        jax.config.update("jax_disable_most_optimizations", True)
+    out = args.out or cfg["out"]
+    cache = args.cache or os.path.join(out, "cache")
+    os.makedirs(cache, exist_ok=True)
+    t_all = time.time()
+    timing = {}
+    seed = int(cfg["seed"])
+
+    def lap(name, t0):
+        timing[name] = round(time.time() - t0, 1)
+        print(f"[{name}] {timing[name]} s (process CPU so far {time.process_time():.1f} s)", flush=True)
+
+    T = teacher(cfg, cache, args.tiny, lap)
+    s, pool, src, texts, n = T["s"], T["pool"], T["src"], T["texts"], T["n"]
+    ckpts, ckpt_steps, early, logra = T["ckpts"], T["ckpt_steps"], T["early"], T["logra"]
+    v, v_plain, v_late, v_late_plain, stats, sub = (T[k] for k in ("v", "v_plain", "v_late", "v_late_plain",
+                                                                    "stats", "sub"))
+    m, lc = cfg["model"], cfg["logra"]
     t0 = time.time()
+    token_loss = TokenLoss(early)
+    task_eval_loss = {st: float(token_loss(c, s["task_eval"]).mean()) for st, c in ckpts.items()}
+
+    # ---------------------------------------------------------------- propositions on a subset
+    plot_stability(stats, os.path.join(out, "stability.png"), steps=ckpt_steps,
+                   title=f"GPT d={m['d_model']} L={m['n_layer']} on the pool; {len(sub)} pool blocks, LoGra rank {lc['rank']}")
+    lap("task_loss_and_plot", t0)
+
+    sc = cfg["student"]
+    F = encoder_states(cfg, T, cache, lap)
+    enc, tok, espec, S, nl_min, dkey, E, Et, sweep = (F[k] for k in ("enc", "tok", "espec", "S", "nl_min", "dkey",
+                                                                      "E", "Et", "sweep"))
+    n_layer = enc.cfg.n_layer
+    states = {nl_min: S}
+
+    # ---------------------------------------------------------------- labelled samples (nested: 10% ⊂ 20%)
     perm = np.random.default_rng(seed + 2).permutation(n)
-    fracs = sorted({float(r["label_fraction"]) for r in sweep})
-    labelled = {f: np.sort(perm[: int(round(f * n))]) for f in fracs}       # nested samples: 10% ⊂ 20%
-    held = np.sort(perm[int(round(max(fracs) * n)):])                       # never labelled in any sweep row
+    designs = [dict(sc["design_base"]) | dict(d) for d in sc["designs"]]
+    fracs = sorted({float(r["label_fraction"]) for r in sweep} | {float(d["label_fraction"]) for d in designs})
+    labelled = {f: np.sort(perm[: int(round(f * n))]) for f in fracs}
+    held = np.sort(perm[int(round(max(fracs) * n)):])                       # never labelled by any student
+
+    # ---------------------------------------------------------------- the student: designs chosen by validation
+    # frozen features + the MLP head (alinfik.fit_student); every design is scored by k-fold cross-validation
+    # inside its own labelled sample (each fold's student keeps its own early-stopping split); the best mean
+    # fold Spearman is the student. Held-out blocks are never looked at by the choice.
+    t0 = time.time()
+    vocab_path = al.write_vocab(os.path.join(out, "lm_vocab.tsv"), s["tok"].vocab,
+                                np.bincount(s["tok"].encode(load_text(cfg["data"]["pool_corpus"])),
+                                            minlength=s["tok"].vocab_size))  # the LM's vocabulary, corpus counts
+    feats = {}
+
+    def features(spec):
+        """The design's input columns for the whole pool (MiniLM parts from the cached frozen embeddings)."""
+        if spec not in feats:
+            feats[spec] = np.concatenate([E if p_.startswith("minilm") else al.make_embed_fn(p_)(texts)
+                                          for p_ in spec.split("+")], axis=1).astype(np.float32)
+        return feats[spec]
+
+    head_keys = ("hidden", "val_fraction", "lr", "weight_decay", "dropout", "batch_size", "max_epochs", "patience",
+                 "rank_weight")
+    k_folds = int(sc["design_folds"])
+    design_rows, best_d = [], None
+    for d in designs:
+        spec = d["embed"].replace("{lm_vocab}", vocab_path)
+        X = features(spec)
+        lab_d = labelled[float(d["label_fraction"])]
+        fold = np.random.default_rng(seed + 3).permutation(len(lab_d)) % k_folds
+        t1 = time.time()
+        rhos = []
+        for f_ in range(k_folds):
+            tr, te = lab_d[fold != f_], lab_d[fold == f_]
+            st_f = al.fit_student(None, v[tr], lambda t: None, embeddings=X[tr], seed=seed,
+                                  **{k: d[k] for k in head_keys})
+            rhos.append(spearman(st_f.predict_embeddings(X[te]), v[te]))
+        rec = {"design": {k: d[k] for k in ("embed", "hidden", "rank_weight", "label_fraction")},
+               "cv_spearman": round(float(np.mean(rhos)), 4),
+               "cv_se": round(float(np.std(rhos, ddof=1) / np.sqrt(k_folds)), 4), "n_labelled": int(len(lab_d)),
+               "dim": int(X.shape[1]), "fit_s": round(time.time() - t1, 1)}
+        print("design", rec, flush=True)
+        design_rows.append(rec)
+        if best_d is None or rec["cv_spearman"] > best_d[0]["cv_spearman"]:
+            best_d = (rec, d, spec)
+    rec_d, d_best, spec_best = best_d
+    lab = labelled[float(d_best["label_fraction"])]
+    X = features(spec_best)
+    st_d = al.fit_student(None, v[lab], al.make_embed_fn(spec_best), embeddings=X[lab], seed=seed,
+                          **{k: d_best[k] for k in head_keys})
+    pred = st_d.predict_embeddings(X)
+    if "minilm" not in spec_best:                                           # the chosen student reads texts itself
+        chk = np.random.default_rng(0).choice(n, 8, replace=False)
+        err = float(np.max(np.abs(st_d.score([texts[i] for i in chk]) - pred[chk])))
+        if err > 1e-4:
+            raise SystemExit(f"the saved student's embedder disagrees with the features it was fitted on: {err}")
+    lap("student_designs", t0)
+
+    # ---------------------------------------------------------------- the fine-tuned MiniLM student (a baseline)
+    t0 = time.time()
     vkey = hashlib.sha256(v.tobytes()).hexdigest()[:12]
     fit_keys = ("n_finetune", "hidden", "val_fraction", "lr", "head_lr", "weight_decay", "dropout", "batch_size",
                 "max_epochs", "patience", "rank_weight", "tau", "huber_delta", "warm_start")
@@ -297,7 +391,7 @@ def main():
         nl = n_layer - int(row["n_finetune"])
         if nl not in states:
             states[nl] = al.advance(S, enc, nl)
-        lab = labelled[float(row["label_fraction"])]
+        lab_f = labelled[float(row["label_fraction"])]
         rkey = hashlib.sha256(json.dumps([dkey, vkey, row], sort_keys=True).encode()).hexdigest()[:12]
         rpath = os.path.join(cache, f"sweep_{rkey}.json")
         spath = os.path.join(cache, f"student_{rkey}")
@@ -307,12 +401,12 @@ def main():
             st = None
         else:
             t1 = time.time()
-            st = al.fit_encoder_student(None, v[lab], (enc, tok, espec), states=states[nl].take(lab), seed=seed,
+            st = al.fit_encoder_student(None, v[lab_f], (enc, tok, espec), states=states[nl].take(lab_f), seed=seed,
                                         **{k: row[k] for k in fit_keys})
             rec = {"row": row, "val_spearman": round(st.meta["val_spearman"], 4),
                    "warm_val_spearman": st.meta["warm_val_spearman"],
                    "best_epoch": st.meta["best_epoch"], "epochs_run": st.meta["epochs_run"],
-                   "n_labelled": int(len(lab)), "fit_s": round(time.time() - t1, 1)}
+                   "n_labelled": int(len(lab_f)), "fit_s": round(time.time() - t1, 1)}
             if espec != "tiny":
                 st.save(spath, overwrite=True)
                 with open(rpath, "w") as f:
@@ -321,12 +415,12 @@ def main():
         print("sweep", i, rec, flush=True)
         rows.append(rec)
         if best is None or rec["val_spearman"] > best[0]["val_spearman"]:
-            best = (rec, st, nl, lab)
-    rec_best, st, nl_best, lab = best
+            best = (rec, st, nl)
+    rec_best, st, nl_best = best
     if st is None:                                                          # cached: the same encoder object back
         st = al.load_student(rec_best["path"], encoder=(enc, tok, espec))
-    pred = st.predict_states(states[nl_best])
-    lap("student_sweep", t0)
+    pred_ft = st.predict_states(states[nl_best])
+    lap("finetuned_student", t0)
 
     # ---------------------------------------------------------------- baseline students (same labelled sample)
     t0 = time.time()
@@ -345,11 +439,14 @@ def main():
                 "n": int(len(idx))}
 
     corr_tab = {
-        "fine-tuned student vs LinFiK, held-out pool": corr(pred, v, held),
-        "fine-tuned student vs LinFiK, held-out WikiText blocks only": corr(pred, v, wiki),
+        "student (chosen design) vs LinFiK, held-out pool": corr(pred, v, held),
+        "student (chosen design) vs LinFiK, held-out WikiText blocks only": corr(pred, v, wiki),
+        "fine-tuned MiniLM student vs LinFiK, held-out": corr(pred_ft, v, held),
+        "fine-tuned MiniLM student vs LinFiK, held-out WikiText blocks only": corr(pred_ft, v, wiki),
         "frozen-MiniLM head vs LinFiK, held-out": corr(pred_fr, v, held),
         "hashed n-gram head vs LinFiK, held-out": corr(pred_h, v, held),
-        "fine-tuned student vs LinFiK at the late checkpoint (step %d), held-out" % ckpt_steps[-1]: corr(pred, v_late, held),
+        "student (chosen design) vs LinFiK at the late checkpoint (step %d), held-out" % ckpt_steps[-1]:
+            corr(pred, v_late, held),
         "LinFiK early (step %d) vs late (step %d), all pool" % (cfg["early_step"], ckpt_steps[-1]): corr(v, v_late, np.arange(n)),
         "plain LinFiK early vs late, all pool": corr(v_plain, v_late_plain, np.arange(n)),
         "LinFiK (layer-normalised) vs plain LinFiK (early), all pool": corr(v, v_plain, np.arange(n)),
@@ -369,7 +466,7 @@ def main():
     ppl = token_loss(early, pool)
     emb_sim = E @ (Et.mean(0) / np.linalg.norm(Et.mean(0)))
     methods = {"alinfik": pred, "linfik": v, "embedding": emb_sim, "perplexity": -ppl, "linfik_plain": v_plain,
-               "alinfik_frozen": pred_fr, "alinfik_hashed": pred_h}
+               "alinfik_frozen": pred_fr, "alinfik_hashed": pred_h, "alinfik_finetuned": pred_ft}
     tseeds = [int(x) for x in sel["train_seeds"]]
     trainer = Runs(early, sel["lr"])
     selection, full = {}, []
@@ -410,7 +507,7 @@ def main():
     base = float(token_loss(early, s["task_eval"]).mean())
     lap("selection", t0)
 
-    targets = {"student_spearman >= 0.8": corr_tab["fine-tuned student vs LinFiK, held-out pool"]["spearman"] >= 0.8}
+    targets = {"student_spearman >= 0.8": corr_tab["student (chosen design) vs LinFiK, held-out pool"]["spearman"] >= 0.8}
     for frac, e in selection.items():
         targets[f"{frac}: alinfik <= random_mean - 3 random_se"] = e["alinfik"] <= e["random_mean"] - 3 * e["random_se"]
         targets[f"{frac}: alinfik <= embedding"] = e["alinfik"] <= e["embedding"]
@@ -422,9 +519,9 @@ def main():
         ii = held[src[held] == lbl]
         ax[0].scatter(v[ii], pred[ii], s=6, c=c, label=["WikiText", "off-domain"][lbl], alpha=0.6)
     ax[0].set_xlabel("LinFiK (teacher, layer-normalised)")
-    ax[0].set_ylabel("fine-tuned ALinFiK student")
+    ax[0].set_ylabel(f"ALinFiK student ({spec_best.split(':')[0]}...)" if ":" in spec_best else f"ALinFiK student ({spec_best})")
     ax[0].legend()
-    ax[0].set_title(f"held-out pool: Spearman {corr_tab['fine-tuned student vs LinFiK, held-out pool']['spearman']:.3f}")
+    ax[0].set_title(f"held-out pool: Spearman {corr_tab['student (chosen design) vs LinFiK, held-out pool']['spearman']:.3f}")
     ax[1].scatter(v, v_late, s=6, alpha=0.5)
     ax[1].set_xlabel(f"LinFiK at step {cfg['early_step']}")
     ax[1].set_ylabel(f"LinFiK at step {ckpt_steps[-1]}")
@@ -435,12 +532,14 @@ def main():
     command = "nice -n 10 python experiments/linfik_wikitext.py --config " + args.config + (" --tiny" if args.tiny else "")
     res = {"command": command, "config": cfg, "n_pool": n, "n_offdomain": int(src.sum()), "n_labelled": int(len(lab)),
            "n_heldout": int(len(held)), "logra_dim": logra.dim,
-           "student_spearman": corr_tab["fine-tuned student vs LinFiK, held-out pool"]["spearman"],
+           "student_spearman": corr_tab["student (chosen design) vs LinFiK, held-out pool"]["spearman"],
+           "student_designs": design_rows, "student_design_chosen": rec_d["design"], "student_embed": spec_best,
+           "student_design_meta": {k: v_ for k, v_ in st_d.meta.items() if k != "history"},
            "selection": selection, "full_pool_task_loss": full_pool, "task_eval_loss_early": base,
            "task_eval_loss_per_checkpoint": task_eval_loss, "correlations": corr_tab, "propositions": prop,
            "sweep": [{k: r_[k] for k in r_ if k != "path"} for r_ in rows],
-           "student_chosen": rec_best["row"],
-           "student_meta": {k: v_ for k, v_ in st.meta.items() if k != "history"},
+           "finetuned_chosen": rec_best["row"],
+           "finetuned_meta": {k: v_ for k, v_ in st.meta.items() if k != "history"},
            "targets": targets,
            "timing_s": timing | {"total": round(time.time() - t_all, 1)},
            "platform": {"jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version(),
@@ -452,15 +551,17 @@ def main():
     print(report(res))
 
 
-NAMES = {"alinfik": "ALinFiK (fine-tuned student)", "linfik": "LinFiK (layer-normalised, the default)",
+NAMES = {"alinfik": "ALinFiK (the student chosen by validation)", "linfik": "LinFiK (layer-normalised, the default)",
          "embedding": "embedding similarity to task (MiniLM)", "perplexity": "perplexity filter (lowest first)",
          "random": "random", "linfik_plain": "plain LinFiK (normalize=None)",
-         "alinfik_frozen": "ALinFiK, frozen-MiniLM head (baseline)", "alinfik_hashed": "ALinFiK, hashed n-gram head (baseline)"}
+         "alinfik_frozen": "ALinFiK, frozen-MiniLM head (baseline)", "alinfik_hashed": "ALinFiK, hashed n-gram head (baseline)",
+         "alinfik_finetuned": "ALinFiK, fine-tuned MiniLM student (the previous student)"}
 
 
 def report(r) -> str:
     c = r["config"]
     sc = c["student"]
+    dc, fc = r["student_design_chosen"], r["finetuned_chosen"]
     L = ["# ALinFiK on WikiText-2 (small GPT)", "", f"Command: `{r['command']}`", "",
          f"Pool: {r['n_pool']} blocks of {c['data']['block_len']} tokens ({r['n_pool'] - r['n_offdomain']} from "
          f"{c['data']['pool_corpus']}, {r['n_offdomain']} off-domain from {c['data'].get('offdomain_corpus')}); task: "
@@ -468,21 +569,26 @@ def report(r) -> str:
          f"blocks for the task loss. Word-level vocab {c['data']['vocab_size']} from the pool corpus. GPT d_model "
          f"{c['model']['d_model']}, {c['model']['n_layer']} layers, trained on the pool with AdamW; LinFiK at step "
          f"{c['early_step']} (LoGra rank {c['logra']['rank']}, D = {r['logra_dim']}, all linear/embedding layers; "
-         f"`jaxval.linfik`'s default layer-normalised score). Student: `{sc['encoder']}`, top "
-         f"{r['student_chosen']['n_finetune']} blocks fine-tuned with an MLP head {r['student_chosen']['hidden']}, "
-         f"trained on {r['n_labelled']} labelled blocks ({r['student_chosen']['label_fraction']:.0%}); every "
-         f"correlation below is on the {r['n_heldout']} blocks no sweep row saw.", "",
+         f"`jaxval.linfik`'s default layer-normalised score). Student: embed `{r['student_embed']}` with an MLP head "
+         f"{dc['hidden']} (`jaxval.alinfik.fit_student`), trained on {r['n_labelled']} labelled blocks "
+         f"({dc['label_fraction']:.0%}); every correlation below is on the {r['n_heldout']} blocks no student saw.", "",
          "## Design (and what changed from the first version, and why)", "",
          "- **Target**: LinFiK's default, the layer-normalised score (per-layer unit gradients, dot, sum). The first "
          "version distilled the plain kernel, which selected worse than random here (it rewards off-domain blocks "
          "with large gradients); plain LinFiK stays as a row.",
          f"- **Pool**: {c['data']['offdomain_fraction']:.0%} off-domain (was 20%) and {r['n_pool']} blocks (was 1200), "
          "so that a random selection carries a real share of useless data and a good one has something to avoid.",
-         "- **Student**: the top MiniLM blocks fine-tuned with the head (lower blocks frozen, their outputs computed "
-         "once and cached), Huber + RankNet loss, early stopping on validation Spearman; settings chosen by the "
-         "sweep below (one factor at a time around a base, choice by the labelled sample's own validation split). "
-         "The frozen-MiniLM head (the first version's student) and a hashed n-gram head are kept as baselines, "
-         "trained on the same labelled blocks.",
+         "- **Student** (issue 19): chosen among the designs of the table below, frozen features + the MLP head "
+         "(Huber + RankNet loss, early stopping on its own validation split), by "
+         f"{sc['design_folds']}-fold cross-validation inside each design's labelled sample (mean of the folds' "
+         "Spearman; held-out blocks unused by the choice). The features include `textstats`: text statistics "
+         "any text has (share of `<unk>`, length, lines, digits, punctuation, case, word length, type/token "
+         "ratio) and, with the target LM's word vocabulary and its corpus counts (`lm_vocab.tsv`, written by this "
+         "script: a tokenizer-aware student that still never runs the LM), the shares of out-of-vocabulary words "
+         "and of vocabulary-rank buckets, log-rank statistics and how typical the block's word distribution is of "
+         "the vocabulary's unigram distribution (`jaxval.alinfik.text_stats`). The previous student (the top "
+         "MiniLM block fine-tuned with the head, its settings from the earlier sweep below), the frozen-MiniLM head "
+         "and the hashed n-gram head stay as baselines.",
          f"- **Selection**: budgets {', '.join(f'{float(b):.0%}' for b in c['selection']['budgets'])}; every "
          f"deterministic selection is trained with {len(c['selection']['train_seeds'])} seeds and random with "
          f"{c['selection']['random_subsets']} subsets (each its own seed): means ± standard errors (the first version "
@@ -490,16 +596,27 @@ def report(r) -> str:
          "## Student vs LinFiK", "", "| comparison | Spearman | Pearson | n |", "|---|---|---|---|"]
     for k, v in r["correlations"].items():
         L.append(f"| {k} | {v['spearman']:.3f} | {v['pearson']:.3f} | {v['n']} |")
-    L += ["", "### Validation sweep (choice by the labelled sample's own validation split; held-out blocks unused)", "",
+    L += ["", f"### Student designs (choice by {sc['design_folds']}-fold cross-validation inside the labelled sample; "
+          "held-out blocks unused)", "",
+          "| embed | head | rank weight | label fraction | dim | CV Spearman ± se | fit s (all folds) |",
+          "|---|---|---|---|---|---|---|"]
+    for row in r["student_designs"]:
+        w = row["design"]
+        mark = " **(chosen)**" if w == dc else ""
+        L.append(f"| `{w['embed']}` | {w['hidden']} | {w['rank_weight']:g} | {w['label_fraction']:g} | {row['dim']} | "
+                 f"{row['cv_spearman']:.3f} ± {row['cv_se']:.3f}{mark} | {row['fit_s']} |")
+    L += ["", "`{lm_vocab}` = the target LM's vocabulary file (`lm_vocab.tsv` beside this README: word, count in the "
+          "LM's training corpus). Held-out Spearman of the chosen design and of the baselines: the table above "
+          "(the other designs' held-out numbers were not computed).", "",
+          "### The fine-tuned MiniLM student (baseline; validation split of its own labelled sample)", "",
           "| n_finetune | lr (encoder) | head_lr | rank_weight | label fraction | val Spearman | best epoch | epochs | fit s |",
           "|---|---|---|---|---|---|---|---|---|"]
     for row in r["sweep"]:
         w = row["row"]
-        mark = " **(chosen)**" if w == r["student_chosen"] else ""
         L.append(f"| {w['n_finetune']} | {w['lr']:g} | {w['head_lr']:g} | {w['rank_weight']:g} | {w['label_fraction']:g} | "
-                 f"{row['val_spearman']:.3f}{mark} | {row['best_epoch']} | {row['epochs_run']} | {row.get('fit_s', '')} |")
+                 f"{row['val_spearman']:.3f} | {row['best_epoch']} | {row['epochs_run']} | {row.get('fit_s', '')} |")
     if sc.get("earlier_trials"):
-        L += ["", "Earlier trials of the fine-tuned student on this pool and target (before the sweep above):", ""]
+        L += ["", "Earlier trials of the student on this pool and target (before the table above):", ""]
         L += [f"- {t}" for t in sc["earlier_trials"]]
     L += ["", "## Propositions (stability.png)", ""]
     for k, v in r["propositions"].items():
