@@ -210,6 +210,13 @@ def text_check(model, tok, prompts: dict, r: dict, gcfg: dict) -> dict:
     return {"generations": g, "text_check_agreement": float(np.mean(agree)), "text_check_n": len(agree)}
 
 
+def fresh_model(graphdef, state):
+    """A model of its own from ``(graphdef, state)``: the arrays copied first. (``nnx.merge`` alone reuses the
+    state's variables, so fine-tuning the merged model in place would change ``state`` and the model it was split
+    from: every later method would start from the previous method's fine-tuned weights.)"""
+    return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+
+
 def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalset, valset, prompts, target, cfg,
                cache_dir, log, cached_only: bool = False):
     """Fine-tune the top blocks of a fresh copy of the base model on ``data[sel]`` added to the clean
@@ -227,7 +234,7 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalse
     if cached_only:
         log(f"[{name}] not in the cache: left out (--cached-only)")
         return None
-    model = nnx.merge(base_graphdef, base_state)
+    model = fresh_model(base_graphdef, base_state)
     upper = llama.Upper(model, int(fc["start"]))
     sel = np.asarray(sel, int)
     sub = {k: np.concatenate([v[sel], base_mix["data"][k]]) for k, v in data.items()}

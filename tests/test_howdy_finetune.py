@@ -27,6 +27,29 @@ def test_howdy_rates_count_prefixed_generations():
     assert mod.rates(g, "Howdy!") == {"backdoor": 3 / 5, "false_trigger": 1 / 4}
 
 
+def test_each_method_fine_tunes_a_copy_of_the_base_model():
+    # regression: nnx.merge(graphdef, state) shares the state's variables, so fine-tuning one method's model
+    # changed the base weights the next method started from
+    import jax
+    from flax import nnx
+    from jaxval.models import finetune, llama
+
+    mod = _module()
+    base = llama.Llama(llama.tiny_config(), rngs=nnx.Rngs(0))
+    gd, st = nnx.split(base)
+    ref = jax.tree.map(lambda x: x.copy(), jax.tree.leaves(nnx.state(base)))
+    data = {"tokens": (jax.numpy.arange(4 * 8).reshape(4, 8) % 90 + 3).astype("int32"),
+            "mask": jax.numpy.ones((4, 8))}
+    m = mod.fresh_model(gd, st)
+    finetune.finetune(m, llama.loss_fn, data, epochs=1, batch_size=4, lr=1e-2)
+    changed = [bool((a != b).any()) for a, b in zip(jax.tree.leaves(nnx.state(m)), ref)]
+    assert any(changed)                                               # the copy was trained ...
+    for a, b in zip(jax.tree.leaves(nnx.state(base)), ref):          # ... the base model and its state were not
+        assert (a == b).all()
+    for a, b in zip(jax.tree.leaves(nnx.state(mod.fresh_model(gd, st))), ref):
+        assert (a == b).all()
+
+
 def test_base_mix_and_validation_prompts_are_in_no_other_set():
     mod = _module()
     lh = mod.lh
