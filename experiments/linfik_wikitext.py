@@ -1,13 +1,16 @@
 """Experiment 1 (ALinFiK on WikiText): LinFiK of a pool of 128-token blocks (WikiText-2 + off-domain Shakespeare)
-under a small GPT w.r.t. a WikiText task set, the paper's two propositions, a distilled student whose top MiniLM
-blocks are fine-tuned with its head (settings chosen by a validation sweep), and data selection at 10% and 20%
-budgets (continued training, several seeds, standard errors): ALinFiK vs LinFiK vs random vs embedding similarity
-vs perplexity filtering, with the frozen-embedding and hashed n-gram students as extra rows.
+under a small GPT w.r.t. a WikiText task set, the paper's two propositions, a distilled student chosen among
+frozen-feature designs (hashed n-grams, MiniLM, ``textstats`` with or without the LM's vocabulary, concatenations;
+MLP heads) by k-fold cross-validation inside the labelled sample, and data selection at 10% and 20% budgets
+(continued training, several seeds, standard errors): ALinFiK vs LinFiK vs random vs embedding similarity vs
+perplexity filtering, with the frozen-MiniLM, hashed n-gram and fine-tuned MiniLM students as extra rows.
 
     python experiments/linfik_wikitext.py --config configs/linfik_wikitext.yaml [--tiny] [--out DIR] [--cache DIR]
 
-Writes ``results.json``, ``README.md`` (tables), ``stability.png``, ``scatter.png`` to the config's ``out``.
-The frozen MiniLM blocks' outputs and the sweep's students are cached in ``--cache`` (default ``out/cache``).
+Writes ``results.json``, ``README.md`` (tables), ``stability.png``, ``scatter.png`` and ``lm_vocab.tsv`` (the LM's
+word vocabulary with its corpus counts, read by the ``textstats:vocab=...`` students) to the config's ``out``. The
+GPT checkpoints, LinFiK scores, frozen MiniLM blocks' outputs and the fine-tuned students are cached in ``--cache``
+(default ``out/cache``).
 """
 
 from __future__ import annotations
