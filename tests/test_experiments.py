@@ -11,6 +11,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# On top of a config's `tiny:` section, fewer distinct compiled programs (the runs are compile-bound): one batch
+# shape for training rows and queries, every retraining call one model wide (the LDS and removal retrainings run
+# the same compiled trainer), and for lds_gpt the removal test on every query (its evaluation data then has the
+# LDS's shape) and two methods (EK-FAC full, which the removal test ranks by, and gradient dot; LoGra's method
+# runs in the lds_logreg / lds_fmnist smoke runs). lds_gpt: 49 -> ~30 CPU-s.
+TINIER = {"lds_gpt": {"n_queries": 4, "score_batch_size": 4, "train": {"chunk": 1}, "removal": {"points": 4},
+                      "methods": [{"type": "ekfac"}, {"type": "grad", "mode": "dot"}]}}
+
+
+def tiny_config(name: str, path: Path) -> Path:
+    """configs/<name>.yaml with its `tiny:` overrides (the scripts' own loader) and TINIER's, written to ``path``."""
+    import yaml
+
+    cfg = _common().load_config(str(ROOT / "configs" / f"{name}.yaml"), True)
+
+    def merge(a, b):
+        for k, v in b.items():
+            a[k] = merge(dict(a[k]), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return a
+
+    path.write_text(yaml.safe_dump(merge(cfg, TINIER.get(name, {}))))
+    return path
+
+
 @pytest.mark.parametrize("name", ["lds_logreg", "lds_fmnist", "lds_gpt"])
 def test_experiment_tiny(name, tmp_path):
     if name == "lds_fmnist" and not (Path(os.environ.get("JAXVAL_DATA", ROOT.parent / "shared" / "data"))
@@ -19,7 +43,8 @@ def test_experiment_tiny(name, tmp_path):
     if name == "lds_gpt" and not (Path(os.environ.get("JAXVAL_DATA", ROOT.parent / "shared" / "data"))
                                   / "tinyshakespeare").exists():
         pytest.skip("TinyShakespeare not found (set JAXVAL_DATA)")
-    r = subprocess.run([sys.executable, f"experiments/{name}.py", "--tiny", "--out", str(tmp_path),
+    cfg = tiny_config(name, tmp_path / "config.yaml")
+    r = subprocess.run([sys.executable, f"experiments/{name}.py", "--config", str(cfg), "--out", str(tmp_path),
                         "--cache", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / f"{name}.json").read_text())

@@ -1,5 +1,6 @@
 """LoGra fast path vs the explicit vmap(grad) reference, projections, and input errors."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -237,25 +238,34 @@ def test_projection_independent_of_other_layers():
     assert not np.array_equal(np.asarray(both.projections["l1"][0])[:, :5], np.asarray(both.projections["l2"][0])[:, :5])
 
 
+PROJECTION_DIGEST = textwrap.dedent("""
+    import sys, hashlib, numpy as np
+    import jaxval as jv
+    from jaxval._src.layers import Layer
+    layers = [Layer("blocks/0/mlp/fc", ("blocks", 0, "mlp", "fc"), "linear", 65, 33, True, 16, 8)]
+    h = hashlib.sha256()
+    for init in ("gaussian", "rademacher", "orthogonal"):
+        for p in jv.init_projections(layers, init, seed=123)["blocks/0/mlp/fc"]:
+            h.update(np.asarray(p).tobytes())
+    print(h.hexdigest())
+""")
+
+
 def test_projection_bit_identical_across_processes(tmp_path):
-    code = textwrap.dedent("""
-        import sys, hashlib, numpy as np
-        import jaxval as jv
-        from jaxval._src.layers import Layer
-        layers = [Layer("blocks/0/mlp/fc", ("blocks", 0, "mlp", "fc"), "linear", 65, 33, True, 16, 8)]
-        h = hashlib.sha256()
-        for init in ("gaussian", "rademacher", "orthogonal"):
-            for p in jv.init_projections(layers, init, seed=123)["blocks/0/mlp/fc"]:
-                h.update(np.asarray(p).tobytes())
-        print(h.hexdigest())
-    """)
-    outs = set()
-    for devices in ("1", "3"):
-        env = {"XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
-               "PATH": "/usr/bin:/bin"}
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-        assert r.returncode == 0, r.stderr
-        outs.add(r.stdout.strip())
+    """The projections' bytes in a fresh process with 3 devices and in this one (1 device) are the same. The
+    child gets this process's environment: the orthogonal init's QR runs through OpenBLAS, whose kernels (and
+    so the last bits) follow e.g. ``OPENBLAS_CORETYPE``; same machine and settings, same bytes."""
+    import contextlib
+    import io
+
+    env = {**os.environ, "XLA_FLAGS": xla_flags(3), "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", PROJECTION_DIGEST], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(jax.devices()) == 1
+    with contextlib.redirect_stdout(io.StringIO()) as here:
+        exec(PROJECTION_DIGEST, {"__name__": "projection_digest"})
+    outs = {r.stdout.strip(), here.getvalue().strip()}
     assert len(outs) == 1 and len(next(iter(outs))) == 64
 
 

@@ -16,22 +16,13 @@ from jaxval.distributed import xla_flags
 from jaxval._src import scoring as inf
 from jaxval._src.scoring.kernels import bf16_parts
 from jaxval._src.scoring.sources import TrainRows
+from helpers import SolvePrecond, influence_reference as reference, spd
 
 Q, N, D = 5, 37, 12  # N is prime: no block size below N divides it
 
 
-class SolvePrecond:
-    """H⁻¹ g by solving with an explicit SPD matrix H (pure jax, traceable)."""
-
-    def __init__(self, H):
-        self.H = jnp.asarray(H, jnp.float32)
-
-    def apply(self, g):
-        return jnp.linalg.solve(self.H, g.T).T
-
-
 class NumpyPrecond:
-    """Same, with numpy (not traceable under jit: exercises the eager path)."""
+    """H⁻¹ g with numpy (helpers.SolvePrecond's solve, not traceable under jit: exercises the eager path)."""
 
     def __init__(self, H):
         self.H = np.asarray(H, np.float64)
@@ -57,36 +48,13 @@ class FakeStore:
         return self._data[start:stop].copy()
 
 
-def _spd(d, seed):
-    rng = np.random.default_rng(seed)
-    A = rng.standard_normal((d, d))
-    return A @ A.T / d + np.eye(d)  # eigenvalues in ~[1, 5]
-
-
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
     q = rng.standard_normal((Q, D)).astype(np.float32)
     z = rng.standard_normal((N, D)).astype(np.float32)
-    H = _spd(D, 1)
+    H = spd(D, 1)
     return q, z, H
-
-
-def reference(q, z, H=None, mode="dot"):
-    q, z = q.astype(np.float64), z.astype(np.float64)
-    Hinv = np.eye(q.shape[1]) if H is None else np.linalg.inv(H)
-    s = q @ Hinv @ z.T
-    qs = np.einsum("qd,de,qe->q", q, Hinv, q)
-    zs = np.einsum("nd,de,ne->n", z, Hinv, z)
-    if mode == "dot":
-        return s
-    if mode == "cosine":
-        return s / np.sqrt(qs)[:, None] / np.sqrt(zs)[None, :]
-    if mode == "relative":
-        return s / np.sqrt(zs)[None, :]
-    if mode == "l2":
-        return s - 0.5 * zs[None, :]
-    raise ValueError(mode)
 
 
 def assert_rel(actual, expected, tol=1e-5):
@@ -126,7 +94,7 @@ class PytreePrecond:
 
 def test_pytree_precond_kernels_cached_not_stale(data):
     q, z, H = data
-    H2 = _spd(D, 7)
+    H2 = spd(D, 7)
     compiles = []
     listener = lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -310,7 +278,7 @@ def test_groups_sum_to_total_dot_identity(data):
 def test_groups_exact_for_block_diagonal_precond(data):
     q, z, _ = data
     # block-diagonal H with two "layers" (columns 0:5 and 5:12)
-    H1, H2 = _spd(5, 4), _spd(7, 5)
+    H1, H2 = spd(5, 4), spd(7, 5)
     H = np.zeros((D, D))
     H[:5, :5], H[5:, 5:] = H1, H2
     groups = {"layer1": slice(0, 5), "layer2": slice(5, D)}
@@ -401,14 +369,14 @@ _SHARDED = textwrap.dedent(
     import json, sys
     import numpy as np, jax, jax.numpy as jnp
     sys.path.insert(0, sys.argv[1])
-    from test_influence import SolvePrecond, _spd, reference
+    from helpers import SolvePrecond, spd
     from jaxval._src import scoring as inf
     from jaxval._src.scoring.sources import Placer
     assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
     q = rng.standard_normal((5, 12)).astype(np.float32)
     z = rng.standard_normal((37, 12)).astype(np.float32)
-    pc = SolvePrecond(_spd(12, 1))
+    pc = SolvePrecond(spd(12, 1))
     meshes = {"mesh": jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
               "make_mesh": jax.make_mesh((2, 2), ("a", "b"))}
     single = {m: inf.influence(q, z, precond=pc, mode=m, block_rows=6) for m in ("cosine", "l2")}

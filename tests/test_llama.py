@@ -190,7 +190,12 @@ def smollm2():
 def test_smollm2_knows_paris(smollm2):
     model, tok = smollm2
     assert model.cfg.rope_base == 1e5 and model.cfg.tie_embeddings and model.cfg.n_kv_head == 3
-    out = llama.generate(model, tok, "The capital of France is", max_new_tokens=8)
+    # a few-shot plain prompt (Paris not in it) as long as the chat prompt below (both 33-48 tokens: one
+    # prefill bucket of generate_ids) and the same max_new_tokens: one compiled program for both (~8 CPU-s less)
+    prompt = ("Some geography facts. The capital of Germany is Berlin. The capital of Italy is Rome. The capital of "
+              "Spain is Madrid. The capital of Portugal is Lisbon. The capital of Austria is Vienna. "
+              "The capital of France is")
+    out = llama.generate(model, tok, prompt, max_new_tokens=12)
     assert "Paris" in out, out
     chat = llama.generate(model, tok, "What is the capital of France?", max_new_tokens=12, chat=True)
     assert "Paris" in chat, chat
@@ -299,7 +304,9 @@ def test_smollm2_logra_equals_explicit_on_real_layers(smollm2):
     for i, s in enumerate(ids):
         tokens[i, :len(s)], mask[i, :len(s)] = s, 1
     batch = {"tokens": tokens, "mask": mask}
-    lg = jv.LoGra(model, llama.loss_fn, rank=16, layers=r"blocks/7/mlp/")
+    # block 26 of 30: the output cotangents still come back through three real blocks (GQA attention with
+    # RoPE, RMSNorm, gated MLP), and neither backward runs through the 26 blocks below (block 7: ~6 CPU-s more)
+    lg = jv.LoGra(model, llama.loss_fn, rank=16, layers=r"blocks/26/mlp/")
     assert len(lg.layers) == 3
     g = lg.grads(model, batch)
     ref = explicit(model, llama.loss_fn, lg.projections, batch)   # per-example grads of all 135M params

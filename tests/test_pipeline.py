@@ -26,9 +26,10 @@ from jaxval.distributed import xla_flags
 import jaxval as jv
 from jaxval._src import curvature
 from jaxval.cli.app import main as cli_main
-from jaxval.models import mlp, token_mlp
+from jaxval.models import mlp
 from jaxval._src.logging import log_gradients, store_config
 from jaxval import GradientStore, StoreError
+from helpers import CRASH_ROWS, crash_setup, small_mlp
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 
@@ -47,15 +48,6 @@ def _tree_digest(path):
     return out
 
 
-def _small(n=200, seed=0, sizes=(8, 16, 4), rank=4, logra_seed=0):
-    model = mlp.MLP(sizes, rngs=nnx.Rngs(seed))
-    logra = jv.LoGra(model, mlp.loss_fn, rank=rank, seed=logra_seed)
-    rng = np.random.default_rng(seed)
-    data = {"x": rng.normal(size=(n, sizes[0])).astype(np.float32),
-            "y": rng.integers(0, sizes[-1], n).astype(np.int32)}
-    return model, logra, data
-
-
 def _direct(logra, model, data, bs):
     n = len(next(iter(data.values())))
     return np.concatenate([np.asarray(logra.grads(model, {k: v[s:s + bs] for k, v in data.items()}))
@@ -64,7 +56,7 @@ def _direct(logra, model, data, bs):
 
 @pytest.fixture(scope="module")
 def small():
-    return _small()
+    return small_mlp()
 
 
 # ------------------------------------------------------------------------------------ round trips
@@ -304,9 +296,9 @@ def test_mesh_data_parallel_on_4_devices(tmp_path, small):
         import sys, warnings, numpy as np, jax
         warnings.simplefilter("ignore")
         sys.path.insert(0, sys.argv[1])
-        from test_pipeline import _small
+        from helpers import small_mlp
         from jaxval import log_gradients
-        model, logra, data = _small()
+        model, logra, data = small_mlp()
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
         store, st = log_gradients(logra, model, data, sys.argv[2], batch_size=32, chunk_rows=64, dtype="float32",
                                   stats="kfac", mesh=mesh, progress=False)
@@ -330,16 +322,16 @@ def test_mesh_data_parallel_on_4_devices(tmp_path, small):
 
 # ------------------------------------------------------------------------------------ subprocesses
 
-_N, _CR = 8000, 64
+_N, _CR = CRASH_ROWS, 64
 
 _CHILD = textwrap.dedent("""
     import sys, warnings
     warnings.filterwarnings("ignore")
     sys.path.insert(0, sys.argv[1])
-    from test_pipeline import _crash_setup
+    from helpers import crash_setup
     from jaxval import log_gradients
     path, pi, pc = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    model, logra, data, ids = _crash_setup()
+    model, logra, data, ids = crash_setup()
     print("ready", flush=True)
     log_gradients(logra, model, data, path, batch_size=32, dtype="bfloat16", ids=ids, chunk_rows={cr},
                   process_index=pi, process_count=pc, progress=False,
@@ -348,22 +340,10 @@ _CHILD = textwrap.dedent("""
 """).format(cr=_CR)
 
 
-def _crash_setup(n=_N):
-    """A tiny token model whose logging takes a second or two on a busy 2-core machine."""
-    model = token_mlp.TokenMLP(vocab_size=64, d_model=64, n_block=2, hidden=256, rngs=nnx.Rngs(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logra = jv.LoGra(model, token_mlp.loss_fn, rank=8)
-    rng = np.random.default_rng(0)
-    data = {"tokens": rng.integers(0, 64, (n, 32)).astype(np.int32), "mask": np.ones((n, 32), np.float32)}
-    ids = [f"seq-{i:05d}" for i in range(n)]
-    return model, logra, data, ids
-
-
 @pytest.fixture(scope="module")
 def crash_ref(tmp_path_factory):
     """The uninterrupted single-process run (in this process) and an env for child processes."""
-    model, logra, data, ids = _crash_setup()
+    model, logra, data, ids = crash_setup()
     path = tmp_path_factory.mktemp("ref") / "store"
     store = log_gradients(logra, model, data, path, batch_size=32, dtype="bfloat16", ids=ids, chunk_rows=_CR,
                           progress=False)
