@@ -11,13 +11,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# On top of a config's `tiny:` section, fewer distinct compiled programs (the runs are compile-bound): one batch
-# shape for training rows and queries, every retraining call one model wide (the LDS and removal retrainings run
-# the same compiled trainer), and for lds_gpt the removal test on every query (its evaluation data then has the
+# On top of a config's `tiny:` section, fewer distinct compiled programs (the runs are compile-bound). lds_gpt:
+# one batch shape for training rows and queries, every retraining call one model wide (the LDS and removal
+# retrainings run the same compiled trainer), the removal test on every query (its evaluation data then has the
 # LDS's shape) and two methods (EK-FAC full, which the removal test ranks by, and gradient dot; LoGra's method
-# runs in the lds_logreg / lds_fmnist smoke runs). lds_gpt: 49 -> ~30 CPU-s.
+# runs in the lds_logreg / lds_fmnist smoke runs): 49 -> 24 CPU-s. lds_fmnist: its tiny methods but EK-FAC full
+# (run by lds_gpt's smoke run): ~21 -> ~16 CPU-s.
 TINIER = {"lds_gpt": {"n_queries": 4, "score_batch_size": 4, "train": {"chunk": 1}, "removal": {"points": 4},
-                      "methods": [{"type": "ekfac"}, {"type": "grad", "mode": "dot"}]}}
+                      "methods": [{"type": "ekfac"}, {"type": "grad", "mode": "dot"}]},
+          "lds_fmnist": {"methods": [{"type": "logra", "rank": 4, "init": "pca", "kind": "ekfac"},
+                                     {"type": "trak", "k": 16}, {"type": "repsim"}]}}
 
 
 def tiny_config(name: str, path: Path) -> Path:
