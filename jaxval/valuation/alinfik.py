@@ -60,7 +60,7 @@ from flax import nnx
 from jaxval._src.stats import pearson, rankdata, spearman
 from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance, distill_loss, encode_lower,
                                       fit_encoder_student, frozen_embeddings, ranknet_loss, resolve_encoder,
-                                      restore_student, save_student, split_labelled)
+                                      restore_student, save_student, split_labelled, distill_fns)
 
 __all__ = [
     "Student", "fit_student", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
@@ -323,22 +323,7 @@ def _fit_fns(graphdef, lr: float, weight_decay: float, rank_weight: float, tau: 
     """``(tx, step, predict)`` of :func:`fit_student`, compiled once per head architecture and settings (the
     cross-validation folds and baselines of an experiment reuse them instead of compiling each fit anew)."""
     tx = optax.adamw(lr, weight_decay=weight_decay)
-
-    @jax.jit
-    def step(params, rest, opt, xb, yb, key):
-        def obj(p):
-            s = nnx.merge(graphdef, p, rest)(xb, key)
-            return distill_loss(s, yb, rank_weight, tau, huber_delta)
-
-        loss, g = jax.value_and_grad(obj)(params)
-        upd, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, upd), opt, loss
-
-    @jax.jit
-    def predict(params, rest, xb):
-        return nnx.merge(graphdef, params, rest)(xb)
-
-    return tx, step, predict
+    return (tx, *distill_fns(graphdef, tx, rank_weight, tau, huber_delta))
 
 
 class Student:
@@ -449,7 +434,7 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     opt = tx.init(params)
 
     def step(params, opt, xb, yb, key):
-        return step_fn(params, rest, opt, xb, yb, key)
+        return step_fn(params, rest, opt, yb, key, xb)
 
     def predict(params, xb):
         return predict_fn(params, rest, xb)

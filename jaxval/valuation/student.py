@@ -45,8 +45,9 @@ from flax import nnx
 from jaxval._src.errors import CheckpointError, ConfigError
 from jaxval._src.stats import pearson, spearman
 
-__all__ = ["Head", "save_student", "restore_student", "ranknet_loss", "distill_loss", "LowerStates", "encode_lower", "advance", "frozen_embeddings",
-           "resolve_encoder", "EncoderStudent", "fit_encoder_student"]
+__all__ = ["Head", "distill_fns", "save_student", "restore_student", "ranknet_loss", "distill_loss", "LowerStates",
+           "encode_lower", "advance", "frozen_embeddings", "resolve_encoder", "EncoderStudent",
+           "fit_encoder_student"]
 
 DEFAULT_ENCODER = "minilm:max_length=128"
 
@@ -206,6 +207,29 @@ def _lower_sha256(enc, n_lower: int) -> str:
             h.update("/".join(map(str, path)).encode())
             h.update(np.ascontiguousarray(np.asarray(v[...], np.float32)).tobytes())
     return h.hexdigest()
+
+
+def distill_fns(graphdef, tx, rank_weight: float, tau: float, huber_delta: float):
+    """``(step, predict)``, jitted, of a student network ``nnx.merge(graphdef, params, rest)`` distilled with
+    :func:`distill_loss` and the optax ``tx``: ``step(params, rest, opt, y, key, *inputs) -> (params, opt, loss)``
+    calls the network as ``net(*inputs, key)`` (dropout on), ``predict(params, rest, *inputs)`` as ``net(*inputs)``.
+    Both students train through it."""
+
+    @jax.jit
+    def step(params, rest, opt, yb, key, *inputs):
+        def obj(p):
+            s = nnx.merge(graphdef, p, rest)(*inputs, key)
+            return distill_loss(s, yb, rank_weight, tau, huber_delta)
+
+        loss, g = jax.value_and_grad(obj)(params)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss
+
+    @jax.jit
+    def predict(params, rest, *inputs):
+        return nnx.merge(graphdef, params, rest)(*inputs)
+
+    return step, predict
 
 
 def save_student(path: str, module: nnx.Module, prefix: str, stats: dict, meta: dict, overwrite: bool = False) -> str:
@@ -387,19 +411,13 @@ def fit_encoder_student(texts: Sequence[str] | None, v, encoder=DEFAULT_ENCODER,
     opt = tx.init(params)
     mu, sd = jnp.asarray(x_mu), jnp.asarray(x_sd)
 
-    @jax.jit
+    step_fn, predict_fn = distill_fns(graphdef, tx, rank_weight, tau, huber_delta)
+
     def step(params, opt, h, m, yb, key):
-        def obj(p):
-            s = nnx.merge(graphdef, p, rest)(h, m, mu, sd, key)
-            return distill_loss(s, yb, rank_weight, tau, huber_delta)
+        return step_fn(params, rest, opt, yb, key, h, m, mu, sd)
 
-        loss, g = jax.value_and_grad(obj)(params)
-        upd, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, upd), opt, loss
-
-    @jax.jit
     def predict(params, h, m):
-        return nnx.merge(graphdef, params, rest)(h, m, mu, sd)
+        return predict_fn(params, rest, h, m, mu, sd)
 
     rng = np.random.default_rng(seed + 7)
     bs = min(int(batch_size), len(it))
