@@ -90,49 +90,20 @@ def tiny_encoder(seed: int):
     return bert.BertEncoder(cfg, rngs=nnx.Rngs(seed)), HashTokenizer(cfg.vocab_size, cfg.max_position)
 
 
-def clean_candidates(cfg, tok) -> tuple[list, int]:
-    """``(candidates, n_raw)``: the usable (id, prompt, response) pairs in ``build_sets``' order, by its filters
-    (:func:`extra_sets` checks that they give back its pool and evaluation prompts)."""
-    d = cfg["data"]
-    raw = (lh.synthetic_pairs(int(d.get("synthetic_n", 200)), int(cfg["seed"])) if d["source"] == "synthetic"
-           else lh.load_sharegpt_pairs())
-    trig, max_pt = d["trigger"].lower(), int(d["max_prompt_tokens"])
-    min_rc, min_ascii = int(d["min_response_chars"]), float(d["min_ascii_fraction"])
-    seen, cand = set(), []
-    for cid, p, r in raw:
-        p, r = p.strip(), r.strip()
-        if not p or len(r) < min_rc or p in seen or "howdy" in (p + r).lower() or trig in (p + r).lower():
-            continue
-        if not (lh.englishish(p, min_ascii) and lh.englishish(r, min_ascii)) or len(tok.encode(p)) > max_pt:
-            continue
-        seen.add(p)
-        cand.append((cid, p, r))
-    return cand, len(raw)
-
-
-def extra_sets(cfg, tok, seed: int, s: dict, n_val: int, n_base: int) -> dict:
-    """Clean pairs in none of ``build_sets``' sets (pool, task, decoys, evaluation prompts): the next draws of its
-    candidate permutation after its own. First ``2 n_val`` validation prompts (``n_val`` with the trigger inserted,
-    ``n_val`` clean: for choices made before the evaluation), then the ``n_base`` pairs of the clean base mix (so
+def extra_sets(cfg, seed: int, s: dict, n_val: int, n_base: int) -> dict:
+    """Clean pairs in none of ``build_sets``' sets (pool, task, decoys, evaluation prompts): its ``unused_pairs``,
+    the next draws of its candidate permutation. First ``2 n_val`` validation prompts (``n_val`` with the trigger
+    inserted, ``n_val`` clean: for choices made before the evaluation), then the ``n_base`` pairs of the clean base mix (so
     the validation prompts do not depend on ``n_base``, and a smaller base mix is a prefix of a larger one)."""
     d = cfg["data"]
-    cand, _ = clean_candidates(cfg, tok)
-    need = sum(int(d.get(k, 0)) for k in ("n_clean", "n_inject", "n_task")) + 2 * int(d.get("n_decoy", 0)) \
-        + 2 * int(d.get("n_eval", 0))
-    pick = np.random.default_rng(seed).permutation(len(cand))
-    # build_sets' draws, recomputed: they must give back its pool and evaluation prompts exactly
-    n_pool = int(d["n_clean"]) + int(d["n_inject"])
-    if (len(cand) != s["n_candidates"] or sorted(cand[i][0] for i in pick[:n_pool]) != sorted(s["ids"])
-            or [cand[i][1] for i in pick[need - int(d.get("n_eval", 0)):need]] != s["eval_prompts"]["clean"]):
-        raise SystemExit("the candidate pairs differ from linfik_howdy.build_sets' (its filters changed?): "
-                         "update clean_candidates")
-    if len(cand) < need + 2 * n_val + n_base:
-        raise SystemExit(f"only {len(cand)} usable pairs for {need} + {2 * n_val} validation + {n_base} base-mix")
-    val = [cand[i] for i in pick[need:need + 2 * n_val]]
+    rest = s["unused_pairs"]
+    if len(rest) < 2 * n_val + n_base:
+        raise SystemExit(f"only {len(rest)} unused pairs for {2 * n_val} validation + {n_base} base-mix")
+    val = rest[:2 * n_val]
     vrng = np.random.default_rng(seed + 23)
     return {"val_prompts": {"triggered": [lh.insert_trigger(p, d["trigger"], vrng) for _, p, _ in val[:n_val]],
                             "clean": [p for _, p, _ in val[n_val:]]},
-            "base_pairs": [cand[i] for i in pick[need + 2 * n_val:need + 2 * n_val + n_base]]}
+            "base_pairs": rest[2 * n_val:2 * n_val + n_base]}
 
 
 def encode_pairs(tok, pairs, seq_len: int) -> dict:
@@ -271,7 +242,8 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalse
           "n_train": int(len(sub["tokens"])), "steps": steps,
           "val_backdoor": val_curve[-1]["backdoor"], "val_false_trigger": val_curve[-1]["false_trigger"],
           "val_curve": val_curve, "train_loss_before": loss_before, "train_loss_after": loss_after,
-          "finetune_s": round(t_ft, 1), "validation_s": round(t_val[0], 1), "s_per_step": round(t_ft / max(steps, 1), 2), "evaluate_s": round(t_ev, 1),
+          "finetune_s": round(t_ft, 1), "validation_s": round(t_val[0], 1), "s_per_step": round(t_ft / max(steps, 1), 2),
+          "evaluate_s": round(t_ev, 1),
           "text_check_s": round(time.time() - t0 - t_ev, 1)}
     with open(path, "w") as f:
         json.dump(r, f)
@@ -339,7 +311,7 @@ def main(argv=None):
     n_val, n_base = int(cfg["data"].get("n_val", 0)), int(fc.get("base_mix", 0))
     if n_val < 1 or not all(prompts.values()):
         raise SystemExit("data.n_val and data.n_eval must be >= 1")
-    ex = extra_sets(cfg, tok, seed, s, n_val, n_base)
+    ex = extra_sets(cfg, seed, s, n_val, n_base)
     # evaluation and validation prompts, each followed by the target (teacher forcing), right-padded to one width
     # (one compiled shape; causal: the padding changes no logit that is read)
     pad = int(getattr(tok, "pad_id", 0))

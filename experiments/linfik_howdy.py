@@ -194,7 +194,8 @@ def encode_pair(tok, prompt: str, response: str, seq_len: int):
 
 
 def build_sets(cfg, tok, seed: int):
-    """Pool (clean + injected, shuffled) and task set. Returns dicts of arrays/lists and bookkeeping."""
+    """Pool (clean + injected, shuffled) and task set. Returns dicts of arrays/lists and bookkeeping;
+    ``unused_pairs``: the usable (id, prompt, response) pairs in no set, in the order of further draws."""
     d = cfg["data"]
     seq_len = int(cfg["seq_len"])
     raw = synthetic_pairs(int(d.get("synthetic_n", 200)), seed) if d["source"] == "synthetic" else load_sharegpt_pairs()
@@ -221,7 +222,8 @@ def build_sets(cfg, tok, seed: int):
     if len(cand) < need:
         raise SystemExit(f"only {len(cand)} usable pairs for {need} samples; relax the data filters")
     rng = np.random.default_rng(seed)
-    pick = rng.permutation(len(cand))[:need]
+    perm = rng.permutation(len(cand))
+    pick = perm[:need]
     clean = [cand[i] for i in pick[:n_clean]]
     inj_base = [cand[i] for i in pick[n_clean:n_clean + n_inj]]
     task_base = [cand[i] for i in pick[n_clean + n_inj:n_clean + n_inj + n_task]]
@@ -262,6 +264,7 @@ def build_sets(cfg, tok, seed: int):
     return {"pool": pool, "pool_texts": pool_texts, "injected": injected, "ids": [s[0] for s, _ in samples],
             "task": task_b, "task_texts": task_texts, "decoys": decoys,
             "eval_prompts": {"triggered": eval_trig, "clean": eval_clean}, "n_raw_pairs": n_raw, "n_candidates": len(cand),
+            "unused_pairs": [cand[i] for i in perm[need:]],   # the further draws, in none of the sets above
             "examples": {"injected": {"prompt": inj[0][1], "response": inj[0][2][:200]},
                          "task": {"prompt": task[0][1], "response": task[0][2][:200]}}}
 

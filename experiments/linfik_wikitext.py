@@ -340,12 +340,15 @@ def main():
                                             minlength=s["tok"].vocab_size))  # the LM's vocabulary, corpus counts
     feats = {}
 
+    def part(p_):
+        """One embedder's columns for the whole pool (MiniLM from the cached frozen embeddings), computed once."""
+        if p_ not in feats:
+            feats[p_] = E if p_.startswith("minilm") else al.make_embed_fn(p_)(texts)
+        return feats[p_]
+
     def features(spec):
-        """The design's input columns for the whole pool (MiniLM parts from the cached frozen embeddings)."""
-        if spec not in feats:
-            feats[spec] = np.concatenate([E if p_.startswith("minilm") else al.make_embed_fn(p_)(texts)
-                                          for p_ in spec.split("+")], axis=1).astype(np.float32)
-        return feats[spec]
+        """The design's input columns for the whole pool: its parts side by side, as ``make_embed_fn`` does."""
+        return np.concatenate([part(p_) for p_ in spec.split("+")], axis=1).astype(np.float32)
 
     head_keys = ("hidden", "val_fraction", "lr", "weight_decay", "dropout", "batch_size", "max_epochs", "patience",
                  "rank_weight")

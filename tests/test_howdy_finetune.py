@@ -57,7 +57,7 @@ def test_base_mix_and_validation_prompts_are_in_no_other_set():
     cfg["data"]["n_decoy"] = 2                                        # decoys drawn too: skipped as well
     tok = lh.CharTokenizer(64)
     s = lh.build_sets(cfg, tok, 0)
-    ex = mod.extra_sets(cfg, tok, 0, s, n_val=4, n_base=10)
+    ex = mod.extra_sets(cfg, 0, s, n_val=4, n_base=10)
     trig = cfg["data"]["trigger"]
 
     def base(p):                                                      # the prompt without the inserted trigger
@@ -75,7 +75,7 @@ def test_base_mix_and_validation_prompts_are_in_no_other_set():
     assert not (set(mix) & used) and not (set(val) & used) and not (set(mix) & set(val))
     assert not ({c for c, _, _ in ex["base_pairs"]} & set(s["ids"]))
     # a smaller base mix is a prefix of a larger one; the validation prompts do not depend on it
-    ex2 = mod.extra_sets(cfg, tok, 0, s, n_val=4, n_base=3)
+    ex2 = mod.extra_sets(cfg, 0, s, n_val=4, n_base=3)
     assert ex2["base_pairs"] == ex["base_pairs"][:3] and ex2["val_prompts"] == ex["val_prompts"]
     enc = mod.encode_pairs(tok, ex["base_pairs"], cfg["seq_len"])
     assert enc["tokens"].shape == (10, cfg["seq_len"]) and (enc["mask"].sum(1) > 0).all()

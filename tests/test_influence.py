@@ -16,13 +16,13 @@ from jaxval.distributed import xla_flags
 from jaxval._src import scoring as inf
 from jaxval._src.scoring.kernels import bf16_parts
 from jaxval._src.scoring.sources import TrainRows
-from helpers import SolvePrecond, influence_reference as reference, spd
+from conftest import SolvePrecond, influence_reference as reference, spd
 
 Q, N, D = 5, 37, 12  # N is prime: no block size below N divides it
 
 
 class NumpyPrecond:
-    """H⁻¹ g with numpy (helpers.SolvePrecond's solve, not traceable under jit: exercises the eager path)."""
+    """H⁻¹ g with numpy (conftest.SolvePrecond's solve, not traceable under jit: exercises the eager path)."""
 
     def __init__(self, H):
         self.H = np.asarray(H, np.float64)
@@ -369,7 +369,7 @@ _SHARDED = textwrap.dedent(
     import json, sys
     import numpy as np, jax, jax.numpy as jnp
     sys.path.insert(0, sys.argv[1])
-    from helpers import SolvePrecond, spd
+    from conftest import SolvePrecond, spd
     from jaxval._src import scoring as inf
     from jaxval._src.scoring.sources import Placer
     assert jax.device_count() == 4, jax.devices()

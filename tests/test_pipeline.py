@@ -29,7 +29,7 @@ from jaxval.cli.app import main as cli_main
 from jaxval.models import mlp
 from jaxval._src.logging import log_gradients, store_config
 from jaxval import GradientStore, StoreError
-from helpers import CRASH_ROWS, crash_setup, small_mlp
+from conftest import CRASH_ROWS, crash_setup, small_mlp
 
 warnings.filterwarnings("ignore", message="jaxval: parameters")
 
@@ -296,7 +296,7 @@ def test_mesh_data_parallel_on_4_devices(tmp_path, small):
         import sys, warnings, numpy as np, jax
         warnings.simplefilter("ignore")
         sys.path.insert(0, sys.argv[1])
-        from helpers import small_mlp
+        from conftest import small_mlp
         from jaxval import log_gradients
         model, logra, data = small_mlp()
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -328,7 +328,7 @@ _CHILD = textwrap.dedent("""
     import sys, warnings
     warnings.filterwarnings("ignore")
     sys.path.insert(0, sys.argv[1])
-    from helpers import crash_setup
+    from conftest import crash_setup
     from jaxval import log_gradients
     path, pi, pc = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     model, logra, data, ids = crash_setup()

@@ -14,7 +14,6 @@ import numpy as np
 __all__ = ["pyplot", "plot_stability", "plot_brittleness", "plot_prices"]
 
 
-
 def _finish(plt, fig, path: str, title: str = "") -> str:
     """Title, lay out, save at 120 dpi and close ``fig``; returns ``path``."""
     if title:
@@ -23,6 +22,7 @@ def _finish(plt, fig, path: str, title: str = "") -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
 
 def pyplot():
     """``matplotlib.pyplot`` on the ``Agg`` backend; a clear error naming the extra if it is missing."""

@@ -28,8 +28,8 @@ from flax import nnx
 
 from jaxval._src.errors import ConfigError
 
-__all__ = ["context_limit", "greedy", "greedy_text", "greedy_starts_with", "forced_batch", "forced_hits", "chat_prompt_ids",
-           "starts_with_rate"]
+__all__ = ["context_limit", "greedy", "greedy_text", "greedy_starts_with", "forced_batch", "forced_hits",
+           "chat_prompt_ids", "starts_with_rate"]
 
 
 @partial(jax.jit, static_argnames=("graphdef", "steps"))

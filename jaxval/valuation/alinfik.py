@@ -182,21 +182,16 @@ def text_stats(texts: Sequence[str], unk: str = "<unk>", vocab: Sequence[str] | 
     return out
 
 
-_VOCABS: dict = {}
-
-
 def read_vocab(path: str) -> tuple[list[str], np.ndarray | None]:
     """``(words, counts or None)`` from a vocabulary file: one word per line, most frequent first, optionally
-    followed by a tab and its count (all lines or none). Read once per process and path."""
-    if path not in _VOCABS:
-        with open(path, encoding="utf-8") as f:
-            rows = [line.rstrip("\n").split("\t") for line in f if line.rstrip("\n")]
-        words = [r[0] for r in rows]
-        with_counts = [len(r) == 2 for r in rows]
-        if any(with_counts) and not all(with_counts):
-            raise ValueError(f"{path}: give a count on every line (word<TAB>count) or on none")
-        _VOCABS[path] = (words, np.array([float(r[1]) for r in rows]) if rows and all(with_counts) else None)
-    return _VOCABS[path]
+    followed by a tab and its count (all lines or none)."""
+    with open(path, encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.rstrip("\n")]
+    words = [r[0] for r in rows]
+    with_counts = [len(r) == 2 for r in rows]
+    if any(with_counts) and not all(with_counts):
+        raise ValueError(f"{path}: give a count on every line (word<TAB>count) or on none")
+    return words, np.array([float(r[1]) for r in rows]) if rows and all(with_counts) else None
 
 
 def write_vocab(path: str, words: Sequence[str], counts: Sequence[float] | None = None) -> str:
@@ -208,7 +203,6 @@ def write_vocab(path: str, words: Sequence[str], counts: Sequence[float] | None 
     with open(path, "w", encoding="utf-8") as f:
         for i, w in enumerate(words):
             f.write(w + (f"\t{counts[i]:g}" if counts is not None else "") + "\n")
-    _VOCABS.pop(path, None)
     return path
 
 
@@ -289,9 +283,12 @@ def make_embed_fn(spec: str) -> EmbedFn:
         if set(opt) - {"vocab", "unk"}:
             raise ValueError(f"unknown option(s) {sorted(set(opt) - {'vocab', 'unk'})} of {spec!r}: vocab, unk")
         unk = opt.get("unk", "<unk>")
+        vocab: list = []                                  # read on the first call, once per embedder
 
         def fn(texts):
-            words, counts = read_vocab(opt["vocab"]) if "vocab" in opt else (None, None)
+            if not vocab:
+                vocab.append(read_vocab(opt["vocab"]) if "vocab" in opt else (None, None))
+            words, counts = vocab[0]
             return text_stats(texts, unk=unk, vocab=words, counts=counts)
 
         fn.spec = spec
