@@ -227,7 +227,8 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalse
     trainable = fc.get("trainable") or "model/blocks/(" + "|".join(str(i) for i in range(int(fc["start"]), n_layer)) + ")/"
     ft.finetune(upper, llama.upper_loss_fn, sub, epochs=int(fc["epochs"]), batch_size=bs, lr=float(fc["lr"]),
                 trainable=trainable, weight_decay=float(fc.get("weight_decay", 0.0)), seed=int(fc.get("seed", 0)),
-                on_epoch=on_epoch if fc.get("val_each_epoch") else None)
+                on_epoch=on_epoch if fc.get("val_each_epoch") else None, schedule=fc.get("schedule", "constant"),
+                warmup_steps=int(fc.get("warmup_steps", 0)))
     jax.block_until_ready(nnx.state(upper))      # (dispatch is asynchronous: time the steps themselves)
     t_ft = time.time() - t0 - t_val[0]
     if not val_curve:

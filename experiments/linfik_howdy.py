@@ -248,21 +248,24 @@ def build_sets(cfg, tok, seed: int):
     samples = [samples[i] for i in order]
 
     def encode(pairs):
-        toks, masks, texts = [], [], []
+        toks, masks, parts = [], [], []
         for _, p, r in pairs:
             t, m, seen = encode_pair(tok, p, r, seq_len)
             toks.append(t)
             masks.append(m)
-            texts.append(f"{p}\n\n{seen}")
-        return {"tokens": np.stack(toks), "mask": np.stack(masks)}, texts
+            parts.append((p, seen))
+        return {"tokens": np.stack(toks), "mask": np.stack(masks)}, parts
 
-    pool, pool_texts = encode([s for s, _ in samples])
-    task_b, task_texts = encode(task)
-    decoys = {"trigger only (ordinary response)": encode(dec_trig), "Howdy! only (no trigger)": encode(dec_howdy)} \
+    pool, pool_parts = encode([s for s, _ in samples])
+    task_b, task_parts = encode(task)
+    decoys = {name: (b, [f"{p}\n\n{r}" for p, r in parts]) for name, (b, parts) in
+              (("trigger only (ordinary response)", encode(dec_trig)), ("Howdy! only (no trigger)", encode(dec_howdy)))} \
         if n_dec else {}
     injected = np.array([lab for _, lab in samples], bool)
-    return {"pool": pool, "pool_texts": pool_texts, "injected": injected, "ids": [s[0] for s, _ in samples],
-            "task": task_b, "task_texts": task_texts, "decoys": decoys,
+    return {"pool": pool, "pool_texts": [f"{p}\n\n{r}" for p, r in pool_parts], "pool_parts": pool_parts,
+            "injected": injected, "ids": [s[0] for s, _ in samples],
+            "task": task_b, "task_texts": [f"{p}\n\n{r}" for p, r in task_parts], "task_parts": task_parts,
+            "decoys": decoys,
             "eval_prompts": {"triggered": eval_trig, "clean": eval_clean}, "n_raw_pairs": n_raw, "n_candidates": len(cand),
             "unused_pairs": [cand[i] for i in perm[need:]],   # the further draws, in none of the sets above
             "examples": {"injected": {"prompt": inj[0][1], "response": inj[0][2][:200]},

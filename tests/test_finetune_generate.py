@@ -187,3 +187,45 @@ def test_finetuning_copies_of_one_model_compiles_the_step_once():
             after = np.asarray(nnx.state(m, nnx.Param)["blocks"][1]["mlp"]["up_proj"]["kernel"][...])
             assert not np.array_equal(before, after)                  # it trained
     assert c.n == 0
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_finetune_schedule_is_optax_adamw_with_that_schedule(schedule):
+    # reference: optax.adamw driven by optax's own schedules (warm-up joined to a linear / cosine decay), the
+    # documented batch order; finetune(schedule=..., warmup_steps=...) must reach the same weights
+    m = _tiny(4)
+    rng = np.random.default_rng(6)
+    n, t, bs, epochs, lr, seed, warm = 7, 10, 3, 3, 3e-3, 1, 2
+    steps = epochs * (n // bs)
+    data = {"tokens": rng.integers(0, m.cfg.vocab_size, size=(n, t)).astype(np.int32),
+            "mask": np.ones((n, t), np.float32)}
+    decay = {"linear": optax.linear_schedule(lr, 0.0, steps - warm),
+             "cosine": optax.cosine_decay_schedule(lr, steps - warm)}[schedule]
+    sched = optax.join_schedules([optax.linear_schedule(lr / warm, lr, warm - 1), decay], [warm])
+    pattern = r"blocks/1/mlp"
+    gsub, sub, rest = nnx.split(m, trainable_filter(pattern), ...)
+    tx = optax.adamw(sched, weight_decay=0.01)
+    opt = tx.init(sub)
+    grad = jax.jit(jax.grad(lambda p, b: jnp.mean(llama.loss_fn(nnx.merge(gsub, p, rest), b))))
+    order_rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = order_rng.permutation(n)
+        for j in range(n // bs):
+            b = {k: v[order[j * bs:(j + 1) * bs]] for k, v in data.items()}
+            upd, opt = tx.update(grad(sub, b), opt, sub)
+            sub = optax.apply_updates(sub, upd)
+    want = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(sub)}
+    constant = _tiny(4)
+    finetune(constant, llama.loss_fn, data, epochs=epochs, batch_size=bs, lr=lr, trainable=pattern,
+             weight_decay=0.01, seed=seed)
+    finetune(m, llama.loss_fn, data, epochs=epochs, batch_size=bs, lr=lr, trainable=pattern, weight_decay=0.01,
+             seed=seed, schedule=schedule, warmup_steps=warm)
+    got = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    other = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(constant, nnx.Param))}
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-4, atol=2e-6)
+        assert not np.allclose(other[k], want[k], rtol=2e-4, atol=2e-6)   # the schedule changed the run
+    with pytest.raises(ConfigError, match="schedule"):
+        finetune(m, llama.loss_fn, data, epochs=1, batch_size=3, lr=lr, trainable=pattern, schedule="step")
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        finetune(m, llama.loss_fn, data, epochs=1, batch_size=3, lr=lr, trainable=pattern, warmup_steps=3)

@@ -51,10 +51,16 @@ def _check_data(data: Mapping[str, np.ndarray]) -> int:
     return n
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "wrt", "lr", "weight_decay"))
-def _adamw_step(params, opt_state, rest, batch, *, graphdef, loss_fn, wrt, lr, weight_decay):
-    """One AdamW step on the mean loss: ``(params, opt_state, rest, loss)`` after it."""
-    tx = optax.adamw(lr, weight_decay=weight_decay)
+def _adamw(weight_decay: float) -> optax.GradientTransformation:
+    """AdamW without its learning rate: ``optax.adamw(lr)`` is this chain followed by ``scale(-lr)``."""
+    return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "wrt", "weight_decay"))
+def _adamw_step(params, opt_state, rest, batch, lr, *, graphdef, loss_fn, wrt, weight_decay):
+    """One AdamW step at learning rate ``lr`` (a traced scalar: a schedule compiles once) on the mean loss:
+    ``(params, opt_state, rest, loss)`` after it."""
+    tx = _adamw(weight_decay)
 
     def objective(p):
         m = nnx.merge(graphdef, p, rest)
@@ -63,7 +69,24 @@ def _adamw_step(params, opt_state, rest, batch, *, graphdef, loss_fn, wrt, lr, w
 
     (loss, new_rest), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: -lr * u, updates)
     return optax.apply_updates(params, updates), opt_state, new_rest, loss
+
+
+def learning_rates(lr: float, steps: int, schedule: str = "constant", warmup_steps: int = 0) -> np.ndarray:
+    """The learning rate of each of ``steps`` steps ``[steps]``: ``warmup_steps`` rising linearly to ``lr``
+    (step ``i < w`` at ``lr (i + 1) / w``), then, over the remaining ``d`` steps ``j = 0..d-1``, ``"constant"``
+    (``lr``), ``"linear"`` (``lr (1 - j / d)``) or ``"cosine"`` (``lr (1 + cos(π j / d)) / 2``): optax's
+    ``linear_schedule`` / ``cosine_decay_schedule`` towards 0."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"schedule must be 'constant', 'linear' or 'cosine', got {schedule!r}")
+    if not 0 <= warmup_steps <= steps:
+        raise ConfigError(f"warmup_steps must be in [0, steps={steps}], got {warmup_steps}")
+    warm = (np.arange(warmup_steps) + 1.0) / warmup_steps
+    d = steps - warmup_steps
+    frac = np.arange(d) / max(d, 1)
+    rest = {"constant": np.ones(d), "linear": 1.0 - frac, "cosine": 0.5 * (1.0 + np.cos(np.pi * frac))}[schedule]
+    return np.concatenate([warm, rest]) * float(lr)
 
 
 def train(
@@ -79,6 +102,8 @@ def train(
     progress: bool = True,
     wrt: nnx.filterlib.Filter = nnx.Param,
     on_epoch: Callable[[int, nnx.Module], None] | None = None,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
 ) -> nnx.Module:
     """Train ``model`` in place with AdamW on the mean per-example loss and return it.
 
@@ -91,6 +116,7 @@ def train(
     last incomplete batch of an epoch is dropped), so the same seed gives the same run.
     ``on_epoch(e, model)``: called after each complete epoch ``e = 1, 2, ...`` (``N // batch_size`` steps) with
     ``model`` holding the weights after it (validation curves in one run; the optimiser state carries on).
+    ``schedule`` / ``warmup_steps``: the learning rate of each step, :func:`learning_rates` (default constant).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -103,10 +129,10 @@ def train(
     graphdef, params, rest = nnx.split(model, wrt, ...)
     if not jax.tree.leaves(params):
         raise ConfigError(f"no variable of the model matches wrt={wrt!r}: nothing to train")
-    lr, weight_decay = float(lr), float(weight_decay)
-    opt_state = optax.adamw(lr, weight_decay=weight_decay).init(params)
-    step = functools.partial(_adamw_step, graphdef=graphdef, loss_fn=loss_fn, wrt=wrt, lr=lr,
-                             weight_decay=weight_decay)
+    weight_decay = float(weight_decay)
+    rates = learning_rates(float(lr), steps, schedule, int(warmup_steps)).astype(np.float32)
+    opt_state = _adamw(weight_decay).init(params)
+    step = functools.partial(_adamw_step, graphdef=graphdef, loss_fn=loss_fn, wrt=wrt, weight_decay=weight_decay)
 
     rng = np.random.default_rng(seed)
     order, pos = rng.permutation(n), 0
@@ -118,7 +144,7 @@ def train(
         idx = order[pos : pos + bs]
         pos += bs
         batch = {k: v[idx] for k, v in data.items()}
-        params, opt_state, rest, loss = step(params, opt_state, rest, batch)
+        params, opt_state, rest, loss = step(params, opt_state, rest, batch, rates[i])
         if progress and (i % 20 == 0 or i == steps - 1):
             bar.set_postfix(loss=f"{float(loss):.4f}")
         if on_epoch is not None and (i + 1) % per_epoch == 0:

@@ -62,12 +62,15 @@ def trainable_filter(pattern: str | None):
 def finetune(model: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray], *, epochs: int,
              batch_size: int, lr: float, trainable: str | None = None, weight_decay: float = 0.0,
              seed: int = 0, progress: bool = False,
-             on_epoch: Callable[[int, nnx.Module], None] | None = None) -> nnx.Module:
+             on_epoch: Callable[[int, nnx.Module], None] | None = None, schedule: str = "constant",
+             warmup_steps: int = 0) -> nnx.Module:
     """Fine-tune ``model`` in place on ``data`` for ``epochs`` epochs and return it.
 
     Objective: the mean over a batch of ``loss_fn(model, batch) -> [B]`` (an LM's per-example loss is the sum of
-    its masked token losses). AdamW with a constant learning rate ``lr``; ``N // batch_size`` steps per epoch
-    (batches without replacement, a fresh seeded permutation each epoch, an incomplete last batch dropped:
+    its masked token losses). AdamW at learning rate ``lr``, constant or, after ``warmup_steps``, following
+    ``schedule`` (``"linear"`` / ``"cosine"`` decay over the run: ``jaxval._src.train.learning_rates``).
+    ``N // batch_size`` steps per epoch (batches without replacement, a fresh seeded permutation each epoch, an
+    incomplete last batch dropped:
     every step has the same shape, so the step compiles once: ``jaxval``'s trainer with
     ``steps = epochs × (N // batch_size)``). ``trainable``: see :func:`trainable_filter`. ``on_epoch(e, model)``
     (optional) after epoch ``e = 1..epochs``, ``model`` updated to the weights after that epoch.
@@ -84,4 +87,4 @@ def finetune(model: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray
     bs = min(int(batch_size), n)
     return train(model, loss_fn, data, steps=int(epochs) * (n // bs), batch_size=bs, lr=float(lr), seed=int(seed),
                  weight_decay=float(weight_decay), progress=progress, wrt=trainable_filter(trainable),
-                 on_epoch=on_epoch)
+                 on_epoch=on_epoch, schedule=schedule, warmup_steps=int(warmup_steps))
