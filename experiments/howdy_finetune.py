@@ -188,6 +188,12 @@ def fresh_model(graphdef, state):
     return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
 
 
+def teacher_key(cfg) -> str:
+    """The cache folder (under ``cache``) of the pool's bottom states, LoGra gradients and teacher scores."""
+    return _hash([lh.pool_key(cfg), cfg["model"], cfg["seq_len"], cfg["logra"], int(cfg["seed"]),
+                  int(cfg["finetune"]["start"])])
+
+
 def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalset, valset, prompts, target, cfg,
                cache_dir, log, cached_only: bool = False):
     """Fine-tune the top blocks of a fresh copy of the base model on ``data[sel]`` added to the clean
@@ -300,7 +306,7 @@ def main(argv=None):
     fc, gc = cfg["finetune"], cfg["generation"]
     start = int(fc["start"])
     lg = cfg["logra"]
-    key = _hash([lh.pool_key(cfg), cfg["model"], cfg["seq_len"], lg, seed, start])
+    key = teacher_key(cfg)
     cdir = os.path.join(cache_root, key)
     os.makedirs(cdir, exist_ok=True)
     t0 = time.time()

@@ -44,6 +44,26 @@ def test_student_learns_synthetic_target(tmp_path):
         st.save(str(tmp_path / "student"))
 
 
+def test_student_ignores_columns_constant_in_training(tmp_path):
+    # a feature that never varies among the training rows (a token no training text has) carries nothing the
+    # head could learn: whatever value it takes at prediction time must not move the score (dividing by its ~0
+    # spread would turn a 1 into ~1e6 and the score into noise); after a save / load round trip too
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    x[:, 2] = 0.25                                              # constant in every training row
+    v = x[:, 0] - 0.5 * x[:, 1] + 0.1 * rng.normal(size=300)
+    st = fit_student(None, v, lambda t: None, embeddings=x, hidden=(16,), seed=0, max_epochs=150, patience=40)
+    probe = rng.normal(size=(40, 6)).astype(np.float32)
+    probe[:, 2] = 0.25
+    moved = probe.copy()
+    moved[:, 2] = np.tile([1.0, -3.0, 40.0, 0.0, 0.26, 1e3, -1e3, 2.0, 0.5, 7.0], 4)
+    p0 = st.predict_embeddings(probe)
+    np.testing.assert_array_equal(st.predict_embeddings(moved), p0)
+    assert np.std(p0) > 0 and spearman(p0, probe[:, 0] - 0.5 * probe[:, 1]) > 0.6     # it did learn the rest
+    st.save(str(tmp_path / "s"))
+    np.testing.assert_array_equal(Student.load(str(tmp_path / "s"), embed_fn=lambda t: None).predict_embeddings(moved), p0)
+
+
 def test_student_target_shuffle_fails():
     """The Spearman check can fail: a student trained on shuffled targets does not predict held-out ones."""
     fn = make_embed_fn("hashed:dim=256")

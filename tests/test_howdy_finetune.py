@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
+def _module(name="howdy_finetune"):
     sys.path.insert(0, str(ROOT / "experiments"))
-    spec = importlib.util.spec_from_file_location("howdy_finetune", ROOT / "experiments" / "howdy_finetune.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -110,3 +112,41 @@ def test_howdy_finetune_tiny(tmp_path):
     assert (tmp_path / "prices.png").stat().st_size > 0
     assert (tmp_path / "statement.md").read_text().startswith("# Data prices")
     assert (tmp_path / "README.md").read_text().startswith("# ")
+
+    # the student designs, cross-validated on the cached teacher of that run
+    r = subprocess.run([sys.executable, "experiments/howdy_student_designs.py", "--tiny", "--out", str(tmp_path),
+                        "--cache", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads((tmp_path / "student_designs.json").read_text())
+    cfg = res["config"]
+    assert d["n_pool"] == 42 and d["n_labelled"] == round(cfg["student"]["label_fraction"] * 42)
+    assert d["best_student"]["student_embed"] in cfg["student_designs"]["embeds"]
+    assert all(-1 <= x["cv_spearman"] <= 1 for x in d["rows"]) and len(d["rows"]) >= 10
+    assert -1 <= d["teacher_split_half"]["spearman_pool"] <= 1
+
+
+def test_ridge_and_cross_validation_of_the_student_designs():
+    sd = _module("howdy_student_designs")
+    rng = np.random.default_rng(0)
+    x, x_te = rng.normal(size=(30, 50)), rng.normal(size=(7, 50))
+    y = rng.normal(size=30)
+    # the dual-form ridge equals the primal solution on the standardised columns (an intercept = the mean)
+    mu, sd_ = x.mean(0), x.std(0) + 1e-6
+    a = (x - mu) / sd_
+    w = np.linalg.solve(a.T @ a + 0.5 * 30 * np.eye(50), a.T @ (y - y.mean()))
+    np.testing.assert_allclose(sd.ridge_predict(x, y, x_te, 0.5), ((x_te - mu) / sd_) @ w + y.mean(), rtol=1e-8)
+    # cross-validation: a feature that is the target ranks perfectly out of fold; pure noise does not
+    v = rng.normal(size=60)
+    lab = np.arange(60)
+    ridge = lambda a_, y_, b_: sd.ridge_predict(a_, y_, b_, 1e-3)       # noqa: E731
+    m, se = sd.cv_spearman(v[:, None], v, lab, ridge, 5, [1, 2, 3])
+    assert m > 0.999 and se < 1e-3
+    m, _ = sd.cv_spearman(rng.normal(size=(60, 3)), v, lab, ridge, 5, [1, 2, 3])
+    assert m < 0.5
+    # the token features: frequencies of the loss tokens and the mean of their embedding rows
+    toks = np.array([[1, 2, 2, 3], [0, 3, 3, 3]])
+    mask = np.array([[0, 1, 1, 1], [1, 0, 0, 1]])
+    table = rng.normal(size=(4, 2))
+    f = sd.token_features(toks, mask, table)
+    np.testing.assert_allclose(f["bag"], [[0, 0, 2 / 3, 1 / 3], [0.5, 0, 0, 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(f["embed"][1], (table[0] + table[3]) / 2, rtol=1e-5)

@@ -58,7 +58,7 @@ import optax
 from flax import nnx
 
 from jaxval._src.stats import pearson, rankdata, spearman
-from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance, distill_loss, encode_lower,
+from jaxval.valuation.student import (EncoderStudent, column_stats, Head, LowerStates, advance, distill_loss, encode_lower,
                                       fit_encoder_student, frozen_embeddings, ranknet_loss, resolve_encoder,
                                       restore_student, save_student, split_labelled, distill_fns)
 
@@ -417,8 +417,7 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
         raise ValueError(f"embeddings must be [n={len(v)}, d], got {x_all.shape}")
     n = len(v)
     it, iv = split_labelled(n, val_fraction, seed)
-    x_mu = x_all[it].mean(0)
-    x_sd = x_all[it].std(0) + 1e-6
+    x_mu, x_sd = column_stats(x_all[it])
     y_mu, y_sd = float(v[it].mean()), float(v[it].std() + 1e-12)
     x = (x_all - x_mu) / x_sd
     y = ((v - y_mu) / y_sd).astype(np.float32)

@@ -86,6 +86,16 @@ def distill_loss(s, y, rank_weight: float = 1.0, tau: float = 1.0, huber_delta: 
     return jnp.mean(optax.huber_loss(s, y, delta=huber_delta)) + rank_weight * ranknet_loss(s, y, tau)
 
 
+def column_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, scale)`` ``[d]`` of the training rows ``x [n, d]``: the students feed ``(x - mean) / scale``.
+    A column (nearly) constant over the training rows gets scale ``inf``, so it reads 0 everywhere: it carries
+    nothing the head can learn, and dividing by its ~0 spread would blow up any other value it takes at
+    prediction time (a token absent from every training text, say) into a huge input and a wrong score."""
+    x = np.asarray(x, np.float32)
+    mu, sd = x.mean(0), x.std(0)
+    return mu, np.where(sd > 1e-6 * (1.0 + np.abs(mu)), sd, np.float32(np.inf)).astype(np.float32)
+
+
 def split_labelled(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train, val)`` indices of a labelled sample of ``n`` (seeded permutation; both students use it)."""
     if not 0 < val_fraction < 1:
@@ -386,7 +396,7 @@ def fit_encoder_student(texts: Sequence[str] | None, v, encoder=DEFAULT_ENCODER,
     it, iv = split_labelled(len(v), val_fraction, seed)
     e_all = frozen_embeddings(enc, states)
     e_tr = e_all[it]
-    x_mu, x_sd = e_tr.mean(0), e_tr.std(0) + 1e-6
+    x_mu, x_sd = column_stats(e_tr)
     y_mu, y_sd = float(v[it].mean()), float(v[it].std() + 1e-12)
     y = ((v - y_mu) / y_sd).astype(np.float32)
     hidden = [int(h) for h in hidden]

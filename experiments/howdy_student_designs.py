@@ -1,0 +1,202 @@
+"""Issue 19: which cheap student can learn the Howdy! teacher? Cross-validated designs on the labelled sample.
+
+Reads the teacher that ``experiments/howdy_finetune.py`` computed (layer-normalised LinFiK of every pool sample,
+cached under its ``cache``; run it first) and fits students on the same labelled sample (``student.label_fraction``
+of the pool, the same seeded draw). Every design is scored by ``folds``-fold cross-validation inside the labelled
+sample, repeated over ``fold_seeds`` (the out-of-fold Spearman against the teacher: mean ± se over the repeats);
+the samples the students are evaluated on in ``howdy_finetune`` are not used. Designs = text view × features × head:
+
+* views: the text the LM saw (``prompt \\n\\n response``), the prompt, the response;
+* features: MiniLM embeddings, hashed n-grams, ``textstats``, and two tokenizer-aware ones that never run the LM:
+  the bag of the LM's tokens of the response (its loss tokens, frequencies) and the mean of the LM's own
+  embedding-table rows over those tokens;
+* heads: the library's MLP head (:func:`jaxval.alinfik.fit_student`: Huber + ranking loss, early stopping) and,
+  as a diagnostic of whether the head is the bottleneck, closed-form ridge regression.
+
+Also the teacher's own split-half reliability: LinFiK from half of the task samples vs the other half.
+
+    nice -n 10 python experiments/howdy_student_designs.py [--config configs/howdy_finetune.yaml] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_config  # noqa: E402
+import howdy_finetune as hf  # noqa: E402
+import linfik_howdy as lh  # noqa: E402
+
+from jaxval import GradientStore, LoGra  # noqa: E402
+from jaxval.evaluation import spearman  # noqa: E402
+from jaxval.models import llama  # noqa: E402
+from jaxval.valuation import alinfik as al  # noqa: E402
+from jaxval.valuation.linfik import layer_normalize  # noqa: E402
+
+
+def token_features(tokens: np.ndarray, mask: np.ndarray, table: np.ndarray) -> dict[str, np.ndarray]:
+    """Per sample, over its loss tokens (``mask > 0``): ``"bag"`` ``[n, V]`` token frequencies and ``"embed"``
+    ``[n, d]`` the mean of ``table`` rows (the LM's input embedding)."""
+    n, vocab = len(tokens), table.shape[0]
+    bag = np.zeros((n, vocab), np.float32)
+    for i in range(n):                   # (offline feature extraction, once per pool)
+        t = tokens[i][mask[i] > 0]
+        np.add.at(bag[i], t, 1.0 / max(len(t), 1))
+    return {"bag": bag, "embed": bag @ table}
+
+
+def ridge_predict(x_tr, y_tr, x_te, lam: float) -> np.ndarray:
+    """Closed-form ridge on standardised columns (the dual form: cheap when columns outnumber rows)."""
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
+    y = y_tr - y_tr.mean()
+    return b @ (a.T @ np.linalg.solve(a @ a.T + lam * len(a) * np.eye(len(a)), y)) + y_tr.mean()
+
+
+def cv_spearman(x, v, lab, head, folds: int, fold_seeds) -> tuple[float, float]:
+    """Out-of-fold Spearman inside ``lab`` (``folds`` folds per seed): mean and standard error over the seeds."""
+    rhos = []
+    for fs in fold_seeds:
+        fold = np.random.default_rng(int(fs)).permutation(len(lab)) % folds
+        oof = np.zeros(len(lab))
+        for f in range(folds):
+            tr, te = lab[fold != f], lab[fold == f]
+            oof[fold == f] = head(x[tr], v[tr], x[te])
+        rhos.append(spearman(oof, v[lab]))
+    return float(np.mean(rhos)), float(np.std(rhos, ddof=1) / np.sqrt(len(rhos))) if len(rhos) > 1 else 0.0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/howdy_finetune.yaml")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.tiny)
+    cache_root, out = args.cache or cfg["cache"], args.out or cfg["out"]
+    dc = cfg.get("student_designs") or {}
+    folds, fold_seeds = int(dc.get("folds", 5)), dc.get("fold_seeds", [3, 4, 5, 6])
+    seed = int(cfg["seed"])
+    cdir = os.path.join(cache_root, hf.teacher_key(cfg))
+    tpath = os.path.join(cdir, "linfik.npy")
+    if not os.path.exists(tpath):
+        raise SystemExit(f"no teacher scores at {tpath}: run experiments/howdy_finetune.py with this config first")
+    t_all = time.time()
+    model, tok = lh.load_model(cfg["model"], seed)
+    s = lh.build_sets(cfg, tok, seed)
+    v = np.load(tpath)
+    n = len(v)
+    if n != len(s["pool_texts"]):
+        raise SystemExit(f"the cached teacher has {n} scores, the pool {len(s['pool_texts'])} samples")
+    sc = cfg["student"]
+    lab = np.sort(np.random.default_rng(seed + 2).permutation(n)[: int(round(sc["label_fraction"] * n))])
+
+    views = {"full": s["pool_texts"], "prompt": [p for p, _ in s["pool_parts"]],
+             "response": [r for _, r in s["pool_parts"]]}
+    table = np.asarray(model.embed.embedding[...], np.float32)
+    tf = token_features(np.asarray(s["pool"]["tokens"]), np.asarray(s["pool"]["mask"]), table)
+    # name -> (features, the `student.embed` spec when the library's text student can compute them, else None)
+    feats: dict[str, tuple[np.ndarray, str | None]] = {
+        "LM tokens of the response (bag)": (tf["bag"], None),
+        "LM embedding-table mean of the response tokens": (tf["embed"], None)}
+    embeds = dc.get("embeds", ["minilm:max_length=128", "hashed:dim=512", "textstats", "minilm:max_length=128+textstats"])
+    for spec in embeds:
+        efn = al.make_embed_fn(spec)
+        e = {k: np.asarray(efn(t), np.float32) for k, t in views.items()}
+        for k in views:
+            feats[f"{spec} of the {k}"] = (e[k], spec if k == "full" else None)
+        feats[f"{spec} of the prompt + of the response"] = (np.concatenate([e["prompt"], e["response"]], 1), None)
+
+    kw = {k: sc[k] for k in ("hidden", "val_fraction", "lr", "weight_decay", "dropout", "batch_size", "max_epochs",
+                             "patience", "rank_weight")}
+
+    def mlp(x_tr, y_tr, x_te):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return al.fit_student(None, y_tr, None, embeddings=x_tr, seed=seed, **kw).predict_embeddings(x_te)
+
+    lams = [float(x) for x in dc.get("ridge_lambdas", [0.1, 1.0, 10.0])]
+    rows = []
+    for name, (x, spec) in feats.items():
+        heads = [(f"ridge λ={lam:g}", lambda a, y, b, lam=lam: ridge_predict(a, y, b, lam)) for lam in lams]
+        if x.shape[1] <= 4096:           # (the MLP on the 49152-column token bag: minutes for nothing)
+            heads.insert(0, (f"MLP {list(kw['hidden'])} (fit_student)", mlp))
+        for head_name, head in heads:
+            t0 = time.time()
+            m, se = cv_spearman(x, v, lab, head, folds, fold_seeds)
+            rows.append({"features": name, "head": head_name, "cv_spearman": round(m, 4), "cv_se": round(se, 4),
+                         "dim": int(x.shape[1]), "s": round(time.time() - t0, 1),
+                         "student_embed": spec if head is mlp else None})
+        print(" | ".join(f"{r['head']} {r['cv_spearman']:.3f}" for r in rows[-len(heads):]), "--", name, flush=True)
+    best = max(rows, key=lambda r: r["cv_spearman"])
+    # the library's text student (fit_student on make_embed_fn(spec) of the text the LM saw): howdy_finetune's
+    # student.embed is this choice
+    best_student = max((r for r in rows if r["student_embed"]), key=lambda r: r["cv_spearman"])
+
+    # the teacher's split-half reliability: LinFiK from half of the task vs from the other half
+    upper = llama.Upper(model, int(cfg["finetune"]["start"]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not tracked by LoGra.*")
+        lg = cfg["logra"]
+        logra = LoGra(upper, llama.upper_loss_fn, rank=int(lg["rank"]), seed=int(lg["seed"]), layers=lg["layers"])
+    gz = np.asarray(layer_normalize(logra, GradientStore.open(os.path.join(cdir, "pool_grads")).read()))
+    gt = np.asarray(layer_normalize(logra, GradientStore.open(os.path.join(cdir, "task_grads")).read()))
+    if not np.allclose(gz @ gt.mean(0) * float(cfg["linfik_lr"]), v, rtol=1e-4, atol=1e-5):
+        raise SystemExit("the cached gradients do not give the cached teacher scores: stale cache")
+    clean = ~s["injected"]
+    halves = []
+    for r_ in range(int(dc.get("split_halves", 5))):
+        p = np.random.default_rng(100 + r_).permutation(len(gt))
+        a, b = gz @ gt[p[: len(p) // 2]].mean(0), gz @ gt[p[len(p) // 2:]].mean(0)
+        halves.append((spearman(a, b), spearman(a[clean], b[clean])))
+    halves = np.asarray(halves)
+    res = {"command": f"python experiments/howdy_student_designs.py --config {args.config}"
+                      + (" --tiny" if args.tiny else ""),
+           "date": datetime.date.today().isoformat(), "machine": cfg.get("machine"), "n_pool": n,
+           "n_labelled": int(len(lab)), "n_injected_labelled": int(s["injected"][lab].sum()), "folds": folds,
+           "fold_seeds": list(fold_seeds), "rows": rows, "best": best, "best_student": best_student,
+           "teacher_split_half": {"spearman_pool": round(float(halves[:, 0].mean()), 4),
+                                  "spearman_clean": round(float(halves[:, 1].mean()), 4), "repeats": len(halves)},
+           "total_s": round(time.time() - t_all, 1)}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "student_designs.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(out, "student_designs.md"), "w") as f:
+        f.write(report(res))
+    print(report(res))
+    return res
+
+
+def report(r) -> str:
+    L = ["# Howdy! students: cross-validated designs (issue 19)", "",
+         f"Command: `{r['command']}`  ", f"Date: {r['date']}; machine: {r['machine']}.", "",
+         f"Labelled sample: {r['n_labelled']} of the {r['n_pool']} pool samples ({r['n_injected_labelled']} injected), "
+         f"the draw `howdy_finetune` trains its students on. Score: out-of-fold Spearman against the teacher "
+         f"(layer-normalised LinFiK) in {r['folds']}-fold cross-validation inside the labelled sample, mean ± se over "
+         f"{len(r['fold_seeds'])} fold draws; the held-out pool samples are not used.", "",
+         f"Teacher's split-half reliability (LinFiK from half of the task samples vs the other half, "
+         f"{r['teacher_split_half']['repeats']} splits): Spearman {r['teacher_split_half']['spearman_pool']:.3f} "
+         f"over the pool, {r['teacher_split_half']['spearman_clean']:.3f} over its clean samples.", "",
+         "| features | head | dim | CV Spearman ± se | s |", "|---|---|---|---|---|"]
+    for x in sorted(r["rows"], key=lambda x: -x["cv_spearman"]):
+        L.append(f"| {x['features']} | {x['head']} | {x['dim']} | {x['cv_spearman']:.3f} ± {x['cv_se']:.3f} | {x['s']} |")
+    b = r["best"]
+    c = r["best_student"]
+    L += ["", f"Best: {b['features']} with {b['head']}, CV Spearman {b['cv_spearman']:.3f} ± {b['cv_se']:.3f}.",
+          f"Best text student of the library (`jaxval.alinfik.fit_student` on `make_embed_fn(spec)` of the text the "
+          f"LM saw; `howdy_finetune`'s `student.embed`): `{c['student_embed']}`, CV Spearman {c['cv_spearman']:.3f} ± "
+          f"{c['cv_se']:.3f}.", ""]
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    main()
