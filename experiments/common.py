@@ -41,6 +41,39 @@ def parse(description: str, default_config: str):
     return cfg
 
 
+class HashWordTokenizer:
+    """Tiny-mode tokenizer for a tiny BERT: ``[CLS]`` = 1, ``[SEP]`` = 2, whitespace words hashed into the
+    vocabulary, truncated to ``max_length``, right-padded; called on a list of texts like the MiniLM tokenizer."""
+
+    def __init__(self, vocab_size: int, max_length: int):
+        self.v, self.max_length = vocab_size, max_length
+
+    def __call__(self, texts):
+        import hashlib
+
+        rows = []
+        for t in texts:
+            ids = [3 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little") % (self.v - 3)
+                   for w in t.split()]
+            rows.append([1] + ids[: self.max_length - 2] + [2])
+        width = max(map(len, rows))
+        ids = np.zeros((len(rows), width), np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_encoder(seed: int = 0):
+    """``(random tiny BertEncoder, HashWordTokenizer)``: the encoder of the experiments' ``--tiny`` smoke runs."""
+    from flax import nnx
+
+    from jaxval.models import bert
+
+    cfg = bert.tiny_config(vocab_size=256, d_model=32, n_layer=2, n_head=4, d_ff=64, max_position=64)
+    return bert.BertEncoder(cfg, rngs=nnx.Rngs(seed)), HashWordTokenizer(256, 64)
+
+
 def cached(path: str, fn):
     """``np.load(path)`` if it exists, else ``fn()`` saved there."""
     if os.path.exists(path):

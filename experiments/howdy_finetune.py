@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cached, load_config  # noqa: E402
+from common import cached, load_config, tiny_encoder  # noqa: E402
 import linfik_howdy as lh  # noqa: E402  (pool construction, cached gradients, model loading)
 
 from jaxval import LoGra  # noqa: E402
@@ -64,30 +64,6 @@ from jaxval.valuation.linfik import layer_normalize  # noqa: E402
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-class HashTokenizer:
-    """Tiny-mode tokenizer for a tiny BERT: ``[CLS]`` = 1, ``[SEP]`` = 2, characters hashed into the vocabulary,
-    truncated to ``max_length``; called on a list of texts like the MiniLM tokenizer."""
-
-    def __init__(self, vocab_size: int, max_length: int):
-        self.vocab_size, self.max_length = vocab_size, max_length
-
-    def __call__(self, texts):
-        rows = [[1] + [3 + ord(c) % (self.vocab_size - 3) for c in t][: self.max_length - 2] + [2] for t in texts]
-        ids = np.zeros((len(rows), max(map(len, rows))), np.int32)
-        mask = np.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = r, 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
-def tiny_encoder(seed: int):
-    """``(tiny random BertEncoder, HashTokenizer)`` for the tiny smoke run."""
-    from jaxval.models import bert
-
-    cfg = bert.tiny_config(n_layer=2, max_position=64)
-    return bert.BertEncoder(cfg, rngs=nnx.Rngs(seed)), HashTokenizer(cfg.vocab_size, cfg.max_position)
 
 
 def extra_sets(cfg, seed: int, s: dict, n_val: int, n_base: int) -> dict:

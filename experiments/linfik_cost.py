@@ -1,7 +1,7 @@
 """Experiment 3 (cost): samples/s of LinFiK (LoGra gradients of the LLM for each pool sample) vs the ALinFiK
 student (MiniLM with its top blocks fine-tuned + MLP head; frozen-feature students as baselines), and the speed-up as the LLM grows (GPT sizes, SmolLM2-135M).
 
-    python experiments/linfik_cost.py --config configs/linfik_cost.yaml
+    python experiments/linfik_cost.py --config configs/linfik_cost.yaml [--tiny] [--out DIR]
 
 LinFiK cost per pool sample = one LoGra projected gradient (fast path, jit, batch ``batch_size``) plus the dot
 with the task gradient; the task gradient is computed once and amortised over the pool (not counted). Student
@@ -15,16 +15,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxval import LoGra
-from jaxval.cli.config import load_config
-from jaxval.valuation import alinfik as al
-from jaxval.models.gpt import GPT, GPTConfig, loss_fn as gpt_loss, param_count
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_config, tiny_encoder  # noqa: E402
+
+from jaxval import LoGra  # noqa: E402
+from jaxval.valuation import alinfik as al  # noqa: E402
+from jaxval.models.gpt import GPT, GPTConfig, loss_fn as gpt_loss, param_count  # noqa: E402
 
 
 def _time(fn, repeats):
@@ -51,8 +54,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/linfik_cost.yaml")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tiny", action="store_true", help="apply the config's `tiny:` overrides (seconds)")
     args = ap.parse_args()
-    cfg = load_config(args.config, None)  # free-form: the keys this script reads
+    cfg = load_config(args.config, args.tiny)  # free-form: the keys this script reads
     out = args.out or cfg["out"]
     os.makedirs(out, exist_ok=True)
     from jaxval.data import load_text
@@ -64,7 +68,8 @@ def main():
     # ---- students: the fine-tuned one (MiniLM, top blocks + head) and the frozen-feature baselines
     stud = {}
     for spec in cfg.get("finetuned_students", []):
-        ft = al.fit_encoder_student(texts[:32], np.arange(32, dtype=np.float32), spec["encoder"],
+        encoder = tiny_encoder(0) if spec["encoder"] == "tiny" else spec["encoder"]
+        ft = al.fit_encoder_student(texts[:32], np.arange(32, dtype=np.float32), encoder,
                                     n_finetune=int(spec["n_finetune"]), hidden=cfg["student_hidden"], max_epochs=1,
                                     patience=1)
         ft.score(texts[: min(64, n)])   # warm-up / compile at the batch shapes
@@ -90,7 +95,8 @@ def main():
                      "samples_per_s": round(n / sec, 2)})
         print(rows[-1], flush=True)
     # ---- LinFiK under LLMs of growing size
-    for name, g in cfg["gpts"].items():
+    for name in cfg.get("gpt_sizes") or list(cfg["gpts"]):
+        g = cfg["gpts"][name]
         gc = GPTConfig(vocab_size=g["vocab"], block_size=cfg["seq_len"], d_model=g["d_model"], n_layer=g["n_layer"],
                        n_head=g["n_head"])
         model = GPT(gc, rngs=nnx.Rngs(0))
@@ -115,7 +121,8 @@ def main():
     for r_ in rows:
         if r_["scorer"].startswith("LinFiK") and "samples_per_s" in r_:
             r_["student_speedup"] = round(ref / r_["samples_per_s"], 2)
-    res = {"command": f"python experiments/linfik_cost.py --config {args.config}", "config": cfg, "rows": rows,
+    res = {"command": f"python experiments/linfik_cost.py --config {args.config}" + (" --tiny" if args.tiny else ""),
+           "config": cfg, "rows": rows,
            "platform": {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
                         "python": platform.python_version(), "cpus": os.cpu_count()}}
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_config  # noqa: E402
+from common import load_config, tiny_encoder  # noqa: E402
 
 from jaxval.data import load_text  # noqa: E402
 
@@ -38,7 +38,6 @@ from jaxval import LoGra  # noqa: E402
 from jaxval.cli.linfik import lm_setup  # noqa: E402
 from jaxval.evaluation import pearson, plot_stability, spearman  # noqa: E402
 from jaxval.evaluation.plots import pyplot  # noqa: E402
-from jaxval.models import bert  # noqa: E402
 from jaxval.models.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
 from jaxval.valuation import alinfik as al  # noqa: E402
 from jaxval.valuation.linfik import gradient_stability, layer_normalize, pool_gradients, task_gradient  # noqa: E402
@@ -135,31 +134,10 @@ def train_checkpoints(model, lr, seed, data, batch_size, steps_at):
 
 # ----------------------------------------------------------------------------- the tiny encoder (smoke test)
 
-class HashWordTokenizer:
-    """Words hashed into a small vocabulary, ``[CLS] ... [SEP]``, right padding (the --tiny encoder only)."""
-
-    def __init__(self, vocab_size, max_length):
-        self.v, self.max_length = vocab_size, max_length
-
-    def __call__(self, texts):
-        rows = []
-        for t in texts:
-            ids = [3 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little") % (self.v - 3)
-                   for w in t.split()]
-            rows.append([1] + ids[: self.max_length - 2] + [2])
-        t = max(map(len, rows))
-        ids = np.zeros((len(rows), t), np.int32)
-        mask = np.zeros((len(rows), t), np.int32)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = r, 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
 def make_encoder(spec):
     """``(BertEncoder, tokenizer)`` for ``"minilm[:max_length=N]"`` or ``"tiny"`` (a random tiny BERT)."""
     if spec == "tiny":
-        cfg = bert.tiny_config(vocab_size=256, d_model=32, n_layer=2, n_head=4, d_ff=64, max_position=64)
-        return bert.BertEncoder(cfg, rngs=nnx.Rngs(0)), HashWordTokenizer(256, 64)
+        return tiny_encoder(0)
     enc, tok, _ = al.resolve_encoder(spec)
     return enc, tok
 

@@ -56,3 +56,20 @@ def test_lds_text_finetune_tiny(tmp_path):
     pred, tgt = -(masks @ sc.T), meas.mean(1)
     per = [stats.spearmanr(pred[:, j], tgt[:, j])[0] for j in range(sc.shape[0])]
     np.testing.assert_allclose(res["methods"]["logra_gaussian_r4_identity"]["lds"], np.nanmean(per), atol=1e-6)
+
+
+@pytest.mark.skipif(not (DATA / "wikitext-2").exists(), reason="WikiText-2 not found (set JAXVAL_DATA)")
+def test_linfik_cost_tiny(tmp_path):
+    # the cost table's smoke run: every scorer timed, the speed-up = the fine-tuned student's rate / LinFiK's
+    r = subprocess.run([sys.executable, "experiments/linfik_cost.py", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {x["scorer"]: x for x in res["rows"]}
+    assert len(rows) == 4 and all(x["samples_per_s"] > 0 for x in rows.values())
+    student = next(x for name, x in rows.items() if name.startswith("ALinFiK student (fine-tuned tiny"))
+    linfik = next(x for name, x in rows.items() if name.startswith("LinFiK, GPT tiny"))
+    assert linfik["params"] > 0 and linfik["logra_dim"] > 0
+    np.testing.assert_allclose(linfik["student_speedup"], student["samples_per_s"] / linfik["samples_per_s"],
+                               rtol=0.01)
+    assert (tmp_path / "README.md").read_text().startswith("# Cost")
