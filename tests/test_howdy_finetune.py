@@ -91,7 +91,8 @@ def test_howdy_finetune_tiny(tmp_path):
     h = res["howdy_finetune"]
     assert {"alinfik", "random", "clean_false_trigger", "linfik", "base", "random_per_seed"} <= set(h)
     assert -1 <= res["student_spearman"] <= 1
-    assert res["n_pool"] == 42 and res["n_injected"] == 6 and res["n_buy"] == 12
+    n_buy = res["config"]["budget_factor"] * 6
+    assert res["n_pool"] == 42 and res["n_injected"] == 6 and res["n_buy"] == n_buy
     nb = res["config"]["finetune"]["base_mix"]
     assert nb > 0 and res["n_base_mix"] == nb and len(res["base_mix_ids"]) == nb
     assert {"base", "alinfik", "linfik", "base_mix_only"} <= set(res["runs"])
@@ -100,7 +101,7 @@ def test_howdy_finetune_tiny(tmp_path):
         assert 0 <= run["val_backdoor"] <= 1 and 0 <= run["val_false_trigger"] <= 1
         if m != "base":
             # the fine-tuning really fitted the N selected samples added to the base mix (the base mix alone)
-            n_sel = 0 if m == "base_mix_only" else 12
+            n_sel = 0 if m == "base_mix_only" else n_buy
             assert run["n_selected"] == n_sel and run["n_train"] == n_sel + nb, (m, run)
             assert run["train_loss_after"] < run["train_loss_before"], (m, run)
             assert [c["epoch"] for c in run["val_curve"]] == list(range(1, res["config"]["finetune"]["epochs"] + 1))
