@@ -7,9 +7,11 @@ embeddings, hashed n-grams, :func:`text_stats` — text statistics, with the tar
 "tokenizer-aware" student that still never runs the LM — or several side by side), followed by a small MLP head
 (flax nnx) trained with optax on a labelled sample of the pool (the paper labels 10–20% with LinFiK from the
 LLM's gradients). On the WikiText pool (``experiments/results/linfik_wikitext``) ``textstats`` with the LM's
-vocabulary beat both MiniLM students (held-out Spearman 0.83 vs 0.58-0.60):
+vocabulary beat both MiniLM students (held-out Spearman 0.83 vs 0.58-0.60); on the Howdy! pool
+(``experiments/results/howdy_finetune``, 80 labels) no student passed 0.31:
 
-* inputs: the frozen embeddings, standardised per feature with the training split's mean and std;
+* inputs: the frozen embeddings, standardised per feature with the training split's mean and std (a feature
+  constant over the training split reads 0: :func:`jaxval.valuation.student.column_stats`);
 * target: LinFiK standardised with the training split's mean and std (predictions are mapped back to
   LinFiK units, so prices and thresholds read in the teacher's units);
 * loss: Huber regression on the standardised target (LinFiK is heavy tailed: a few samples with huge
