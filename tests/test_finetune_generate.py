@@ -131,6 +131,26 @@ def test_finetune_trains_only_the_matching_leaves_as_adamw_does():
         trainable_filter("(")
 
 
+def _optax_reference(m, data, pattern, tx, bs, epochs, seed):
+    """The documented fine-tuning run written out with optax: the leaves matching ``pattern`` updated by ``tx``
+    over mini-batches of ``bs`` (a fresh permutation of the rows from ``default_rng(seed)`` each epoch, the
+    remainder dropped); the trained leaves after each epoch, by path."""
+    n = len(data["tokens"])
+    gsub, sub, rest = nnx.split(m, trainable_filter(pattern), ...)
+    opt = tx.init(sub)
+    grad = jax.jit(jax.grad(lambda p, b: jnp.mean(llama.loss_fn(nnx.merge(gsub, p, rest), b))))
+    order_rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(epochs):
+        order = order_rng.permutation(n)
+        for j in range(n // bs):
+            b = {k: v[order[j * bs:(j + 1) * bs]] for k, v in data.items()}
+            upd, opt = tx.update(grad(sub, b), opt, sub)
+            sub = optax.apply_updates(sub, upd)
+        out.append({param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(sub)})
+    return out
+
+
 def test_finetune_on_epoch_sees_each_epoch_of_one_adamw_run():
     # reference: a hand-written optax AdamW loop over mini-batches in the documented order (a fresh permutation
     # of the rows from the seeded generator each epoch, batches of batch_size, the remainder dropped), its
@@ -141,19 +161,7 @@ def test_finetune_on_epoch_sees_each_epoch_of_one_adamw_run():
     data = {"tokens": rng.integers(0, m.cfg.vocab_size, size=(n, t)).astype(np.int32),
             "mask": np.ones((n, t), np.float32)}
     pattern = r"blocks/0/mlp"
-    gsub, sub, rest = nnx.split(m, trainable_filter(pattern), ...)
-    tx = optax.adamw(lr, weight_decay=0.01)
-    opt = tx.init(sub)
-    grad = jax.jit(jax.grad(lambda p, b: jnp.mean(llama.loss_fn(nnx.merge(gsub, p, rest), b))))
-    order_rng = np.random.default_rng(seed)
-    ref = []
-    for _ in range(epochs):
-        order = order_rng.permutation(n)
-        for j in range(n // bs):
-            b = {k: v[order[j * bs:(j + 1) * bs]] for k, v in data.items()}
-            upd, opt = tx.update(grad(sub, b), opt, sub)
-            sub = optax.apply_updates(sub, upd)
-        ref.append({param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(sub)})
+    ref = _optax_reference(m, data, pattern, optax.adamw(lr, weight_decay=0.01), bs, epochs, seed)
 
     seen = []
 
@@ -203,18 +211,7 @@ def test_finetune_schedule_is_optax_adamw_with_that_schedule(schedule):
              "cosine": optax.cosine_decay_schedule(lr, steps - warm)}[schedule]
     sched = optax.join_schedules([optax.linear_schedule(lr / warm, lr, warm - 1), decay], [warm])
     pattern = r"blocks/1/mlp"
-    gsub, sub, rest = nnx.split(m, trainable_filter(pattern), ...)
-    tx = optax.adamw(sched, weight_decay=0.01)
-    opt = tx.init(sub)
-    grad = jax.jit(jax.grad(lambda p, b: jnp.mean(llama.loss_fn(nnx.merge(gsub, p, rest), b))))
-    order_rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = order_rng.permutation(n)
-        for j in range(n // bs):
-            b = {k: v[order[j * bs:(j + 1) * bs]] for k, v in data.items()}
-            upd, opt = tx.update(grad(sub, b), opt, sub)
-            sub = optax.apply_updates(sub, upd)
-    want = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(sub)}
+    want = _optax_reference(m, data, pattern, optax.adamw(sched, weight_decay=0.01), bs, epochs, seed)[-1]
     constant = _tiny(4)
     finetune(constant, llama.loss_fn, data, epochs=epochs, batch_size=bs, lr=lr, trainable=pattern,
              weight_decay=0.01, seed=seed)
