@@ -208,9 +208,6 @@ def write_vocab(path: str, words: Sequence[str], counts: Sequence[float] | None 
     return path
 
 
-_MINILM: dict = {}
-
-
 def _minilm_available() -> bool:
     import importlib.util
 
@@ -259,11 +256,13 @@ def make_embed_fn(spec: str) -> EmbedFn:
 
         max_len = int(spec.split("max_length=", 1)[1]) if "max_length=" in spec else None
 
+        loaded: list = []                                 # loaded on the first call, once per embedder
+
         def fn(texts):
-            if spec not in _MINILM:
-                _MINILM[spec] = (bert.load_bert_dir(bert.minilm_path(), max_length=max_len) if max_len
-                                 else bert.load_minilm())
-            enc, tok = _MINILM[spec]
+            if not loaded:
+                loaded.append(bert.load_bert_dir(bert.minilm_path(), max_length=max_len) if max_len
+                              else bert.load_minilm())
+            enc, tok = loaded[0]
             return np.asarray(bert.embed(enc, tok, list(texts)), np.float32)
 
         fn.spec = spec
