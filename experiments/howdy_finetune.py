@@ -380,6 +380,17 @@ def main(argv=None):
         name = f"fine-tuned {ec['encoder']} (top {ec['n_finetune']} blocks + head, alinfik.fit_encoder_student)"
         students[name] = encoder_student(ec)[1]
         extra_sel["alinfik_finetuned_student"] = students[name]
+    lt = cfg.get("lm_table_student")
+    if lt:
+        # ridge on the mean of the LM's own embedding-table rows over each sample's loss tokens (a lookup: the LM
+        # never runs): the best design of howdy_student_designs.py's cross-validation; its own selection row
+        table = np.asarray(model.embed.embedding[...], np.float32)
+        E = lh.token_features(np.asarray(pool["tokens"]), np.asarray(pool["mask"]), table)["embed"]
+        st_lt = al.fit_student(None, v[lab], None, embeddings=E[lab], seed=seed, ridge=float(lt["ridge"]),
+                               val_fraction=float(lt.get("val_fraction", 0.2)))
+        name = f"ridge (λ={float(lt['ridge']):g}) on the LM's embedding-table mean of the response tokens"
+        students[name] = st_lt.predict_embeddings(E)
+        extra_sel["alinfik_lm_table_ridge"] = students[name]
     for spec in cfg.get("baselines") or ():
         students[f"frozen {spec} + head"] = frozen_student(spec)[1]
     corr = {name: {"spearman": round(spearman(p[held], v[held]), 4), "pearson": round(pearson(p[held], v[held]), 4),
@@ -465,6 +476,8 @@ def main(argv=None):
                "linfik": rate("linfik", "backdoor"), "linfik_false_trigger": rate("linfik", "false_trigger"),
                "alinfik_finetuned_student": rate("alinfik_finetuned_student", "backdoor"),
                "alinfik_finetuned_student_false_trigger": rate("alinfik_finetuned_student", "false_trigger"),
+               "alinfik_lm_table_ridge": rate("alinfik_lm_table_ridge", "backdoor"),
+               "alinfik_lm_table_ridge_false_trigger": rate("alinfik_lm_table_ridge", "false_trigger"),
                "base": rate("base", "backdoor"), "base_false_trigger": rate("base", "false_trigger")}
     targets = {"alinfik_backdoor>=0.8": bool(summary["alinfik"] >= 0.8),
                "alinfik-random>=0.5": bool(summary["alinfik"] - summary["random"] >= 0.5),

@@ -42,17 +42,6 @@ from jaxval.valuation import alinfik as al  # noqa: E402
 from jaxval.valuation.linfik import layer_normalize  # noqa: E402
 
 
-def token_features(tokens: np.ndarray, mask: np.ndarray, table: np.ndarray) -> dict[str, np.ndarray]:
-    """Per sample, over its loss tokens (``mask > 0``): ``"bag"`` ``[n, V]`` token frequencies and ``"embed"``
-    ``[n, d]`` the mean of ``table`` rows (the LM's input embedding)."""
-    n, vocab = len(tokens), table.shape[0]
-    bag = np.zeros((n, vocab), np.float32)
-    for i in range(n):                   # (offline feature extraction, once per pool)
-        t = tokens[i][mask[i] > 0]
-        np.add.at(bag[i], t, 1.0 / max(len(t), 1))
-    return {"bag": bag, "embed": bag @ table}
-
-
 def ridge_predict(x_tr, y_tr, x_te, lam: float) -> np.ndarray:
     """Closed-form ridge on standardised columns (the dual form: cheap when columns outnumber rows)."""
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
@@ -103,7 +92,7 @@ def main(argv=None):
     views = {"full": s["pool_texts"], "prompt": [p for p, _ in s["pool_parts"]],
              "response": [r for _, r in s["pool_parts"]]}
     table = np.asarray(model.embed.embedding[...], np.float32)
-    tf = token_features(np.asarray(s["pool"]["tokens"]), np.asarray(s["pool"]["mask"]), table)
+    tf = lh.token_features(np.asarray(s["pool"]["tokens"]), np.asarray(s["pool"]["mask"]), table)
     # name -> (features, the `student.embed` spec when the library's text student can compute them, else None)
     feats: dict[str, tuple[np.ndarray, str | None]] = {
         "LM tokens of the response (bag)": (tf["bag"], None),

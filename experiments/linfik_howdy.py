@@ -295,6 +295,17 @@ def cached_grads(logra, model, data, path: str, batch_size: int, label: str, key
     return store.read()
 
 
+def token_features(tokens: np.ndarray, mask: np.ndarray, table: np.ndarray) -> dict[str, np.ndarray]:
+    """Per sample, over its loss tokens (``mask > 0``): ``"bag"`` ``[n, V]`` token frequencies and ``"embed"``
+    ``[n, d]`` the mean of ``table`` rows (the LM's input embedding)."""
+    n, vocab = len(tokens), table.shape[0]
+    bag = np.zeros((n, vocab), np.float32)
+    for i in range(n):                   # (offline feature extraction, once per pool)
+        t = tokens[i][mask[i] > 0]
+        np.add.at(bag[i], t, 1.0 / max(len(t), 1))
+    return {"bag": bag, "embed": bag @ table}
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

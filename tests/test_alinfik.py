@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from jaxval import ConfigError
 from jaxval.valuation import alinfik
 from jaxval.valuation.alinfik import Student, fit_student, hashed_ngram_embed, make_embed_fn, price, select, statement
 from jaxval.evaluation import spearman
@@ -62,6 +63,35 @@ def test_student_ignores_columns_constant_in_training(tmp_path):
     assert np.std(p0) > 0 and spearman(p0, probe[:, 0] - 0.5 * probe[:, 1]) > 0.6     # it did learn the rest
     st.save(str(tmp_path / "s"))
     np.testing.assert_array_equal(Student.load(str(tmp_path / "s"), embed_fn=lambda t: None).predict_embeddings(moved), p0)
+
+
+@pytest.mark.parametrize("d", [5, 200])          # the primal (d < n) and the dual (d > n) solve
+def test_ridge_student_is_ridge_regression(tmp_path, d):
+    # reference: numpy least squares on the augmented system [X; sqrt(lam n) I] w = [y; 0] over the training
+    # split's standardised rows (float64), mapped back to LinFiK units
+    from jaxval.valuation.student import split_labelled
+
+    rng = np.random.default_rng(d)
+    n, lam = 60, 0.3
+    x = rng.normal(size=(n, d)).astype(np.float32) * rng.uniform(0.5, 3.0, size=d).astype(np.float32)
+    v = x[:, 0] - 2.0 * x[:, 1] + 0.3 * rng.normal(size=n) + 5.0
+    st = fit_student(None, v, lambda t: None, embeddings=x, ridge=lam, seed=1)
+    it, _ = split_labelled(n, 0.2, 1)
+    xt = x[it].astype(np.float64)
+    mu, sd = xt.mean(0), xt.std(0)
+    a = (xt - mu) / sd
+    yt = (v[it] - v[it].mean()) / v[it].std()
+    aug = np.vstack([a, np.sqrt(lam * len(it)) * np.eye(d)])
+    w = np.linalg.lstsq(aug, np.concatenate([yt, np.zeros(d)]), rcond=None)[0]
+    probe = rng.normal(size=(9, d)).astype(np.float32)
+    want = ((probe - mu) / sd) @ w * v[it].std() + v[it].mean()
+    np.testing.assert_allclose(st.predict_embeddings(probe), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    assert st.meta["head"] == "ridge" and -1 <= st.meta["val_spearman"] <= 1
+    st.save(str(tmp_path / "r"))
+    np.testing.assert_allclose(Student.load(str(tmp_path / "r"), embed_fn=lambda t: None).predict_embeddings(probe),
+                               st.predict_embeddings(probe), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="ridge"):
+        fit_student(None, v, lambda t: None, embeddings=x, ridge=0.0)
 
 
 def test_student_target_shuffle_fails():

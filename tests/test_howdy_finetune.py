@@ -148,6 +148,6 @@ def test_ridge_and_cross_validation_of_the_student_designs():
     toks = np.array([[1, 2, 2, 3], [0, 3, 3, 3]])
     mask = np.array([[0, 1, 1, 1], [1, 0, 0, 1]])
     table = rng.normal(size=(4, 2))
-    f = sd.token_features(toks, mask, table)
+    f = _module("linfik_howdy").token_features(toks, mask, table)
     np.testing.assert_allclose(f["bag"], [[0, 0, 2 / 3, 1 / 3], [0.5, 0, 0, 0.5]], rtol=1e-6)
     np.testing.assert_allclose(f["embed"][1], (table[0] + table[3]) / 2, rtol=1e-5)

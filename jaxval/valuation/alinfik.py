@@ -59,6 +59,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxval._src.errors import ConfigError
 from jaxval._src.stats import pearson, rankdata, spearman
 from jaxval.valuation.student import (EncoderStudent, column_stats, Head, LowerStates, advance, distill_loss, encode_lower,
                                       fit_encoder_student, frozen_embeddings, ranknet_loss, resolve_encoder,
@@ -395,12 +396,17 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
                 embeddings=None, hidden: Sequence[int] = (256,), val_fraction: float = 0.2, seed: int = 0,
                 lr: float = 1e-3, weight_decay: float = 1e-4, dropout: float = 0.1, batch_size: int = 64,
                 max_epochs: int = 300, patience: int = 30, rank_weight: float = 1.0, tau: float = 1.0,
-                huber_delta: float = 1.0, progress: bool = False) -> Student:
+                huber_delta: float = 1.0, progress: bool = False, ridge: float | None = None) -> Student:
     """Distil LinFiK ``v [n]`` of ``pool_texts`` (the labelled sample) into a :class:`Student`.
 
     ``embed_fn(texts) -> [n, d]`` (default :func:`default_embed_fn`); ``embeddings`` ``[n, d]`` may be
     given instead of computing them (they must come from ``embed_fn``). ``val_fraction`` of the sample is
     held out (seeded permutation) for early stopping on Spearman. See the module docstring for the loss.
+
+    ``ridge=λ``: a linear student in closed form instead of the trained MLP: ridge regression of the
+    standardised target on the standardised features of the training split, penalty ``λ × n_train`` (no
+    early stopping; ``hidden``, ``lr``, the epochs and the loss settings are unused; the validation split
+    only reports). Few labels and many features: often the steadier student.
     """
     v = np.asarray(v, np.float64).reshape(-1)
     if not np.all(np.isfinite(v)):
@@ -423,6 +429,9 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     x = (x_all - x_mu) / x_sd
     y = ((v - y_mu) / y_sd).astype(np.float32)
     d = x.shape[1]
+    if ridge is not None:
+        return _ridge_student(x, y, it, iv, v, x_all, float(ridge), embed_fn, seed,
+                              {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(y_mu), "y_sd": np.float32(y_sd)})
     hidden = [int(h) for h in hidden]
     head = Head(d, hidden, dropout, rngs=nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(head, nnx.Param, ...)
@@ -467,6 +476,30 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
                                          "y_sd": np.float32(y_sd)})
     pv = st.predict_embeddings(x_all[iv])
     meta["val_pearson"] = pearson(pv, v[iv])
+    return st
+
+
+def _ridge_student(x, y, it, iv, v, x_all, lam: float, embed_fn, seed: int, stats) -> Student:
+    """:func:`fit_student` with ``ridge=lam``: ``w = argmin ‖X w − y‖² + lam·n‖w‖²`` on the standardised training
+    rows (both centred on the training split, so no intercept), in float64, as the linear layer of a ``Head``."""
+    if not np.isfinite(lam) or lam <= 0:
+        raise ConfigError(f"ridge must be a positive penalty, got {lam}")
+    a, b = x[it].astype(np.float64), y[it].astype(np.float64)
+    n, d = a.shape
+    if d > n:      # the dual form: an n x n system
+        w = a.T @ np.linalg.solve(a @ a.T + lam * n * np.eye(n), b)
+    else:
+        w = np.linalg.solve(a.T @ a + lam * n * np.eye(d), a.T @ b)
+    head = Head(d, [], 0.0, rngs=nnx.Rngs(seed))
+    head.out.kernel[...] = jnp.asarray(w[:, None], jnp.float32)
+    head.out.bias[...] = jnp.zeros((1,), jnp.float32)
+    spec = getattr(embed_fn, "spec", "custom")
+    meta = {"d": d, "hidden": [], "dropout": 0.0, "embedder": spec, "seed": int(seed), "head": "ridge",
+            "ridge": lam, "n_train": int(n), "n_val": int(len(iv)), "best_epoch": 0, "epochs_run": 0,
+            "history": []}
+    st = Student(head, embed_fn, meta, stats)
+    pv = st.predict_embeddings(x_all[iv])
+    meta["val_spearman"], meta["val_pearson"] = spearman(pv, v[iv]), pearson(pv, v[iv])
     return st
 
 
