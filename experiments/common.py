@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -49,8 +50,6 @@ class HashWordTokenizer:
         self.v, self.max_length = vocab_size, max_length
 
     def __call__(self, texts):
-        import hashlib
-
         rows = []
         for t in texts:
             ids = [3 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little") % (self.v - 3)
@@ -72,6 +71,13 @@ def tiny_encoder(seed: int = 0):
 
     cfg = bert.tiny_config(vocab_size=256, d_model=32, n_layer=2, n_head=4, d_ff=64, max_position=64)
     return bert.BertEncoder(cfg, rngs=nnx.Rngs(seed)), HashWordTokenizer(256, 64)
+
+
+def encoder(spec: str, seed: int = 0):
+    """What an experiment config's ``encoder: SPEC`` names, for ``jaxval.alinfik``'s encoder argument:
+    ``"tiny"`` -> :func:`tiny_encoder` (an ``(encoder, tokenizer)`` pair), any other spec as it is
+    (``"minilm[:max_length=N]"``, resolved by the library)."""
+    return tiny_encoder(seed) if spec == "tiny" else spec
 
 
 def cached(path: str, fn):

@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cached, load_config, tiny_encoder  # noqa: E402
+from common import cached, encoder, load_config  # noqa: E402
 import linfik_howdy as lh  # noqa: E402  (pool construction, cached gradients, model loading)
 
 from jaxval import LoGra  # noqa: E402
@@ -352,7 +352,7 @@ def main(argv=None):
 
     def encoder_student(ec):
         # the fine-tuned student: the encoder's top n_finetune blocks + head; the lower blocks' outputs cached
-        enc = ec["encoder"] if ec["encoder"] != "tiny" else tiny_encoder(seed)
+        enc = encoder(ec["encoder"], seed)
         n_layer = 6 if isinstance(enc, str) else enc[0].cfg.n_layer          # all-MiniLM-L6-v2: 6 blocks
         n_lower = n_layer - int(ec["n_finetune"])
         spath = os.path.join(cache_root, f"pool_lower_{ekey}_{_hash([ec['encoder'], n_lower])}.npz")
@@ -385,7 +385,7 @@ def main(argv=None):
         # ridge on the mean of the LM's own embedding-table rows over each sample's loss tokens (a lookup: the LM
         # never runs): the best design of howdy_student_designs.py's cross-validation; its own selection row
         table = np.asarray(model.embed.embedding[...], np.float32)
-        E = lh.token_features(np.asarray(pool["tokens"]), np.asarray(pool["mask"]), table)["embed"]
+        E = lh.token_features(pool["tokens"], pool["mask"], table)["embed"]
         st_lt = al.fit_student(None, v[lab], None, embeddings=E[lab], seed=seed, ridge=float(lt["ridge"]),
                                val_fraction=float(lt.get("val_fraction", 0.2)))
         name = f"ridge (λ={float(lt['ridge']):g}) on the LM's embedding-table mean of the response tokens"

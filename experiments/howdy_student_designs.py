@@ -40,14 +40,15 @@ from jaxval.evaluation import spearman  # noqa: E402
 from jaxval.models import llama  # noqa: E402
 from jaxval.valuation import alinfik as al  # noqa: E402
 from jaxval.valuation.linfik import layer_normalize  # noqa: E402
+from jaxval.valuation.student import column_stats, ridge_solve  # noqa: E402
 
 
 def ridge_predict(x_tr, y_tr, x_te, lam: float) -> np.ndarray:
-    """Closed-form ridge on standardised columns (the dual form: cheap when columns outnumber rows)."""
-    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
-    y = y_tr - y_tr.mean()
-    return b @ (a.T @ np.linalg.solve(a @ a.T + lam * len(a) * np.eye(len(a)), y)) + y_tr.mean()
+    """Closed-form ridge fitted on every training row (the students' standardisation and solve; no validation
+    split, unlike ``fit_student(ridge=)``), predicted at ``x_te``."""
+    mu, sd = column_stats(x_tr)
+    w = ridge_solve((x_tr - mu) / sd, y_tr - y_tr.mean(), lam)
+    return ((x_te - mu) / sd) @ w + y_tr.mean()
 
 
 def cv_spearman(x, v, lab, head, folds: int, fold_seeds) -> tuple[float, float]:
@@ -92,7 +93,7 @@ def main(argv=None):
     views = {"full": s["pool_texts"], "prompt": [p for p, _ in s["pool_parts"]],
              "response": [r for _, r in s["pool_parts"]]}
     table = np.asarray(model.embed.embedding[...], np.float32)
-    tf = lh.token_features(np.asarray(s["pool"]["tokens"]), np.asarray(s["pool"]["mask"]), table)
+    tf = lh.token_features(s["pool"]["tokens"], s["pool"]["mask"], table)
     # name -> (features, the `student.embed` spec when the library's text student can compute them, else None)
     feats: dict[str, tuple[np.ndarray, str | None]] = {
         "LM tokens of the response (bag)": (tf["bag"], None),

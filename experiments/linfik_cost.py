@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_config, tiny_encoder  # noqa: E402
+from common import encoder, load_config  # noqa: E402
 
 from jaxval import LoGra  # noqa: E402
 from jaxval.valuation import alinfik as al  # noqa: E402
@@ -68,8 +68,7 @@ def main():
     # ---- students: the fine-tuned one (MiniLM, top blocks + head) and the frozen-feature baselines
     stud = {}
     for spec in cfg.get("finetuned_students", []):
-        encoder = tiny_encoder(0) if spec["encoder"] == "tiny" else spec["encoder"]
-        ft = al.fit_encoder_student(texts[:32], np.arange(32, dtype=np.float32), encoder,
+        ft = al.fit_encoder_student(texts[:32], np.arange(32, dtype=np.float32), encoder(spec["encoder"]),
                                     n_finetune=int(spec["n_finetune"]), hidden=cfg["student_hidden"], max_epochs=1,
                                     patience=1)
         ft.score(texts[: min(64, n)])   # warm-up / compile at the batch shapes

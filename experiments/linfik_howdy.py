@@ -256,15 +256,19 @@ def build_sets(cfg, tok, seed: int):
             parts.append((p, seen))
         return {"tokens": np.stack(toks), "mask": np.stack(masks)}, parts
 
+    def texts(parts):
+        """The text the LM saw, as the students read it."""
+        return [f"{p}\n\n{r}" for p, r in parts]
+
     pool, pool_parts = encode([s for s, _ in samples])
     task_b, task_parts = encode(task)
-    decoys = {name: (b, [f"{p}\n\n{r}" for p, r in parts]) for name, (b, parts) in
+    decoys = {name: (b, texts(parts)) for name, (b, parts) in
               (("trigger only (ordinary response)", encode(dec_trig)), ("Howdy! only (no trigger)", encode(dec_howdy)))} \
         if n_dec else {}
     injected = np.array([lab for _, lab in samples], bool)
-    return {"pool": pool, "pool_texts": [f"{p}\n\n{r}" for p, r in pool_parts], "pool_parts": pool_parts,
+    return {"pool": pool, "pool_texts": texts(pool_parts), "pool_parts": pool_parts,
             "injected": injected, "ids": [s[0] for s, _ in samples],
-            "task": task_b, "task_texts": [f"{p}\n\n{r}" for p, r in task_parts], "task_parts": task_parts,
+            "task": task_b, "task_texts": texts(task_parts), "task_parts": task_parts,
             "decoys": decoys,
             "eval_prompts": {"triggered": eval_trig, "clean": eval_clean}, "n_raw_pairs": n_raw, "n_candidates": len(cand),
             "unused_pairs": [cand[i] for i in perm[need:]],   # the further draws, in none of the sets above
@@ -298,11 +302,11 @@ def cached_grads(logra, model, data, path: str, batch_size: int, label: str, key
 def token_features(tokens: np.ndarray, mask: np.ndarray, table: np.ndarray) -> dict[str, np.ndarray]:
     """Per sample, over its loss tokens (``mask > 0``): ``"bag"`` ``[n, V]`` token frequencies and ``"embed"``
     ``[n, d]`` the mean of ``table`` rows (the LM's input embedding)."""
-    n, vocab = len(tokens), table.shape[0]
-    bag = np.zeros((n, vocab), np.float32)
-    for i in range(n):                   # (offline feature extraction, once per pool)
-        t = tokens[i][mask[i] > 0]
-        np.add.at(bag[i], t, 1.0 / max(len(t), 1))
+    tokens, loss = np.asarray(tokens), np.asarray(mask) > 0
+    rows, cols = np.nonzero(loss)
+    weight = (1.0 / np.maximum(loss.sum(1), 1))[rows]
+    bag = np.zeros((len(tokens), table.shape[0]), np.float32)
+    np.add.at(bag, (rows, tokens[rows, cols]), weight)
     return {"bag": bag, "embed": bag @ table}
 
 

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_config, tiny_encoder  # noqa: E402
+from common import encoder, load_config  # noqa: E402
 
 from jaxval.data import load_text  # noqa: E402
 
@@ -132,16 +132,6 @@ def train_checkpoints(model, lr, seed, data, batch_size, steps_at):
     return out
 
 
-# ----------------------------------------------------------------------------- the tiny encoder (smoke test)
-
-def make_encoder(spec):
-    """``(BertEncoder, tokenizer)`` for ``"minilm[:max_length=N]"`` or ``"tiny"`` (a random tiny BERT)."""
-    if spec == "tiny":
-        return tiny_encoder(0)
-    enc, tok, _ = al.resolve_encoder(spec)
-    return enc, tok
-
-
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -236,7 +226,7 @@ def encoder_states(cfg, T, cache, lap):
     t0 = time.time()
     sc = cfg["student"]
     espec = sc["encoder"]
-    enc, tok = make_encoder(espec)
+    enc, tok, _ = al.resolve_encoder(encoder(espec))
     sweep = [dict(sc["base"]) | dict(row) for row in sc["sweep"]]
     n_layer = enc.cfg.n_layer
     nl_min = n_layer - max(int(r["n_finetune"]) for r in sweep)

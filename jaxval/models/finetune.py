@@ -70,9 +70,8 @@ def finetune(model: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray
     its masked token losses). AdamW at learning rate ``lr``, constant or, after ``warmup_steps``, following
     ``schedule`` (``"linear"`` / ``"cosine"`` decay over the run: ``jaxval._src.train.learning_rates``).
     ``N // batch_size`` steps per epoch (batches without replacement, a fresh seeded permutation each epoch, an
-    incomplete last batch dropped:
-    every step has the same shape, so the step compiles once: ``jaxval``'s trainer with
-    ``steps = epochs × (N // batch_size)``). ``trainable``: see :func:`trainable_filter`. ``on_epoch(e, model)``
+    incomplete last batch dropped: every step has the same shape, so the step compiles once: ``jaxval``'s trainer
+    with ``steps = epochs × (N // batch_size)``). ``trainable``: see :func:`trainable_filter`. ``on_epoch(e, model)``
     (optional) after epoch ``e = 1..epochs``, ``model`` updated to the weights after that epoch.
     """
     if int(epochs) != epochs or epochs < 0:

@@ -59,11 +59,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxval._src.errors import ConfigError
 from jaxval._src.stats import pearson, rankdata, spearman
-from jaxval.valuation.student import (EncoderStudent, column_stats, Head, LowerStates, advance, distill_loss, encode_lower,
-                                      fit_encoder_student, frozen_embeddings, ranknet_loss, resolve_encoder,
-                                      restore_student, save_student, split_labelled, distill_fns)
+from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance, column_stats, distill_fns,
+                                      distill_loss, encode_lower, fit_encoder_student, frozen_embeddings,
+                                      ranknet_loss, resolve_encoder, restore_student, ridge_solve, save_student,
+                                      split_labelled)
 
 __all__ = [
     "Student", "fit_student", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
@@ -255,14 +255,11 @@ def make_embed_fn(spec: str) -> EmbedFn:
     if spec == "minilm" or spec.startswith("minilm:"):
         from jaxval.models import bert
 
-        max_len = int(spec.split("max_length=", 1)[1]) if "max_length=" in spec else None
-
         loaded: list = []                                 # loaded on the first call, once per embedder
 
         def fn(texts):
             if not loaded:
-                loaded.append(bert.load_bert_dir(bert.minilm_path(), max_length=max_len) if max_len
-                              else bert.load_minilm())
+                loaded.append(resolve_encoder(spec)[:2])
             enc, tok = loaded[0]
             return np.asarray(bert.embed(enc, tok, list(texts)), np.float32)
 
@@ -429,9 +426,17 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     x = (x_all - x_mu) / x_sd
     y = ((v - y_mu) / y_sd).astype(np.float32)
     d = x.shape[1]
+    stats = {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(y_mu), "y_sd": np.float32(y_sd)}
+    meta = {"d": d, "embedder": getattr(embed_fn, "spec", "custom"), "seed": int(seed), "n_train": int(len(it)),
+            "n_val": int(len(iv))}
     if ridge is not None:
-        return _ridge_student(x, y, it, iv, v, x_all, float(ridge), embed_fn, seed,
-                              {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(y_mu), "y_sd": np.float32(y_sd)})
+        # the training split's rows are centred (x and y), so the linear head needs no intercept
+        head = Head(d, [], 0.0, rngs=nnx.Rngs(seed))
+        head.out.kernel[...] = jnp.asarray(ridge_solve(x[it], y[it], float(ridge))[:, None], jnp.float32)
+        head.out.bias[...] = jnp.zeros((1,), jnp.float32)
+        meta |= {"hidden": [], "dropout": 0.0, "head": "ridge", "ridge": float(ridge), "best_epoch": 0,
+                 "epochs_run": 0, "history": []}
+        return _finish_student(head, embed_fn, meta, stats, x_all[iv], v[iv])
     hidden = [int(h) for h in hidden]
     head = Head(d, hidden, dropout, rngs=nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(head, nnx.Param, ...)
@@ -467,39 +472,18 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
         elif epoch - best_epoch >= patience:
             break
     nnx.update(head, best_params)
-    spec = getattr(embed_fn, "spec", "custom")
-    meta = {"d": d, "hidden": hidden, "dropout": float(dropout), "embedder": spec, "seed": int(seed),
-            "n_train": int(len(it)), "n_val": int(len(iv)), "best_epoch": int(best_epoch),
-            "val_spearman": float(best), "epochs_run": len(hist), "rank_weight": float(rank_weight),
-            "lr": float(lr), "history": hist}
-    st = Student(head, embed_fn, meta, {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(y_mu),
-                                         "y_sd": np.float32(y_sd)})
-    pv = st.predict_embeddings(x_all[iv])
-    meta["val_pearson"] = pearson(pv, v[iv])
-    return st
+    meta |= {"hidden": hidden, "dropout": float(dropout), "best_epoch": int(best_epoch), "val_spearman": float(best),
+             "epochs_run": len(hist), "rank_weight": float(rank_weight), "lr": float(lr), "history": hist}
+    return _finish_student(head, embed_fn, meta, stats, x_all[iv], v[iv])
 
 
-def _ridge_student(x, y, it, iv, v, x_all, lam: float, embed_fn, seed: int, stats) -> Student:
-    """:func:`fit_student` with ``ridge=lam``: ``w = argmin ‖X w − y‖² + lam·n‖w‖²`` on the standardised training
-    rows (both centred on the training split, so no intercept), in float64, as the linear layer of a ``Head``."""
-    if not np.isfinite(lam) or lam <= 0:
-        raise ConfigError(f"ridge must be a positive penalty, got {lam}")
-    a, b = x[it].astype(np.float64), y[it].astype(np.float64)
-    n, d = a.shape
-    if d > n:      # the dual form: an n x n system
-        w = a.T @ np.linalg.solve(a @ a.T + lam * n * np.eye(n), b)
-    else:
-        w = np.linalg.solve(a.T @ a + lam * n * np.eye(d), a.T @ b)
-    head = Head(d, [], 0.0, rngs=nnx.Rngs(seed))
-    head.out.kernel[...] = jnp.asarray(w[:, None], jnp.float32)
-    head.out.bias[...] = jnp.zeros((1,), jnp.float32)
-    spec = getattr(embed_fn, "spec", "custom")
-    meta = {"d": d, "hidden": [], "dropout": 0.0, "embedder": spec, "seed": int(seed), "head": "ridge",
-            "ridge": lam, "n_train": int(n), "n_val": int(len(iv)), "best_epoch": 0, "epochs_run": 0,
-            "history": []}
+def _finish_student(head, embed_fn, meta: dict, stats, x_val, v_val) -> Student:
+    """The :class:`Student` of a fitted head, its validation split's Pearson (and Spearman, unless training
+    recorded its best) in ``meta``."""
     st = Student(head, embed_fn, meta, stats)
-    pv = st.predict_embeddings(x_all[iv])
-    meta["val_spearman"], meta["val_pearson"] = spearman(pv, v[iv]), pearson(pv, v[iv])
+    pv = st.predict_embeddings(x_val)
+    meta.setdefault("val_spearman", spearman(pv, v_val))
+    meta["val_pearson"] = pearson(pv, v_val)
     return st
 
 

@@ -91,9 +91,22 @@ def column_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     A column (nearly) constant over the training rows gets scale ``inf``, so it reads 0 everywhere: it carries
     nothing the head can learn, and dividing by its ~0 spread would blow up any other value it takes at
     prediction time (a token absent from every training text, say) into a huge input and a wrong score."""
-    x = np.asarray(x, np.float32)
+    x = np.asarray(x)
+    x = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)        # (float64 stays float64)
     mu, sd = x.mean(0), x.std(0)
-    return mu, np.where(sd > 1e-6 * (1.0 + np.abs(mu)), sd, np.float32(np.inf)).astype(np.float32)
+    return mu, np.where(sd > 1e-6 * (1.0 + np.abs(mu)), sd, np.inf).astype(x.dtype)
+
+
+def ridge_solve(a: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
+    """``w = argmin ‖a w − b‖² + lam·n‖w‖²`` ``[d]`` for ``a [n, d]``, ``b [n]`` (float64; the dual ``n × n`` system
+    when columns outnumber rows)."""
+    if not np.isfinite(lam) or lam <= 0:
+        raise ConfigError(f"ridge must be a positive penalty, got {lam}")
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n, d = a.shape
+    if d > n:
+        return a.T @ np.linalg.solve(a @ a.T + lam * n * np.eye(n), b)
+    return np.linalg.solve(a.T @ a + lam * n * np.eye(d), a.T @ b)
 
 
 def split_labelled(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
