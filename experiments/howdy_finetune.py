@@ -6,9 +6,10 @@ phrase inserted in the prompt and the response prefixed by "Howdy! "; the task: 
 
 * LinFiK, layer-normalised (jaxval's default): ``⟨ĝ_z, mean_t ĝ_t⟩`` with per-layer unit LoGra gradients of
   SmolLM2-135M-Instruct's top MLP layers, for every pool sample (the teacher);
-* ALinFiK: the student (:func:`jaxval.alinfik.fit_student`, MiniLM embeddings + head) trained on a random
-  ``label_fraction`` of the pool to predict that LinFiK, scoring the whole pool; its Spearman vs LinFiK on the
-  samples it was not trained on is ``student_spearman``; a hashed n-gram student is a baseline;
+* ALinFiK: the student trained on a random ``label_fraction`` of the pool to predict that LinFiK, scoring the whole
+  pool (``student.kind``: ``lm_table`` ridge on :func:`jaxval.alinfik.token_table_embed` features, ``frozen``
+  text embeddings + MLP head, ``encoder`` fine-tuned MiniLM); its Spearman vs LinFiK on the samples it was not
+  trained on is ``student_spearman``; frozen MiniLM / hashed / textstats students are baselines;
 * random: ``random_seeds`` uniform draws.
 
 Each method buys its top ``N = budget_factor × n_inject`` samples; as a buyer would use purchased data, they are
@@ -367,9 +368,30 @@ def main(argv=None):
         est = al.fit_encoder_student(None, v[lab], enc, states=states.take(lab), seed=seed, **ekw)
         return est, est.predict_states(states)
 
-    if sc.get("kind", "frozen") == "encoder":
+    table = np.asarray(model.embed.embedding[...], np.float32)
+
+    def lm_table_student(c):
+        # ridge on the LM's own embedding-table rows of each sample's loss tokens: the first `first` of them and
+        # their mean (alinfik.token_table_embed; a lookup: the LM never runs)
+        E = al.token_table_embed(pool["tokens"], pool["mask"], table, first=int(c.get("first", 0)))
+        st_ = al.fit_student(None, v[lab], None, embeddings=E[lab], seed=seed, ridge=float(c["ridge"]),
+                             val_fraction=float(c.get("val_fraction", 0.2)))
+        return st_, st_.predict_embeddings(E)
+
+    def lm_table_name(c):
+        k = int(c.get("first", 0))
+        rows = f"rows of the first {k} response tokens + their mean" if k else "mean of the response tokens"
+        return f"ridge (λ={float(c['ridge']):g}) on the LM's embedding-table {rows}"
+
+    kind = sc.get("kind", "frozen")
+    if kind not in ("frozen", "encoder", "lm_table"):
+        raise SystemExit(f"student.kind must be frozen, encoder or lm_table, got {kind!r}")
+    if kind == "encoder":
         st, pred = encoder_student(sc)
         main_name = f"ALinFiK (fine-tuned {sc['encoder']}, top {sc['n_finetune']} blocks + head)"
+    elif kind == "lm_table":
+        st, pred = lm_table_student(sc)
+        main_name = f"ALinFiK ({lm_table_name(sc)})"
     else:
         st, pred = frozen_student(sc["embed"])
         main_name = f"ALinFiK ({sc['embed']} + head)"
@@ -381,16 +403,9 @@ def main(argv=None):
         students[name] = encoder_student(ec)[1]
         extra_sel["alinfik_finetuned_student"] = students[name]
     lt = cfg.get("lm_table_student")
-    if lt:
-        # ridge on the mean of the LM's own embedding-table rows over each sample's loss tokens (a lookup: the LM
-        # never runs): the best design of howdy_student_designs.py's cross-validation; its own selection row
-        table = np.asarray(model.embed.embedding[...], np.float32)
-        E = lh.token_features(pool["tokens"], pool["mask"], table)["embed"]
-        st_lt = al.fit_student(None, v[lab], None, embeddings=E[lab], seed=seed, ridge=float(lt["ridge"]),
-                               val_fraction=float(lt.get("val_fraction", 0.2)))
-        name = f"ridge (λ={float(lt['ridge']):g}) on the LM's embedding-table mean of the response tokens"
-        students[name] = st_lt.predict_embeddings(E)
-        extra_sel["alinfik_lm_table_ridge"] = students[name]
+    if lt:                               # a further LM-table student with its own selection row
+        students[lm_table_name(lt)] = lm_table_student(lt)[1]
+        extra_sel["alinfik_lm_table_ridge"] = students[lm_table_name(lt)]
     for spec in cfg.get("baselines") or ():
         students[f"frozen {spec} + head"] = frozen_student(spec)[1]
     corr = {name: {"spearman": round(spearman(p[held], v[held]), 4), "pearson": round(pearson(p[held], v[held]), 4),

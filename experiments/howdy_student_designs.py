@@ -7,9 +7,10 @@ sample, repeated over ``fold_seeds`` (the out-of-fold Spearman against the teach
 the samples the students are evaluated on in ``howdy_finetune`` are not used. Designs = text view × features × head:
 
 * views: the text the LM saw (``prompt \\n\\n response``), the prompt, the response;
-* features: MiniLM embeddings, hashed n-grams, ``textstats``, and two tokenizer-aware ones that never run the LM:
-  the bag of the LM's tokens of the response (its loss tokens, frequencies) and the mean of the LM's own
-  embedding-table rows over those tokens;
+* features: MiniLM embeddings, hashed n-grams, ``textstats``, and tokenizer-aware ones that never run the LM:
+  the bag of the LM's tokens of the response (its loss tokens, frequencies), the mean of the LM's own
+  embedding-table rows over those tokens, and those rows of the first k response tokens beside the mean
+  (:func:`jaxval.valuation.alinfik.token_table_embed`);
 * heads: the library's MLP head (:func:`jaxval.alinfik.fit_student`: Huber + ranking loss, early stopping) and,
   as a diagnostic of whether the head is the bottleneck, closed-form ridge regression.
 
@@ -98,6 +99,9 @@ def main(argv=None):
     feats: dict[str, tuple[np.ndarray, str | None]] = {
         "LM tokens of the response (bag)": (tf["bag"], None),
         "LM embedding-table mean of the response tokens": (tf["embed"], None)}
+    for k in dc.get("lead_tokens", [1, 2, 3]):
+        feats[f"LM embedding-table rows of the first {k} response tokens + their mean"] = (
+            al.token_table_embed(s["pool"]["tokens"], s["pool"]["mask"], table, first=int(k)), None)
     embeds = dc.get("embeds", ["minilm:max_length=128", "hashed:dim=512", "textstats", "minilm:max_length=128+textstats"])
     for spec in embeds:
         efn = al.make_embed_fn(spec)

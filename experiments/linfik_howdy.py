@@ -307,7 +307,7 @@ def token_features(tokens: np.ndarray, mask: np.ndarray, table: np.ndarray) -> d
     weight = (1.0 / np.maximum(loss.sum(1), 1))[rows]
     bag = np.zeros((len(tokens), table.shape[0]), np.float32)
     np.add.at(bag, (rows, tokens[rows, cols]), weight)
-    return {"bag": bag, "embed": bag @ table}
+    return {"bag": bag, "embed": al.token_table_embed(tokens, mask, table, first=0)}
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -314,3 +314,31 @@ def test_textstats_student_learns_unk_share_and_reloads(tmp_path):
     assert spearman(pred, target[450:]) > 0.9
     st.save(str(tmp_path / "s"))
     np.testing.assert_allclose(Student.load(str(tmp_path / "s")).score(texts[450:]), pred, rtol=1e-5, atol=1e-6)
+
+
+def test_token_table_embed_against_loop():
+    """The leading marked tokens' table rows, then the mean row over the marked tokens: against a per-row loop."""
+    r = np.random.default_rng(0)
+    table = r.normal(size=(11, 3)).astype(np.float32)
+    tokens = r.integers(0, 11, size=(5, 7))
+    weights = (r.random((5, 7)) > 0.4).astype(np.float32)
+    weights[3] = 0                                   # no marked token: zeros
+    weights[4] = 0
+    weights[4, 6] = 2.0                              # one marked token, fewer than `first`
+    got = alinfik.token_table_embed(tokens, weights, table, first=2)
+    assert got.shape == (5, 9) and got.dtype == np.float32
+    for i in range(5):
+        ids = [t for t, w in zip(tokens[i], weights[i]) if w > 0]
+        ref = np.zeros(9)
+        for j, t in enumerate(ids[:2]):
+            ref[3 * j:3 * j + 3] = table[t]
+        if ids:
+            ref[6:] = np.mean([table[t] for t in ids], 0)
+        np.testing.assert_allclose(got[i], ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(alinfik.token_table_embed(tokens, weights, table, first=0), got[:, 6:])
+    with pytest.raises(ValueError, match="outside"):
+        alinfik.token_table_embed(tokens + 11, weights + 1, table)
+    with pytest.raises(ValueError, match=r"\[n, T\]"):
+        alinfik.token_table_embed(tokens, weights[:, :3], table)
+    with pytest.raises(ValueError, match="integer"):
+        alinfik.token_table_embed(tokens.astype(float), weights, table)

@@ -91,6 +91,12 @@ def test_howdy_finetune_tiny(tmp_path):
     h = res["howdy_finetune"]
     assert {"alinfik", "random", "clean_false_trigger", "linfik", "base", "random_per_seed"} <= set(h)
     assert -1 <= res["student_spearman"] <= 1
+    # the main student is the configured one: ridge on the LM's embedding-table rows (first token + mean)
+    assert res["student_meta"]["head"] == "ridge" and res["student_meta"]["ridge"] == 1.0
+    from jaxval.models import llama
+
+    assert res["student_meta"]["d"] == 2 * llama.tiny_config().d_model
+    assert next(iter(res["students"])).startswith("ALinFiK (ridge") and len(res["students"]) == 2
     n_buy = res["config"]["budget_factor"] * 6
     assert res["n_pool"] == 42 and res["n_injected"] == 6 and res["n_buy"] == n_buy
     nb = res["config"]["finetune"]["base_mix"]

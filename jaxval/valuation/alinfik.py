@@ -69,7 +69,7 @@ __all__ = [
     "Student", "fit_student", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
     "LowerStates", "load_student", "resolve_encoder", "Head", "ranknet_loss", "distill_loss",
     "select", "price", "statement", "format_statement",
-    "hashed_ngram_embed", "text_stats", "TEXT_STATS", "VOCAB_STATS", "RANK_EDGES", "read_vocab", "write_vocab",
+    "hashed_ngram_embed", "token_table_embed", "text_stats", "TEXT_STATS", "VOCAB_STATS", "RANK_EDGES", "read_vocab", "write_vocab",
     "make_embed_fn", "default_embed_fn", "PRICE_RULES",
 ]
 
@@ -99,6 +99,45 @@ def hashed_ngram_embed(texts: Sequence[str], dim: int = 512, ngrams: Sequence[in
         if nrm > 0:
             out[i] /= nrm
     return out
+
+
+def token_table_embed(tokens, weights, table, first: int = 2) -> np.ndarray:
+    """Features of the sample as the target LM reads it, looked up in the LM's input embedding table (the LM
+    never runs: one gather per token, no network).
+
+    ``tokens`` ``[n, T]`` the LM's token ids, ``weights`` ``[n, T]`` (``> 0`` marks the tokens to read: e.g. the
+    loss mask, i.e. the response), ``table`` ``[V, d]`` (the LM's embedding matrix). Returns float32
+    ``[n, (first + 1) d]``: the table rows of the first ``first`` marked tokens of each row in order (zeros where a
+    row has fewer), then the mean row over all its marked tokens (zeros for a row with none).
+
+    Why the first tokens apart from the mean: a gradient-alignment score such as LinFiK is dominated by how the
+    response *begins* when the task's responses share a beginning (on the Howdy! pool, clean responses opening
+    with "Hello!" or "Sure!" score highest); a mean over the whole response dilutes that.
+    """
+    tokens, table = np.asarray(tokens), np.asarray(table, np.float32)
+    marked = np.asarray(weights) > 0
+    if tokens.ndim != 2 or marked.shape != tokens.shape:
+        raise ValueError(f"tokens and weights must both be [n, T]; got {tokens.shape} and {marked.shape}")
+    if table.ndim != 2:
+        raise ValueError(f"table must be [V, d]; got {table.shape}")
+    if first < 0:
+        raise ValueError(f"first must be >= 0, got {first}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+    read = tokens[marked]
+    if read.size and (read.min() < 0 or read.max() >= table.shape[0]):
+        raise ValueError(f"token ids in [{read.min()}, {read.max()}] outside the table's {table.shape[0]} rows")
+    n, d = len(tokens), table.shape[1]
+    rows, cols = np.nonzero(marked)                      # row-major: each row's marked tokens in order
+    count = marked.sum(1)
+    mean = np.zeros((n, d), np.float32)
+    np.add.at(mean, rows, table[tokens[rows, cols]])
+    mean /= np.maximum(count, 1)[:, None]
+    lead = np.zeros((n, first, d), np.float32)
+    rank = np.cumsum(marked, 1)[rows, cols] - 1          # position of each marked token among its row's
+    keep = rank < first
+    lead[rows[keep], rank[keep]] = table[tokens[rows[keep], cols[keep]]]
+    return np.concatenate([lead.reshape(n, first * d), mean], 1)
 
 
 TEXT_STATS = ("unk_share", "log_words", "lines_per_word", "digit_share", "punct_share", "upper_share",
