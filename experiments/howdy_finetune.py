@@ -368,11 +368,10 @@ def main(argv=None):
         est = al.fit_encoder_student(None, v[lab], enc, states=states.take(lab), seed=seed, **ekw)
         return est, est.predict_states(states)
 
-    table = np.asarray(model.embed.embedding[...], np.float32)
-
     def lm_table_student(c):
         # ridge on the LM's own embedding-table rows of each sample's loss tokens: the first `first` of them and
         # their mean (alinfik.token_table_embed; a lookup: the LM never runs)
+        table = np.asarray(model.embed.embedding[...], np.float32)
         E = al.token_table_embed(pool["tokens"], pool["mask"], table, first=int(c.get("first", 0)))
         st_ = al.fit_student(None, v[lab], None, embeddings=E[lab], seed=seed, ridge=float(c["ridge"]),
                              val_fraction=float(c.get("val_fraction", 0.2)))
@@ -404,8 +403,7 @@ def main(argv=None):
         extra_sel["alinfik_finetuned_student"] = students[name]
     lt = cfg.get("lm_table_student")
     if lt:                               # a further LM-table student with its own selection row
-        students[lm_table_name(lt)] = lm_table_student(lt)[1]
-        extra_sel["alinfik_lm_table_ridge"] = students[lm_table_name(lt)]
+        students[lm_table_name(lt)] = extra_sel["alinfik_lm_table_ridge"] = lm_table_student(lt)[1]
     for spec in cfg.get("baselines") or ():
         students[f"frozen {spec} + head"] = frozen_student(spec)[1]
     corr = {name: {"spearman": round(spearman(p[held], v[held]), 4), "pearson": round(pearson(p[held], v[held]), 4),

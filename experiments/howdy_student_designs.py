@@ -99,9 +99,12 @@ def main(argv=None):
     feats: dict[str, tuple[np.ndarray, str | None]] = {
         "LM tokens of the response (bag)": (tf["bag"], None),
         "LM embedding-table mean of the response tokens": (tf["embed"], None)}
-    for k in dc.get("lead_tokens", [1, 2, 3]):
-        feats[f"LM embedding-table rows of the first {k} response tokens + their mean"] = (
-            al.token_table_embed(s["pool"]["tokens"], s["pool"]["mask"], table, first=int(k)), None)
+    leads = [int(k) for k in dc.get("lead_tokens", [1, 2, 3])]
+    if leads:                            # one lookup of the most leading rows; fewer = a prefix of them + the mean
+        d, lt = table.shape[1], al.token_table_embed(s["pool"]["tokens"], s["pool"]["mask"], table, first=max(leads))
+        for k in leads:
+            feats[f"LM embedding-table rows of the first {k} response tokens + their mean"] = (
+                np.concatenate([lt[:, :k * d], lt[:, -d:]], 1), None)
     embeds = dc.get("embeds", ["minilm:max_length=128", "hashed:dim=512", "textstats", "minilm:max_length=128+textstats"])
     for spec in embeds:
         efn = al.make_embed_fn(spec)

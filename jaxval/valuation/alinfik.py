@@ -124,19 +124,19 @@ def token_table_embed(tokens, weights, table, first: int = 2) -> np.ndarray:
         raise ValueError(f"first must be >= 0, got {first}")
     if not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
-    read = tokens[marked]
-    if read.size and (read.min() < 0 or read.max() >= table.shape[0]):
-        raise ValueError(f"token ids in [{read.min()}, {read.max()}] outside the table's {table.shape[0]} rows")
-    n, d = len(tokens), table.shape[1]
     rows, cols = np.nonzero(marked)                      # row-major: each row's marked tokens in order
-    count = marked.sum(1)
+    ids = tokens[rows, cols]
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise ValueError(f"token ids in [{ids.min()}, {ids.max()}] outside the table's {table.shape[0]} rows")
+    n, d = len(tokens), table.shape[1]
+    emb = table[ids]                                     # one gather, shared by the mean and the leading rows
     mean = np.zeros((n, d), np.float32)
-    np.add.at(mean, rows, table[tokens[rows, cols]])
-    mean /= np.maximum(count, 1)[:, None]
+    np.add.at(mean, rows, emb)
+    mean /= np.maximum(marked.sum(1), 1)[:, None]
     lead = np.zeros((n, first, d), np.float32)
     rank = np.cumsum(marked, 1)[rows, cols] - 1          # position of each marked token among its row's
     keep = rank < first
-    lead[rows[keep], rank[keep]] = table[tokens[rows[keep], cols[keep]]]
+    lead[rows[keep], rank[keep]] = emb[keep]
     return np.concatenate([lead.reshape(n, first * d), mean], 1)
 
 
