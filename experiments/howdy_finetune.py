@@ -374,13 +374,14 @@ def main(argv=None):
         table = np.asarray(model.embed.embedding[...], np.float32)
         E = al.token_table_embed(pool["tokens"], pool["mask"], table, first=int(c.get("first", 0)))
         st_ = al.fit_student(None, v[lab], None, embeddings=E[lab], seed=seed, ridge=float(c["ridge"]),
-                             val_fraction=float(c.get("val_fraction", 0.2)))
+                             val_fraction=float(c.get("val_fraction", 0.2)), target=c.get("target", "value"))
         return st_, st_.predict_embeddings(E)
 
     def lm_table_name(c):
         k = int(c.get("first", 0))
         rows = f"rows of the first {k} response tokens + their mean" if k else "mean of the response tokens"
-        return f"ridge (λ={float(c['ridge']):g}) on the LM's embedding-table {rows}"
+        tgt = ", rank target" if c.get("target", "value") == "rank" else ""
+        return f"ridge (λ={float(c['ridge']):g}{tgt}) on the LM's embedding-table {rows}"
 
     kind = sc.get("kind", "frozen")
     if kind not in ("frozen", "encoder", "lm_table"):

@@ -3,16 +3,20 @@
 Reads the teacher that ``experiments/howdy_finetune.py`` computed (layer-normalised LinFiK of every pool sample,
 cached under its ``cache``; run it first) and fits students on the same labelled sample (``student.label_fraction``
 of the pool, the same seeded draw). Every design is scored by ``folds``-fold cross-validation inside the labelled
-sample, repeated over ``fold_seeds`` (the out-of-fold Spearman against the teacher: mean ± se over the repeats);
-the samples the students are evaluated on in ``howdy_finetune`` are not used. Designs = text view × features × head:
+sample, repeated over ``fold_seeds``: the out-of-fold Spearman against the teacher (mean ± se over the repeats) and
+the recall of the teacher's top share (the budget's share of the pool) among the student's; the samples the
+students are evaluated on in ``howdy_finetune`` are not used. The rule: the highest recall, then the highest
+Spearman (a student buys its top N: a design that orders the middle of the pool better but misses the top, as a
+rank target can, buys the wrong data). Designs = text view × features × head:
 
 * views: the text the LM saw (``prompt \\n\\n response``), the prompt, the response;
 * features: MiniLM embeddings, hashed n-grams, ``textstats``, and tokenizer-aware ones that never run the LM:
   the bag of the LM's tokens of the response (its loss tokens, frequencies), the mean of the LM's own
   embedding-table rows over those tokens, and those rows of the first k response tokens beside the mean
   (:func:`jaxval.valuation.alinfik.token_table_embed`);
-* heads: the library's MLP head (:func:`jaxval.alinfik.fit_student`: Huber + ranking loss, early stopping) and,
-  as a diagnostic of whether the head is the bottleneck, closed-form ridge regression.
+* heads: the library's MLP head (:func:`jaxval.alinfik.fit_student`: Huber + ranking loss, early stopping) and
+  closed-form ridge regression (``fit_student(ridge=)``) of the values or of the normal scores of their ranks
+  (``target="rank"``).
 
 Also the teacher's own split-half reliability: LinFiK from half of the task samples vs the other half.
 
@@ -41,20 +45,26 @@ from jaxval.evaluation import spearman  # noqa: E402
 from jaxval.models import llama  # noqa: E402
 from jaxval.valuation import alinfik as al  # noqa: E402
 from jaxval.valuation.linfik import layer_normalize  # noqa: E402
-from jaxval.valuation.student import column_stats, ridge_solve  # noqa: E402
+from jaxval.valuation.student import column_stats, from_rank_scale, rank_knots, ridge_solve  # noqa: E402
 
 
-def ridge_predict(x_tr, y_tr, x_te, lam: float) -> np.ndarray:
-    """Closed-form ridge fitted on every training row (the students' standardisation and solve; no validation
+def ridge_predict(x_tr, y_tr, x_te, lam: float, target: str = "value") -> np.ndarray:
+    """Closed-form ridge fitted on every training row (the students' standardisation, solve and target: the
+    values, or the normal scores of their ranks mapped back as ``fit_student(target="rank")`` does; no validation
     split, unlike ``fit_student(ridge=)``), predicted at ``x_te``."""
     mu, sd = column_stats(x_tr)
+    if target == "rank":
+        kv, kz = rank_knots(y_tr)
+        w = ridge_solve((x_tr - mu) / sd, np.interp(y_tr, kv, kz), lam)
+        return from_rank_scale(((x_te - mu) / sd) @ w, kz, kv)
     w = ridge_solve((x_tr - mu) / sd, y_tr - y_tr.mean(), lam)
     return ((x_te - mu) / sd) @ w + y_tr.mean()
 
 
-def cv_spearman(x, v, lab, head, folds: int, fold_seeds) -> tuple[float, float]:
-    """Out-of-fold Spearman inside ``lab`` (``folds`` folds per seed): mean and standard error over the seeds."""
-    rhos = []
+def cv_scores(x, v, lab, head, folds: int, fold_seeds, top: int) -> tuple[float, float, float]:
+    """Out-of-fold scores inside ``lab`` (``folds`` folds per seed), over the seeds: the Spearman's mean and
+    standard error, and the mean recall of the teacher's ``top`` labelled samples among the out-of-fold ``top``."""
+    rhos, recalls = [], []
     for fs in fold_seeds:
         fold = np.random.default_rng(int(fs)).permutation(len(lab)) % folds
         oof = np.zeros(len(lab))
@@ -62,7 +72,15 @@ def cv_spearman(x, v, lab, head, folds: int, fold_seeds) -> tuple[float, float]:
             tr, te = lab[fold != f], lab[fold == f]
             oof[fold == f] = head(x[tr], v[tr], x[te])
         rhos.append(spearman(oof, v[lab]))
-    return float(np.mean(rhos)), float(np.std(rhos, ddof=1) / np.sqrt(len(rhos))) if len(rhos) > 1 else 0.0
+        recalls.append(len(np.intersect1d(al.select(v[lab], top), al.select(oof, top))) / top)
+    se = float(np.std(rhos, ddof=1) / np.sqrt(len(rhos))) if len(rhos) > 1 else 0.0
+    return float(np.mean(rhos)), se, float(np.mean(recalls))
+
+
+def choice_key(r: dict) -> tuple[float, float]:
+    """The design rule: first the recall of the teacher's top share (what the student buys), then the Spearman
+    (the order it prices by)."""
+    return r["cv_top_recall"], r["cv_spearman"]
 
 
 def main(argv=None):
@@ -90,6 +108,9 @@ def main(argv=None):
         raise SystemExit(f"the cached teacher has {n} scores, the pool {len(s['pool_texts'])} samples")
     sc = cfg["student"]
     lab = np.sort(np.random.default_rng(seed + 2).permutation(n)[: int(round(sc["label_fraction"] * n))])
+    # the budget's share of the pool (howdy_finetune buys N = budget_factor x n_inject), of the labelled sample
+    budget = int(cfg.get("budget_factor", 1)) * int(cfg["data"]["n_inject"])
+    top = max(1, int(round(len(lab) * budget / n)))
 
     views = {"full": s["pool_texts"], "prompt": [p for p, _ in s["pool_parts"]],
              "response": [r for _, r in s["pool_parts"]]}
@@ -122,22 +143,26 @@ def main(argv=None):
             return al.fit_student(None, y_tr, None, embeddings=x_tr, seed=seed, **kw).predict_embeddings(x_te)
 
     lams = [float(x) for x in dc.get("ridge_lambdas", [0.1, 1.0, 10.0])]
+    targets = dc.get("ridge_targets", ["value", "rank"])      # fit_student(target=): the values or their ranks
     rows = []
     for name, (x, spec) in feats.items():
-        heads = [(f"ridge λ={lam:g}", lambda a, y, b, lam=lam: ridge_predict(a, y, b, lam)) for lam in lams]
+        heads = [(f"ridge λ={lam:g}" + (", rank target" if t == "rank" else ""),
+                  lambda a, y, b, lam=lam, t=t: ridge_predict(a, y, b, lam, t)) for t in targets for lam in lams]
         if x.shape[1] <= 4096:           # (the MLP on the 49152-column token bag: minutes for nothing)
             heads.insert(0, (f"MLP {list(kw['hidden'])} (fit_student)", mlp))
         for head_name, head in heads:
             t0 = time.time()
-            m, se = cv_spearman(x, v, lab, head, folds, fold_seeds)
+            m, se, rec = cv_scores(x, v, lab, head, folds, fold_seeds, top)
             rows.append({"features": name, "head": head_name, "cv_spearman": round(m, 4), "cv_se": round(se, 4),
+                         "cv_top_recall": round(rec, 4),
                          "dim": int(x.shape[1]), "s": round(time.time() - t0, 1),
                          "student_embed": spec if head is mlp else None})
-        print(" | ".join(f"{r['head']} {r['cv_spearman']:.3f}" for r in rows[-len(heads):]), "--", name, flush=True)
-    best = max(rows, key=lambda r: r["cv_spearman"])
+        print(" | ".join(f"{r['head']} {r['cv_spearman']:.3f} / {r['cv_top_recall']:.2f}" for r in rows[-len(heads):]),
+              "--", name, flush=True)
+    best = max(rows, key=choice_key)
     # the library's text student (fit_student on make_embed_fn(spec) of the text the LM saw): howdy_finetune's
     # student.embed is this choice
-    best_student = max((r for r in rows if r["student_embed"]), key=lambda r: r["cv_spearman"])
+    best_student = max((r for r in rows if r["student_embed"]), key=choice_key)
 
     # the teacher's split-half reliability: LinFiK from half of the task vs from the other half
     upper = llama.Upper(model, int(cfg["finetune"]["start"]))
@@ -159,7 +184,7 @@ def main(argv=None):
     res = {"command": f"python experiments/howdy_student_designs.py --config {args.config}"
                       + (" --tiny" if args.tiny else ""),
            "date": datetime.date.today().isoformat(), "machine": cfg.get("machine"), "n_pool": n,
-           "n_labelled": int(len(lab)), "n_injected_labelled": int(s["injected"][lab].sum()), "folds": folds,
+           "n_labelled": int(len(lab)), "n_injected_labelled": int(s["injected"][lab].sum()), "folds": folds, "top": top, "budget": budget,
            "fold_seeds": list(fold_seeds), "rows": rows, "best": best, "best_student": best_student,
            "teacher_split_half": {"spearman_pool": round(float(halves[:, 0].mean()), 4),
                                   "spearman_clean": round(float(halves[:, 1].mean()), 4), "repeats": len(halves)},
@@ -179,18 +204,24 @@ def report(r) -> str:
          f"Labelled sample: {r['n_labelled']} of the {r['n_pool']} pool samples ({r['n_injected_labelled']} injected), "
          f"the draw `howdy_finetune` trains its students on. Score: out-of-fold Spearman against the teacher "
          f"(layer-normalised LinFiK) in {r['folds']}-fold cross-validation inside the labelled sample, mean ± se over "
-         f"{len(r['fold_seeds'])} fold draws; the held-out pool samples are not used.", "",
+         f"{len(r['fold_seeds'])} fold draws, and the out-of-fold recall of the teacher's top {r['top']} labelled "
+         f"samples among the student's top {r['top']} (the budget's share: {r['budget']} of the {r['n_pool']}); "
+         f"the held-out pool samples are not used. Rule: the highest recall, then the highest Spearman (the student "
+         f"buys its top N first, then prices by its order).", "",
          f"Teacher's split-half reliability (LinFiK from half of the task samples vs the other half, "
          f"{r['teacher_split_half']['repeats']} splits): Spearman {r['teacher_split_half']['spearman_pool']:.3f} "
          f"over the pool, {r['teacher_split_half']['spearman_clean']:.3f} over its clean samples.", "",
-         "| features | head | dim | CV Spearman ± se | s |", "|---|---|---|---|---|"]
-    for x in sorted(r["rows"], key=lambda x: -x["cv_spearman"]):
-        L.append(f"| {x['features']} | {x['head']} | {x['dim']} | {x['cv_spearman']:.3f} ± {x['cv_se']:.3f} | {x['s']} |")
+         f"| features | head | dim | CV top-{r['top']} recall | CV Spearman ± se | s |", "|---|---|---|---|---|---|"]
+    for x in sorted(r["rows"], key=lambda x: tuple(-c for c in choice_key(x))):
+        L.append(f"| {x['features']} | {x['head']} | {x['dim']} | {x['cv_top_recall']:.2f} | "
+                 f"{x['cv_spearman']:.3f} ± {x['cv_se']:.3f} | {x['s']} |")
     b = r["best"]
     c = r["best_student"]
-    L += ["", f"Best: {b['features']} with {b['head']}, CV Spearman {b['cv_spearman']:.3f} ± {b['cv_se']:.3f}.",
+    L += ["", f"Best: {b['features']} with {b['head']}, CV top-{r['top']} recall {b['cv_top_recall']:.2f}, CV Spearman "
+              f"{b['cv_spearman']:.3f} ± {b['cv_se']:.3f}.",
           f"Best text student of the library (`jaxval.alinfik.fit_student` on `make_embed_fn(spec)` of the text the "
-          f"LM saw; `howdy_finetune`'s `student.embed`): `{c['student_embed']}`, CV Spearman {c['cv_spearman']:.3f} ± "
+          f"LM saw; `howdy_finetune`'s `student.embed`): `{c['student_embed']}`, CV top-{r['top']} recall "
+          f"{c['cv_top_recall']:.2f}, CV Spearman {c['cv_spearman']:.3f} ± "
           f"{c['cv_se']:.3f}.", ""]
     return "\n".join(L)
 

@@ -1,5 +1,6 @@
 """Experiment 3 (cost): samples/s of LinFiK (LoGra gradients of the LLM for each pool sample) vs the ALinFiK
-student (MiniLM with its top blocks fine-tuned + MLP head; frozen-feature students as baselines), and the speed-up as the LLM grows (GPT sizes, SmolLM2-135M).
+student (MiniLM with its top blocks fine-tuned + MLP head; frozen-feature students as baselines; the Howdy! student,
+ridge on the LM's embedding-table rows), and the speed-up as the LLM grows (GPT sizes, SmolLM2-135M).
 
     python experiments/linfik_cost.py --config configs/linfik_cost.yaml [--tiny] [--out DIR]
 
@@ -24,6 +25,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import encoder, load_config  # noqa: E402
+import linfik_howdy as lh  # noqa: E402  (the Howdy! models: SmolLM2 or the tiny Llama)
 
 from jaxval import LoGra  # noqa: E402
 from jaxval.valuation import alinfik as al  # noqa: E402
@@ -48,6 +50,28 @@ def linfik_rate(model, loss_fn, vocab, cfg, layers=None):
     gt = jax.numpy.ones((logra.dim,), jax.numpy.float32)
     sec = _time(lambda: logra.grads(model, batch) @ gt, int(cfg["repeats"]))
     return b / sec, logra.dim
+
+
+def lm_table_rate(model, tok, texts, seq_len: int, first: int, ridge: float = 1.0) -> float:
+    """samples/s of the LM-table student (the Howdy! ALinFiK student): tokenize with the LM's tokenizer, look up
+    the LM's embedding-table rows of the first ``first`` tokens and their mean (``alinfik.token_table_embed``),
+    a ridge head. The LM never runs."""
+    table = np.asarray(model.embed.embedding[...], np.float32)
+
+    def featurise(ts):
+        ids = [tok.encode(t)[:seq_len] for t in ts]          # the tokenizer is per text (as MiniLM's)
+        toks, mask = np.zeros((len(ts), seq_len), np.int32), np.zeros((len(ts), seq_len), np.float32)
+        for i, x in enumerate(ids):
+            toks[i, :len(x)], mask[i, :len(x)] = x, 1.0
+        return al.token_table_embed(toks, mask, table, first=first)
+
+    e = featurise(texts[:8])
+    st = al.fit_student(None, np.arange(32, dtype=np.float32), None, embeddings=np.tile(e, (4, 1)) +
+                        np.random.default_rng(0).normal(size=(32, e.shape[1])).astype(np.float32), ridge=ridge)
+    st.predict_embeddings(featurise(texts[: min(64, len(texts))]))       # warm-up
+    t0 = time.perf_counter()
+    st.predict_embeddings(featurise(texts))
+    return len(texts) / (time.perf_counter() - t0)
 
 
 def main():
@@ -92,6 +116,14 @@ def main():
         stud[spec] = n / sec
         rows.append({"scorer": f"ALinFiK student, frozen ({spec} + MLP {cfg['student_hidden']})", "params": None,
                      "samples_per_s": round(n / sec, 2)})
+        print(rows[-1], flush=True)
+    lt = cfg.get("lm_table_student")
+    if lt:                   # the Howdy! student: its cost is a tokenizer + a table lookup of the LM it serves
+        lm, lm_tok = lh.load_model(lt["model"], 0)
+        rate = lm_table_rate(lm, lm_tok, texts, int(cfg["seq_len"]), int(lt["first"]))
+        rows.append({"scorer": f"ALinFiK student (ridge on the {lt['model']['name']} embedding-table rows of the "
+                               f"first {lt['first']} tokens + their mean)", "params": None,
+                     "samples_per_s": round(rate, 2)})
         print(rows[-1], flush=True)
     # ---- LinFiK under LLMs of growing size
     for name in cfg.get("gpt_sizes") or list(cfg["gpts"]):

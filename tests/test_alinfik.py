@@ -94,6 +94,74 @@ def test_ridge_student_is_ridge_regression(tmp_path, d):
         fit_student(None, v, lambda t: None, embeddings=x, ridge=0.0)
 
 
+def test_rank_target_student_against_reference(tmp_path):
+    # reference: normal scores from the standard library's inverse CDF, numpy least squares on the augmented
+    # system, and a loop that maps each prediction back through the sorted training targets
+    from statistics import NormalDist
+
+    from jaxval.valuation.student import split_labelled
+
+    rng = np.random.default_rng(5)
+    n, d, lam = 80, 6, 0.2
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    v = np.exp(2.0 * (x[:, 0] + 0.5 * x[:, 1] + 0.3 * rng.normal(size=n)))      # heavy tailed, all distinct
+    st = fit_student(None, v, lambda t: None, embeddings=x, ridge=lam, seed=2, target="rank")
+    it, _ = split_labelled(n, 0.2, 2)
+    m = len(it)
+    srt = np.sort(v[it])
+    zt = np.array([NormalDist().inv_cdf((np.searchsorted(srt, vi) + 0.5) / m) for vi in v[it]])
+    xt = x[it].astype(np.float64)
+    mu, sd = xt.mean(0), xt.std(0)
+    aug = np.vstack([(xt - mu) / sd, np.sqrt(lam * m) * np.eye(d)])
+    w = np.linalg.lstsq(aug, np.concatenate([zt, np.zeros(d)]), rcond=None)[0]
+    probe = np.vstack([rng.normal(size=(20, d)), 4.0 * rng.normal(size=(5, d))]).astype(np.float32)
+    zp = ((probe - mu) / sd) @ w
+    kz = np.array([NormalDist().inv_cdf((i + 0.5) / m) for i in range(m)])
+    slope = (srt[-1] - srt[0]) / (kz[-1] - kz[0])
+    want = []
+    for z in zp:
+        if z <= kz[0]:
+            want.append(srt[0] + slope * (z - kz[0]))
+        elif z >= kz[-1]:
+            want.append(srt[-1] + slope * (z - kz[-1]))
+        else:
+            j = int(np.nonzero(kz <= z)[0][-1])
+            want.append(srt[j] + (srt[j + 1] - srt[j]) * (z - kz[j]) / (kz[j + 1] - kz[j]))
+    want = np.array(want)
+    assert (zp < kz[0]).any() or (zp > kz[-1]).any()                   # the extrapolation is exercised
+    got = st.predict_embeddings(probe)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    assert spearman(got, zp) == pytest.approx(1.0)
+    assert st.meta["target"] == "rank"
+    st.save(str(tmp_path / "r"))
+    np.testing.assert_allclose(Student.load(str(tmp_path / "r"), embed_fn=lambda t: None).predict_embeddings(probe),
+                               got, rtol=1e-6, atol=1e-6)
+    # a monotone transform of the teacher leaves the rank student's order unchanged, not the value student's
+    st_log = fit_student(None, np.log(v), lambda t: None, embeddings=x, ridge=lam, seed=2, target="rank")
+    assert spearman(st_log.predict_embeddings(probe), got) == pytest.approx(1.0)
+    st_val = fit_student(None, v, lambda t: None, embeddings=x, ridge=lam, seed=2)
+    assert spearman(st_val.predict_embeddings(probe), got) < 0.999
+    with pytest.raises(ValueError, match="target"):
+        fit_student(None, v, lambda t: None, embeddings=x, ridge=lam, target="ranks")
+    with pytest.raises(ConfigError, match="distinct"):
+        fit_student(None, np.ones(n), lambda t: None, embeddings=x, ridge=lam, target="rank")
+
+
+def test_rank_student_returns_training_targets_when_it_interpolates():
+    # more columns than rows and a tiny penalty: the fit passes through the training normal scores, so the map
+    # back gives each training row its own teacher value (ties too: they share their mean normal score)
+    from jaxval.valuation.student import split_labelled
+
+    rng = np.random.default_rng(9)
+    n, d = 50, 300
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    v = np.round(rng.standard_t(2, size=n), 1)                          # heavy tails and ties
+    st = fit_student(None, v, lambda t: None, embeddings=x, ridge=1e-9, seed=0, target="rank")
+    it, _ = split_labelled(n, 0.2, 0)
+    assert len(np.unique(v[it])) < len(it)
+    np.testing.assert_allclose(st.predict_embeddings(x[it]), v[it], atol=2e-3)
+
+
 def test_student_target_shuffle_fails():
     """The Spearman check can fail: a student trained on shuffled targets does not predict held-out ones."""
     fn = make_embed_fn("hashed:dim=256")

@@ -8,8 +8,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
+import pytest
+
+from jaxval.evaluation import spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,10 +150,26 @@ def test_ridge_and_cross_validation_of_the_student_designs():
     v = rng.normal(size=60)
     lab = np.arange(60)
     ridge = lambda a_, y_, b_: sd.ridge_predict(a_, y_, b_, 1e-3)       # noqa: E731
-    m, se = sd.cv_spearman(v[:, None], v, lab, ridge, 5, [1, 2, 3])
-    assert m > 0.999 and se < 1e-3
-    m, _ = sd.cv_spearman(rng.normal(size=(60, 3)), v, lab, ridge, 5, [1, 2, 3])
-    assert m < 0.5
+    m, se, rec = sd.cv_scores(v[:, None], v, lab, ridge, 5, [1, 2, 3], top=6)
+    assert m > 0.999 and se < 1e-3 and rec == 1.0
+    m, _, rec = sd.cv_scores(rng.normal(size=(60, 3)), v, lab, ridge, 5, [1, 2, 3], top=6)
+    assert m < 0.5 and rec < 0.6
+    # the recall counts the teacher's top among the student's top: a feature that orders all but the top 3
+    # (they score lowest) keeps a high Spearman and has recall 0
+    x_bad = v.copy()
+    x_bad[np.argsort(-v)[:3]] = v.min() - 1.0
+    m, _, rec = sd.cv_scores(x_bad[:, None], v, lab, lambda a_, y_, b_: b_[:, 0], 5, [1], top=3)
+    assert m > 0.6 and rec == 0.0
+    assert sd.choice_key({"cv_top_recall": 1.0, "cv_spearman": 0.5}) > sd.choice_key({"cv_top_recall": 0.9,
+                                                                                        "cv_spearman": 0.9})
+    # the rank target: the order of the value-target fit's normal scores, mapped back to the teacher's units
+    yt = np.exp(rng.normal(size=30))
+    p_rank = sd.ridge_predict(x, yt, x_te, 0.5, "rank")
+    kv, kz = np.sort(yt), np.array([NormalDist().inv_cdf((i + 0.5) / 30) for i in range(30)])
+    z = ((x_te - mu) / sd_) @ np.linalg.solve(a.T @ a + 0.5 * 30 * np.eye(50), a.T @ np.interp(yt, kv, kz))
+    inside = (z > kz[0]) & (z < kz[-1])
+    np.testing.assert_allclose(p_rank[inside], np.interp(z[inside], kz, kv), rtol=1e-6)
+    assert spearman(p_rank, z) == pytest.approx(1.0)
     # the token features: frequencies of the loss tokens and the mean of their embedding rows
     toks = np.array([[1, 2, 2, 3], [0, 3, 3, 3]])
     mask = np.array([[0, 1, 1, 1], [1, 0, 0, 1]])

@@ -12,8 +12,9 @@ vocabulary beat both MiniLM students (held-out Spearman 0.83 vs 0.58-0.60); on t
 
 * inputs: the frozen embeddings, standardised per feature with the training split's mean and std (a feature
   constant over the training split reads 0: :func:`jaxval.valuation.student.column_stats`);
-* target: LinFiK standardised with the training split's mean and std (predictions are mapped back to
-  LinFiK units, so prices and thresholds read in the teacher's units);
+* target: LinFiK standardised with the training split's mean and std, or (``target="rank"``) the normal
+  scores of its ranks (predictions are mapped back to LinFiK units either way, so prices and thresholds read
+  in the teacher's units);
 * loss: Huber regression on the standardised target (LinFiK is heavy tailed: a few samples with huge
   gradients would dominate a squared loss) ``+ rank_weight ×`` a pairwise RankNet loss over all pairs of a
   mini-batch with different targets, ``softplus(−sign(y_i − y_j)·(s_i − s_j)/τ)``: selection and pricing
@@ -62,8 +63,8 @@ from flax import nnx
 from jaxval._src.stats import pearson, rankdata, spearman
 from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance, column_stats, distill_fns,
                                       distill_loss, encode_lower, fit_encoder_student, frozen_embeddings,
-                                      ranknet_loss, resolve_encoder, restore_student, ridge_solve, save_student,
-                                      split_labelled)
+                                      from_rank_scale, rank_knots, ranknet_loss, resolve_encoder, restore_student,
+                                      ridge_solve, save_student, split_labelled)
 
 __all__ = [
     "Student", "fit_student", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
@@ -391,7 +392,10 @@ class Student:
         for i in range(0, len(x), 4096):
             out.append(np.asarray(self._fn(self._state, jnp.asarray(x[i:i + 4096]))))
         z = np.concatenate(out) if out else np.zeros(0, np.float32)
-        return (z * self.stats["y_sd"] + self.stats["y_mu"]).astype(np.float32)
+        z = z * self.stats["y_sd"] + self.stats["y_mu"]
+        if "knots_z" in self.stats:                          # a rank-target student: back to teacher units
+            z = from_rank_scale(z, self.stats["knots_z"], self.stats["knots_v"])
+        return z.astype(np.float32)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.embed_fn is None:
@@ -432,7 +436,8 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
                 embeddings=None, hidden: Sequence[int] = (256,), val_fraction: float = 0.2, seed: int = 0,
                 lr: float = 1e-3, weight_decay: float = 1e-4, dropout: float = 0.1, batch_size: int = 64,
                 max_epochs: int = 300, patience: int = 30, rank_weight: float = 1.0, tau: float = 1.0,
-                huber_delta: float = 1.0, progress: bool = False, ridge: float | None = None) -> Student:
+                huber_delta: float = 1.0, progress: bool = False, ridge: float | None = None,
+                target: str = "value") -> Student:
     """Distil LinFiK ``v [n]`` of ``pool_texts`` (the labelled sample) into a :class:`Student`.
 
     ``embed_fn(texts) -> [n, d]`` (default :func:`default_embed_fn`); ``embeddings`` ``[n, d]`` may be
@@ -443,7 +448,16 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     standardised target on the standardised features of the training split, penalty ``λ × n_train`` (no
     early stopping; ``hidden``, ``lr``, the epochs and the loss settings are unused; the validation split
     only reports). Few labels and many features: often the steadier student.
+
+    ``target="rank"``: fit the normal scores of the training targets' ranks (``Φ⁻¹((rank − ½) / m)``) instead
+    of their values, and map predictions back to teacher units through the training targets' quantiles
+    (piecewise linear between them, their mean slope beyond them: strictly increasing, so the order, the
+    selection and the Spearman of the rank fit are kept, and prices stay in LinFiK's units). For a
+    heavy-tailed teacher (a few poisoned samples far above the rest) the values let those few rows dominate
+    the squared loss; the ranks weigh the order among the ordinary samples equally.
     """
+    if target not in ("value", "rank"):
+        raise ValueError(f"target must be 'value' or 'rank', got {target!r}")
     v = np.asarray(v, np.float64).reshape(-1)
     if not np.all(np.isfinite(v)):
         raise ValueError("LinFiK targets contain NaN or inf; fix the teacher scores first")
@@ -461,13 +475,19 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     n = len(v)
     it, iv = split_labelled(n, val_fraction, seed)
     x_mu, x_sd = column_stats(x_all[it])
-    y_mu, y_sd = float(v[it].mean()), float(v[it].std() + 1e-12)
     x = (x_all - x_mu) / x_sd
-    y = ((v - y_mu) / y_sd).astype(np.float32)
     d = x.shape[1]
-    stats = {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(y_mu), "y_sd": np.float32(y_sd)}
+    if target == "rank":
+        knots_v, knots_z = rank_knots(v[it])
+        y = np.interp(v, knots_v, knots_z).astype(np.float32)   # the training rows: exactly their normal scores
+        stats = {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(0.0), "y_sd": np.float32(1.0),
+                 "knots_z": knots_z, "knots_v": knots_v}
+    else:
+        y_mu, y_sd = float(v[it].mean()), float(v[it].std() + 1e-12)
+        y = ((v - y_mu) / y_sd).astype(np.float32)
+        stats = {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(y_mu), "y_sd": np.float32(y_sd)}
     meta = {"d": d, "embedder": getattr(embed_fn, "spec", "custom"), "seed": int(seed), "n_train": int(len(it)),
-            "n_val": int(len(iv))}
+            "n_val": int(len(iv)), "target": target}
     if ridge is not None:
         # the training split's rows are centred (x and y), so the linear head needs no intercept
         head = Head(d, [], 0.0, rngs=nnx.Rngs(seed))

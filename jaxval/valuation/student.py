@@ -109,6 +109,31 @@ def ridge_solve(a: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
     return np.linalg.solve(a.T @ a + lam * n * np.eye(d), a.T @ b)
 
 
+def rank_knots(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, normal_scores)`` ``[k]`` of targets ``v [m]``: the distinct values, ascending, and the normal
+    score ``Φ⁻¹((rank − ½) / m)`` of each (tied values share the mean of theirs). Both strictly increasing: the
+    knots of a rank-target student's map back to teacher units (:func:`from_rank_scale`)."""
+    v = np.asarray(v, np.float64).reshape(-1)
+    m = len(v)
+    order = np.argsort(v, kind="stable")
+    z = np.asarray(jax.scipy.special.ndtri((np.arange(m) + 0.5) / m), np.float64)
+    values, group = np.unique(v[order], return_inverse=True)
+    if len(values) < 2:
+        raise ConfigError(f"a rank target needs at least 2 distinct training values, got {len(values)}")
+    return values, np.bincount(group, weights=z) / np.bincount(group)
+
+
+def from_rank_scale(z: np.ndarray, knots_z: np.ndarray, knots_v: np.ndarray) -> np.ndarray:
+    """Normal-score predictions ``z`` mapped to teacher units: piecewise linear through the knots, their mean
+    slope beyond the end knots (strictly increasing throughout, so the order of ``z`` is kept)."""
+    z = np.asarray(z, np.float64)
+    kz, kv = np.asarray(knots_z, np.float64), np.asarray(knots_v, np.float64)
+    slope = (kv[-1] - kv[0]) / (kz[-1] - kz[0])
+    out = np.interp(z, kz, kv)
+    out = np.where(z < kz[0], kv[0] + slope * (z - kz[0]), out)
+    return np.where(z > kz[-1], kv[-1] + slope * (z - kz[-1]), out)
+
+
 def split_labelled(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train, val)`` indices of a labelled sample of ``n`` (seeded permutation; both students use it)."""
     if not 0 < val_fraction < 1:
