@@ -4,10 +4,10 @@ Reads the teacher that ``experiments/howdy_finetune.py`` computed (layer-normali
 cached under its ``cache``; run it first) and fits students on the same labelled sample (``student.label_fraction``
 of the pool, the same seeded draw). Every design is scored by ``folds``-fold cross-validation inside the labelled
 sample, repeated over ``fold_seeds``: the out-of-fold Spearman against the teacher (mean ± se over the repeats) and
-the recall of the teacher's top share (the budget's share of the pool) among the student's; the samples the
-students are evaluated on in ``howdy_finetune`` are not used. The rule: the highest recall, then the highest
-Spearman (a student buys its top N: a design that orders the middle of the pool better but misses the top, as a
-rank target can, buys the wrong data). Designs = text view × features × head:
+the value bought with the budget's share of the labelled sample (the teacher's values of the student's top, over
+those of the teacher's own top); the samples the students are evaluated on in ``howdy_finetune`` are not used.
+The rule: the highest CV Spearman; the value bought is a diagnostic (a design that orders the middle of the pool
+better but misses the top, as a rank target can, buys less). Designs = text view × features × head:
 
 * views: the text the LM saw (``prompt \\n\\n response``), the prompt, the response;
 * features: MiniLM embeddings, hashed n-grams, ``textstats``, and tokenizer-aware ones that never run the LM:
@@ -63,8 +63,12 @@ def ridge_predict(x_tr, y_tr, x_te, lam: float, target: str = "value") -> np.nda
 
 def cv_scores(x, v, lab, head, folds: int, fold_seeds, top: int) -> tuple[float, float, float]:
     """Out-of-fold scores inside ``lab`` (``folds`` folds per seed), over the seeds: the Spearman's mean and
-    standard error, and the mean recall of the teacher's ``top`` labelled samples among the out-of-fold ``top``."""
-    rhos, recalls = [], []
+    standard error, and the mean share of the attainable value bought: the teacher's values of the out-of-fold
+    ``top`` samples, summed, over the sum of the teacher's own ``top``."""
+    best = np.sort(v[lab])[::-1][:top].sum()
+    if not best > 0:
+        raise SystemExit(f"the teacher's top {top} labelled values sum to {best}: no value to buy")
+    rhos, bought = [], []
     for fs in fold_seeds:
         fold = np.random.default_rng(int(fs)).permutation(len(lab)) % folds
         oof = np.zeros(len(lab))
@@ -72,15 +76,9 @@ def cv_scores(x, v, lab, head, folds: int, fold_seeds, top: int) -> tuple[float,
             tr, te = lab[fold != f], lab[fold == f]
             oof[fold == f] = head(x[tr], v[tr], x[te])
         rhos.append(spearman(oof, v[lab]))
-        recalls.append(len(np.intersect1d(al.select(v[lab], top), al.select(oof, top))) / top)
+        bought.append(v[lab][al.select(oof, top)].sum() / best)
     se = float(np.std(rhos, ddof=1) / np.sqrt(len(rhos))) if len(rhos) > 1 else 0.0
-    return float(np.mean(rhos)), se, float(np.mean(recalls))
-
-
-def choice_key(r: dict) -> tuple[float, float]:
-    """The design rule: first the recall of the teacher's top share (what the student buys), then the Spearman
-    (the order it prices by)."""
-    return r["cv_top_recall"], r["cv_spearman"]
+    return float(np.mean(rhos)), se, float(np.mean(bought))
 
 
 def main(argv=None):
@@ -152,17 +150,17 @@ def main(argv=None):
             heads.insert(0, (f"MLP {list(kw['hidden'])} (fit_student)", mlp))
         for head_name, head in heads:
             t0 = time.time()
-            m, se, rec = cv_scores(x, v, lab, head, folds, fold_seeds, top)
+            m, se, bought = cv_scores(x, v, lab, head, folds, fold_seeds, top)
             rows.append({"features": name, "head": head_name, "cv_spearman": round(m, 4), "cv_se": round(se, 4),
-                         "cv_top_recall": round(rec, 4),
+                         "cv_value_bought": round(bought, 4),
                          "dim": int(x.shape[1]), "s": round(time.time() - t0, 1),
                          "student_embed": spec if head is mlp else None})
-        print(" | ".join(f"{r['head']} {r['cv_spearman']:.3f} / {r['cv_top_recall']:.2f}" for r in rows[-len(heads):]),
+        print(" | ".join(f"{r['head']} {r['cv_spearman']:.3f} / {r['cv_value_bought']:.3f}" for r in rows[-len(heads):]),
               "--", name, flush=True)
-    best = max(rows, key=choice_key)
+    best = max(rows, key=lambda r: r["cv_spearman"])
     # the library's text student (fit_student on make_embed_fn(spec) of the text the LM saw): howdy_finetune's
     # student.embed is this choice
-    best_student = max((r for r in rows if r["student_embed"]), key=choice_key)
+    best_student = max((r for r in rows if r["student_embed"]), key=lambda r: r["cv_spearman"])
 
     # the teacher's split-half reliability: LinFiK from half of the task vs from the other half
     upper = llama.Upper(model, int(cfg["finetune"]["start"]))
@@ -204,24 +202,23 @@ def report(r) -> str:
          f"Labelled sample: {r['n_labelled']} of the {r['n_pool']} pool samples ({r['n_injected_labelled']} injected), "
          f"the draw `howdy_finetune` trains its students on. Score: out-of-fold Spearman against the teacher "
          f"(layer-normalised LinFiK) in {r['folds']}-fold cross-validation inside the labelled sample, mean ± se over "
-         f"{len(r['fold_seeds'])} fold draws, and the out-of-fold recall of the teacher's top {r['top']} labelled "
-         f"samples among the student's top {r['top']} (the budget's share: {r['budget']} of the {r['n_pool']}); "
-         f"the held-out pool samples are not used. Rule: the highest recall, then the highest Spearman (the student "
-         f"buys its top N first, then prices by its order).", "",
+         f"{len(r['fold_seeds'])} fold draws, and the value bought: the teacher's values of the student's out-of-fold "
+         f"top {r['top']} (the budget's share of the labelled sample: {r['budget']} of the {r['n_pool']} in the pool), "
+         f"summed, over the sum of the teacher's top {r['top']}. The held-out pool samples are not used. Rule: the highest CV "
+         f"Spearman (the value bought is a diagnostic: with {r['top']} samples it hardly separates the designs).", "",
          f"Teacher's split-half reliability (LinFiK from half of the task samples vs the other half, "
          f"{r['teacher_split_half']['repeats']} splits): Spearman {r['teacher_split_half']['spearman_pool']:.3f} "
          f"over the pool, {r['teacher_split_half']['spearman_clean']:.3f} over its clean samples.", "",
-         f"| features | head | dim | CV top-{r['top']} recall | CV Spearman ± se | s |", "|---|---|---|---|---|---|"]
-    for x in sorted(r["rows"], key=lambda x: tuple(-c for c in choice_key(x))):
-        L.append(f"| {x['features']} | {x['head']} | {x['dim']} | {x['cv_top_recall']:.2f} | "
-                 f"{x['cv_spearman']:.3f} ± {x['cv_se']:.3f} | {x['s']} |")
+         f"| features | head | dim | CV Spearman ± se | CV value bought (top {r['top']}) | s |", "|---|---|---|---|---|---|"]
+    for x in sorted(r["rows"], key=lambda x: -x["cv_spearman"]):
+        L.append(f"| {x['features']} | {x['head']} | {x['dim']} | {x['cv_spearman']:.3f} ± {x['cv_se']:.3f} | "
+                 f"{x['cv_value_bought']:.3f} | {x['s']} |")
     b = r["best"]
     c = r["best_student"]
-    L += ["", f"Best: {b['features']} with {b['head']}, CV top-{r['top']} recall {b['cv_top_recall']:.2f}, CV Spearman "
-              f"{b['cv_spearman']:.3f} ± {b['cv_se']:.3f}.",
+    L += ["", f"Best: {b['features']} with {b['head']}, CV Spearman {b['cv_spearman']:.3f} ± {b['cv_se']:.3f} "
+              f"(value bought {b['cv_value_bought']:.3f}).",
           f"Best text student of the library (`jaxval.alinfik.fit_student` on `make_embed_fn(spec)` of the text the "
-          f"LM saw; `howdy_finetune`'s `student.embed`): `{c['student_embed']}`, CV top-{r['top']} recall "
-          f"{c['cv_top_recall']:.2f}, CV Spearman {c['cv_spearman']:.3f} ± "
+          f"LM saw; `howdy_finetune`'s `student.embed`): `{c['student_embed']}`, CV Spearman {c['cv_spearman']:.3f} ± "
           f"{c['cv_se']:.3f}.", ""]
     return "\n".join(L)
 
