@@ -205,7 +205,8 @@ def report(r) -> str:
          f"{len(r['fold_seeds'])} fold draws, and the value bought: the teacher's values of the student's out-of-fold "
          f"top {r['top']} (the budget's share of the labelled sample: {r['budget']} of the {r['n_pool']} in the pool), "
          f"summed, over the sum of the teacher's top {r['top']}. The held-out pool samples are not used. Rule: the highest CV "
-         f"Spearman (the value bought is a diagnostic: with {r['top']} samples it hardly separates the designs).", "",
+         f"Spearman (the value bought is a diagnostic: it flags a design that misses the top, but with {r['top']} "
+         f"samples it is too coarse to rank the others).", "",
          f"Teacher's split-half reliability (LinFiK from half of the task samples vs the other half, "
          f"{r['teacher_split_half']['repeats']} splits): Spearman {r['teacher_split_half']['spearman_pool']:.3f} "
          f"over the pool, {r['teacher_split_half']['spearman_clean']:.3f} over its clean samples.", "",
