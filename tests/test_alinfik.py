@@ -147,6 +147,23 @@ def test_rank_target_student_against_reference(tmp_path):
         fit_student(None, np.ones(n), lambda t: None, embeddings=x, ridge=lam, target="rank")
 
 
+def test_rank_target_mlp_student_learns_a_heavy_tailed_teacher():
+    # the MLP head on the rank target: held-out order learnt, predictions in the teacher's units (inside or near
+    # the training range)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    sig = x[:, 0] - 0.5 * x[:, 1]
+    v = np.exp(3.0 * sig)
+    st = fit_student(None, v[:200], lambda t: None, embeddings=x[:200], hidden=(32,), seed=0, max_epochs=200,
+                     patience=30, target="rank")
+    p = st.predict_embeddings(x[200:])
+    assert spearman(p, v[200:]) > 0.85
+    # in teacher units: the held-out quartiles of the predictions are the teacher's, within a factor of 3 (the
+    # normal scores' quartiles are about -0.67, 0, 0.67; the teacher's about 0.1, 1, 10)
+    ratio = np.quantile(p, [0.25, 0.5, 0.75]) / np.quantile(v[200:], [0.25, 0.5, 0.75])
+    assert st.meta["target"] == "rank" and np.all((ratio > 1 / 3) & (ratio < 3.0)), ratio
+
+
 def test_rank_student_returns_training_targets_when_it_interpolates():
     # more columns than rows and a tiny penalty: the fit passes through the training normal scores, so the map
     # back gives each training row its own teacher value (ties too: they share their mean normal score)

@@ -479,7 +479,8 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     d = x.shape[1]
     if target == "rank":
         knots_v, knots_z = rank_knots(v[it])
-        y = np.interp(v, knots_v, knots_z).astype(np.float32)   # the training rows: exactly their normal scores
+        y = np.interp(v, knots_v, knots_z).astype(np.float32)   # training rows: their normal scores (the
+        # validation rows' are unused: early stopping ranks against v)
         stats = {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(0.0), "y_sd": np.float32(1.0),
                  "knots_z": knots_z, "knots_v": knots_v}
     else:
@@ -522,7 +523,7 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
             params, opt, loss = step(params, opt, jnp.asarray(x[b]), jnp.asarray(y[b]), key)
             losses.append(float(loss))
         pv = np.asarray(predict(params, xv))
-        rho = spearman(pv, y[iv])
+        rho = spearman(pv, v[iv])             # (rank-invariant: either target's order)
         hist.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_spearman": rho})
         if progress and epoch % 10 == 0:
             print(f"epoch {epoch} loss {np.mean(losses):.4f} val spearman {rho:.3f}")
