@@ -260,6 +260,7 @@ def main():
         jax.config.update("jax_disable_most_optimizations", True)
     out = args.out or cfg["out"]
     cache = args.cache or os.path.join(out, "cache")
+    os.makedirs(out, exist_ok=True)
     os.makedirs(cache, exist_ok=True)
     t_all = time.time()
     timing = {}

@@ -480,7 +480,7 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     if target == "rank":
         knots_v, knots_z = rank_knots(v[it])
         y = np.interp(v, knots_v, knots_z).astype(np.float32)   # training rows: their normal scores (the
-        # validation rows' are unused: early stopping ranks against v)
+        # validation rows' are unused: they may lie outside the knots, early stopping ranks their values)
         stats = {"x_mu": x_mu, "x_sd": x_sd, "y_mu": np.float32(0.0), "y_sd": np.float32(1.0),
                  "knots_z": knots_z, "knots_v": knots_v}
     else:
@@ -514,6 +514,7 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     bs = min(batch_size, len(it))
     best, best_params, best_epoch, hist = -np.inf, params, 0, []
     xv = jnp.asarray(x[iv])
+    y_val = v[iv] if target == "rank" else y[iv]     # the rank target's validation rows: their values' order
     for epoch in range(max_epochs):
         order = it[rng.permutation(len(it))]
         losses = []
@@ -523,7 +524,7 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
             params, opt, loss = step(params, opt, jnp.asarray(x[b]), jnp.asarray(y[b]), key)
             losses.append(float(loss))
         pv = np.asarray(predict(params, xv))
-        rho = spearman(pv, v[iv])             # (rank-invariant: either target's order)
+        rho = spearman(pv, y_val)
         hist.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_spearman": rho})
         if progress and epoch % 10 == 0:
             print(f"epoch {epoch} loss {np.mean(losses):.4f} val spearman {rho:.3f}")
