@@ -287,6 +287,21 @@ def test_cli_train_score_select_price(tmp_path, capsys):
     assert main(["alinfik", "train", "--pool", str(pool), "--values", str(tmp_path / "v.npy"), "--out", str(st),
                  "--config", str(scfg)]) == 2
     assert "did you mean 'hidden'" in capsys.readouterr().err
+    # a ridge head on the rank target, from the config: the saved student is that fit
+    scfg.write_text("fraction: 0.5\nembed: hashed:dim=64\nridge: 0.5\ntarget: rank\n")
+    assert main(["alinfik", "train", "--pool", str(pool), "--values", str(tmp_path / "v.npy"), "--out", str(st),
+                 "--config", str(scfg)]) == 0
+    loaded = Student.load(str(st))
+    idx = np.asarray(loaded.meta["labelled_indices"])
+    want = fit_student(None, v[idx], None, embeddings=e[idx], ridge=0.5, target="rank")
+    np.testing.assert_allclose(loaded.predict_embeddings(e), want.predict_embeddings(e), rtol=1e-4, atol=1e-5)
+    assert loaded.meta["head"] == "ridge" and loaded.meta["target"] == "rank"
+    capsys.readouterr()
+    for bad, msg in (("target: ranks\n", "value or rank"), ("n_finetune: 1\nridge: 0.5\n", "frozen-embedding")):
+        scfg.write_text("fraction: 0.5\n" + bad)
+        assert main(["alinfik", "train", "--pool", str(pool), "--values", str(tmp_path / "v.npy"), "--out", str(st),
+                     "--config", str(scfg)]) == 2
+        assert msg in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- text statistics (issue 19)

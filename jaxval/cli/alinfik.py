@@ -25,6 +25,8 @@ STUDENT = Schema({
     "weight_decay": Field((float,)), "dropout": Field((float,)), "batch_size": Field((int,)),
     "max_epochs": Field((int,)), "patience": Field((int,)), "rank_weight": Field((float,)), "tau": Field((float,)),
     "huber_delta": Field((float,)), "progress": Field((bool,)),
+    "ridge": Field((float,), help="a closed-form ridge head with this penalty instead of the MLP"),
+    "target": Field((str,), help="value | rank: fit the LinFiK values or the normal scores of their ranks"),
     "n_finetune": Field((int, None), None, help="fine-tune the top N encoder blocks with the head "
                                                 "(jaxval.alinfik.fit_encoder_student); absent: frozen-embedding head"),
     "encoder": Field((str, None), None, help="encoder of the fine-tuned student (default minilm:max_length=128)"),
@@ -137,10 +139,14 @@ def _train(args) -> None:
         if embed:
             raise ConfigError("embed is the frozen student's feature extractor; the fine-tuned student "
                               "(n_finetune) takes encoder: minilm[:max_length=N]")
+        if "ridge" in cfg or "target" in cfg:
+            raise ConfigError("ridge / target belong to the frozen-embedding student: drop n_finetune, or them")
         st = fit_encoder_student(labelled, v[idx], encoder or DEFAULT_ENCODER, n_finetune=n_ft, seed=seed, **cfg)
     else:
         if encoder or "head_lr" in cfg:
             raise ConfigError("encoder / head_lr belong to the fine-tuned student: set n_finetune too")
+        if cfg.get("target", "value") not in ("value", "rank"):
+            raise ConfigError(f"target must be value or rank, got {cfg['target']!r}")
         st = fit_student(labelled, v[idx], make_embed_fn(embed) if embed else None, seed=seed, **cfg)
     st.meta["labelled_indices"] = idx.tolist()
     if provenance is not None:
