@@ -455,8 +455,9 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     selection and the Spearman of the rank fit are kept, and prices stay in LinFiK's units). For a
     heavy-tailed teacher (a few poisoned samples far above the rest) the values let those few rows dominate
     the squared loss; the ranks weigh the order among the ordinary samples equally, and so care less about
-    the top (on the Howdy! pool the rank target raised the cross-validated Spearman, 0.73 vs 0.66, but its top
-    40 held 26 of the 40 poisoned samples against 40: ``experiments/results/howdy_finetune``).
+    the top (on the Howdy! pool the best rank-target design had the best cross-validated Spearman, 0.73 vs 0.66
+    for the best value-target one, but its top 40 held 26 of the 40 poisoned samples against 40:
+    ``experiments/results/howdy_finetune``).
     """
     if target not in ("value", "rank"):
         raise ValueError(f"target must be 'value' or 'rank', got {target!r}")
