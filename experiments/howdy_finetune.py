@@ -368,11 +368,14 @@ def main(argv=None):
         est = al.fit_encoder_student(None, v[lab], enc, states=states.take(lab), seed=seed, **ekw)
         return est, est.predict_states(states)
 
+    @functools.cache
+    def lm_table():                      # the LM's embedding table, read once for every LM-table student
+        return np.asarray(model.embed.embedding[...], np.float32)
+
     def lm_table_student(c):
         # ridge on the LM's own embedding-table rows of each sample's loss tokens: the first `first` of them and
         # their mean (alinfik.token_table_embed; a lookup: the LM never runs)
-        table = np.asarray(model.embed.embedding[...], np.float32)
-        E = al.token_table_embed(pool["tokens"], pool["mask"], table, first=int(c.get("first", 0)))
+        E = al.token_table_embed(pool["tokens"], pool["mask"], lm_table(), first=int(c.get("first", 0)))
         st_ = al.fit_student(None, v[lab], None, embeddings=E[lab], seed=seed, ridge=float(c["ridge"]),
                              val_fraction=float(c.get("val_fraction", 0.2)), target=c.get("target", "value"))
         return st_, st_.predict_embeddings(E)

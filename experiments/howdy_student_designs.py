@@ -182,7 +182,8 @@ def main(argv=None):
     res = {"command": f"python experiments/howdy_student_designs.py --config {args.config}"
                       + (" --tiny" if args.tiny else ""),
            "date": datetime.date.today().isoformat(), "machine": cfg.get("machine"), "n_pool": n,
-           "n_labelled": int(len(lab)), "n_injected_labelled": int(s["injected"][lab].sum()), "folds": folds, "top": top, "budget": budget,
+           "n_labelled": int(len(lab)), "n_injected_labelled": int(s["injected"][lab].sum()), "folds": folds,
+           "top": top, "budget": budget,
            "fold_seeds": list(fold_seeds), "rows": rows, "best": best, "best_student": best_student,
            "teacher_split_half": {"spearman_pool": round(float(halves[:, 0].mean()), 4),
                                   "spearman_clean": round(float(halves[:, 1].mean()), 4), "repeats": len(halves)},

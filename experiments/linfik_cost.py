@@ -59,11 +59,11 @@ def lm_table_rate(model, tok, texts, seq_len: int, first: int, ridge: float = 1.
     table = np.asarray(model.embed.embedding[...], np.float32)
 
     def featurise(ts):
-        ids = [tok.encode(t)[:seq_len] for t in ts]          # the tokenizer is per text (as MiniLM's)
-        toks, mask = np.zeros((len(ts), seq_len), np.int32), np.zeros((len(ts), seq_len), np.float32)
-        for i, x in enumerate(ids):
-            toks[i, :len(x)], mask[i, :len(x)] = x, 1.0
-        return al.token_table_embed(toks, mask, table, first=first)
+        ids = [x[:seq_len] for x in tok.encode_batch(ts)]    # (SmolLM2's: the Rust tokenizer's batch call)
+        mask = np.arange(seq_len) < np.array([len(x) for x in ids])[:, None]
+        toks = np.zeros((len(ts), seq_len), np.int32)
+        toks[mask] = np.concatenate(ids)                      # row-major: each row's ids in order
+        return al.token_table_embed(toks, mask.astype(np.float32), table, first=first)
 
     e = featurise(texts[:8])
     st = al.fit_student(None, np.arange(32, dtype=np.float32), None, embeddings=np.tile(e, (4, 1)) +

@@ -129,7 +129,7 @@ def synthetic_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 class CharTokenizer:
     """Tiny-mode tokenizer: ids 0 pad, 1 ``<|im_start|>``, 2 ``<|im_end|>``, then characters mod the vocab.
-    Same ``encode`` / ``decode`` / ``apply_chat_template`` interface as :class:`jaxval.models.llama.LlamaTokenizer`
+    Same ``encode`` / ``encode_batch`` / ``decode`` / ``apply_chat_template`` interface as :class:`jaxval.models.llama.LlamaTokenizer`
     (ChatML, no default system turn)."""
 
     SPECIAL = ("<|im_start|>", "<|im_end|>")
@@ -146,6 +146,9 @@ class CharTokenizer:
             else:
                 ids.extend(3 + (ord(c) - 32) % (self.vocab_size - 3) for c in part)
         return ids
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(i - 3 + 32) if i >= 3 else ("" if skip_special_tokens else self.SPECIAL[i - 1] if i else "")

@@ -145,8 +145,6 @@ def _train(args) -> None:
     else:
         if encoder or "head_lr" in cfg:
             raise ConfigError("encoder / head_lr belong to the fine-tuned student: set n_finetune too")
-        if cfg.get("target", "value") not in ("value", "rank"):
-            raise ConfigError(f"target must be value or rank, got {cfg['target']!r}")
         st = fit_student(labelled, v[idx], make_embed_fn(embed) if embed else None, seed=seed, **cfg)
     st.meta["labelled_indices"] = idx.tolist()
     if provenance is not None:

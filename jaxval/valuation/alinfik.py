@@ -60,6 +60,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxval._src.errors import ConfigError
 from jaxval._src.stats import pearson, rankdata, spearman
 from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance, column_stats, distill_fns,
                                       distill_loss, encode_lower, fit_encoder_student, frozen_embeddings,
@@ -460,7 +461,7 @@ def fit_student(pool_texts: Sequence[str] | None, v, embed_fn: EmbedFn | None = 
     ``experiments/results/howdy_finetune``).
     """
     if target not in ("value", "rank"):
-        raise ValueError(f"target must be 'value' or 'rank', got {target!r}")
+        raise ConfigError(f"target must be value or rank, got {target!r}")
     v = np.asarray(v, np.float64).reshape(-1)
     if not np.all(np.isfinite(v)):
         raise ValueError("LinFiK targets contain NaN or inf; fix the teacher scores first")

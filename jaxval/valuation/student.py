@@ -115,9 +115,8 @@ def rank_knots(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     knots of a rank-target student's map back to teacher units (:func:`from_rank_scale`)."""
     v = np.asarray(v, np.float64).reshape(-1)
     m = len(v)
-    order = np.argsort(v, kind="stable")
-    z = np.asarray(jax.scipy.special.ndtri((np.arange(m) + 0.5) / m), np.float64)
-    values, group = np.unique(v[order], return_inverse=True)
+    z = np.asarray(jax.scipy.special.ndtri((np.arange(m) + 0.5) / m), np.float64)   # of the sorted targets
+    values, group = np.unique(np.sort(v), return_inverse=True)
     if len(values) < 2:
         raise ConfigError(f"a rank target needs at least 2 distinct training values, got {len(values)}")
     return values, np.bincount(group, weights=z) / np.bincount(group)
