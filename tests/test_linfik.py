@@ -264,3 +264,110 @@ def test_linfik_with_a_mesh_and_sharded_parameters_equals_one_device(tmp_path):
     _, s_err, g_err, _, sharded = line.split()
     assert float(s_err) < 1e-5 and float(g_err) < 1e-5, line
     assert sharded == "True", line
+
+
+# ----------------------------------------------------------------------------- per-position parts
+
+V_SEQ, T_SEQ = 11, 6
+
+
+class Seq(nnx.Module):
+    """A causal toy LM: token embeddings, a running mean over positions (positions interact), two linear
+    layers applied per position."""
+
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(V_SEQ, 4, rngs=rngs)
+        self.l1 = nnx.Linear(4, 5, use_bias=False, rngs=rngs)
+        self.l2 = nnx.Linear(5, V_SEQ, use_bias=False, rngs=rngs)
+
+    def hidden(self, tokens):
+        e = self.emb(tokens[:, :-1])
+        return jnp.cumsum(e, 1) / jnp.arange(1, e.shape[1] + 1)[None, :, None]
+
+
+def seq_loss(model, batch, eps1=None, eps2=None):
+    c = model.hidden(batch["tokens"])
+    z1 = model.l1(c) + (0.0 if eps1 is None else eps1)
+    z2 = model.l2(jnp.tanh(z1)) + (0.0 if eps2 is None else eps2)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(z2), batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+    return (ce * batch["mask"][:, 1:]).sum(1)
+
+
+def _seq_data(n, seed):
+    r = np.random.default_rng(seed)
+    mask = (r.random((n, T_SEQ)) < 0.7).astype(np.float32)
+    return {"tokens": r.integers(0, V_SEQ, (n, T_SEQ)).astype(np.int32), "mask": mask}
+
+
+def _explicit_parts(model, pool, gt, normalize):
+    """numpy reference: each layer's per-position gradient x_t dy_tᵀ from explicit cotangents (grad of the loss
+    w.r.t. a zero perturbation of the layer's output), contracted with the task gradient's block."""
+    out = []
+    for i in range(len(pool["tokens"])):
+        ex = {k: a[i:i + 1] for k, a in pool.items()}
+        e1, e2 = jnp.zeros((1, T_SEQ - 1, 5)), jnp.zeros((1, T_SEQ - 1, V_SEQ))
+        dy1, dy2 = jax.grad(lambda a, b: seq_loss(model, ex, a, b).sum(), argnums=(0, 1))(e1, e2)
+        c = np.asarray(model.hidden(ex["tokens"]), np.float64)[0]
+        x1, x2 = c, np.tanh(c @ np.asarray(model.l1.kernel[...], np.float64))
+        row, lo = np.zeros(T_SEQ - 1), 0
+        for x, dy in ((x1, np.asarray(dy1, np.float64)[0]), (x2, np.asarray(dy2, np.float64)[0])):
+            per_t = np.einsum("ti,to->tio", x, dy)                       # [T, n_in, n_out]
+            blk = gt[lo:lo + per_t[0].size].reshape(per_t.shape[1:])
+            part = np.einsum("tio,io->t", per_t, blk)
+            row += part / np.linalg.norm(per_t.sum(0)) if normalize else part
+            lo += per_t[0].size
+        out.append(row)
+    return np.stack(out)
+
+
+@pytest.mark.filterwarnings("ignore:jaxval. parameters of these modules")
+@pytest.mark.parametrize("normalize", ["layer", None])
+def test_parts_match_an_explicit_reference_and_sum_to_the_scores(normalize):
+    from jaxval.valuation.linfik import linfik_parts
+
+    model = Seq(nnx.Rngs(3))
+    logra = LoGra(model, seq_loss, rank=None, init="identity", layers="l[12]")
+    pool, task = _seq_data(7, 4), _seq_data(5, 5)
+    parts = linfik_parts(logra, model, pool, task, lr=0.5, batch_size=3, normalize=normalize)   # padded batches
+    assert parts.shape == (7, T_SEQ - 1)
+    gt = np.asarray(explicit_grads(model, seq_loss, logra.projections, task), np.float64)
+    if normalize:
+        gt = np.asarray(layer_normalize(logra, gt), np.float64)
+    ref = 0.5 * _explicit_parts(model, pool, gt.mean(0), normalize)
+    np.testing.assert_allclose(parts, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+    # (the reference is not trivially zero)
+    assert np.abs(ref).max() > 1e-3
+    scores = linfik(logra, model, pool, task, lr=0.5, batch_size=3, normalize=normalize)
+    np.testing.assert_allclose(parts.sum(1), scores, rtol=1e-4, atol=1e-6 * np.abs(scores).max())
+
+
+@pytest.mark.filterwarnings("ignore:jaxval. parameters of these modules")
+def test_parts_take_a_task_gradient_and_refuse_bad_input():
+    from jaxval import ConfigError
+    from jaxval.valuation.linfik import linfik_parts, task_gradient
+
+    model = Seq(nnx.Rngs(3))
+    logra = LoGra(model, seq_loss, rank=3, layers="l[12]")
+    pool, task = _seq_data(4, 6), _seq_data(3, 7)
+    gt = task_gradient(logra, model, task, normalize="layer")
+    np.testing.assert_allclose(linfik_parts(logra, model, pool, task_grad=gt),
+                               linfik_parts(logra, model, pool, task), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="exactly one"):
+        linfik_parts(logra, model, pool)
+    with pytest.raises(ConfigError, match="exactly one"):
+        linfik_parts(logra, model, pool, task, task_grad=gt)
+    with pytest.raises(ConfigError, match="entries"):
+        linfik_parts(logra, model, pool, task_grad=np.zeros(logra.dim + 1))
+
+    class Pooled(Seq):                       # a layer on the mean over positions: no shared position axis
+        def __init__(self, rngs):
+            super().__init__(rngs)
+            self.l3 = nnx.Linear(4, 1, use_bias=False, rngs=rngs)
+
+    def pooled_loss(m, b):
+        return seq_loss(m, b) + m.l3(m.hidden(b["tokens"]).mean(1))[:, 0] ** 2
+
+    pm = Pooled(nnx.Rngs(0))
+    lg = LoGra(pm, pooled_loss, rank=2, layers="l[13]")
+    with pytest.raises(ConfigError, match="one position axis"):
+        linfik_parts(lg, pm, pool, task)

@@ -66,9 +66,10 @@ from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance
                                       distill_loss, encode_lower, fit_encoder_student, frozen_embeddings,
                                       from_rank_scale, rank_knots, ranknet_loss, resolve_encoder, restore_student,
                                       ridge_solve, save_student, split_labelled)
+from jaxval.valuation.token_student import TokenStudent, fit_token_student, token_positions
 
 __all__ = [
-    "Student", "fit_student", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
+    "Student", "fit_student", "TokenStudent", "fit_token_student", "token_positions", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
     "LowerStates", "load_student", "resolve_encoder", "Head", "ranknet_loss", "distill_loss",
     "select", "price", "statement", "format_statement",
     "hashed_ngram_embed", "token_table_embed", "text_stats", "TEXT_STATS", "VOCAB_STATS", "RANK_EDGES", "read_vocab", "write_vocab",
@@ -429,7 +430,11 @@ class Student:
 
 
 def load_student(path: str, embed_fn: EmbedFn | None = None, encoder=None):
-    """Either kind of student from its checkpoint (:meth:`Student.load`)."""
+    """Any kind of student from its checkpoint: :meth:`Student.load`, or a :class:`TokenStudent`."""
+    from jaxval._src import checkpoint
+
+    if checkpoint.load(path)[1].get("kind") == TokenStudent.kind:
+        return TokenStudent.load(path)
     return Student.load(path, embed_fn=embed_fn, encoder=encoder)
 
 

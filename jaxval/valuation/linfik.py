@@ -70,6 +70,7 @@ from jaxval._src.stats import pearson, rankdata
 
 __all__ = [
     "linfik",
+    "linfik_parts",
     "task_gradient",
     "pool_gradients",
     "layer_normalize",
@@ -209,6 +210,87 @@ def linfik(logra: LoGra, model, pool, task, lr: float | Sequence[float] = 1.0, b
             per[c, start:start + nv] = _host(s, mesh)[:nv]
     total = per.sum(axis=0)
     return (total, per) if return_per_checkpoint else total
+
+
+def _position_parts(layers, pairs, g, t_flat, normalize: bool):
+    """``[B, T]`` parts of ``⟨g_b, t⟩`` over the products' positions, each layer's divided by the norm of its
+    block of ``g`` when normalising. A layer's block is ``Σ_calls Σ_t a_t c_tᵀ`` (``blocks_from_pairs``), so its
+    part at ``t`` is ``a_tᵀ T c_t`` with ``T`` the task gradient's block in the same row-major layout."""
+    out, lo = 0.0, 0
+    for i, layer in enumerate(layers):
+        calls = pairs[layer.name]
+        ka, kc = calls[0][0].shape[-1], calls[0][1].shape[-1]
+        blk = t_flat[lo:lo + ka * kc].reshape(ka, kc)
+        part = sum(jnp.einsum("btk,kl,btl->bt", a, blk, c, precision=_HI) for a, c, _ in calls)
+        if normalize:
+            gl = g[:, lo:lo + ka * kc]
+            part = part / jnp.maximum(jnp.sqrt(jnp.sum(gl * gl, axis=1)), 1e-12)[:, None]
+        out = out + part
+        lo += ka * kc
+    return out
+
+
+def _layer_parts(layers, losses, pairs, g, task):
+    """The LoGra step's ``reduce`` for ``normalize="layer"`` (module level: the step cache keys on it)."""
+    return _position_parts(layers, pairs, g, task, True)
+
+
+def _plain_parts(layers, losses, pairs, g, task):
+    """The LoGra step's ``reduce`` for the plain kernel."""
+    return _position_parts(layers, pairs, g, task, False)
+
+
+def _check_positions(logra: LoGra, model, batch) -> int:
+    """The one sequence length every tracked product shares (parts need a common position axis)."""
+    from jaxval._src.logra import _frontend, traced_pairs
+
+    traced, _, state = _frontend(model, logra.loss_fn, logra.wrt)
+    names = [l.name for l in logra.layers]
+    shapes = jax.eval_shape(lambda st, b: traced_pairs(traced, st, b, names, logra.projections)[1], state, batch)
+    lengths = {n: sorted({a.shape[1] for a, _, _ in calls}) for n, calls in shapes.items()}
+    distinct = sorted({t for ts in lengths.values() for t in ts})
+    if len(distinct) != 1:
+        raise ConfigError(
+            f"linfik_parts needs one position axis shared by every tracked layer; their products have "
+            f"{', '.join(f'{n}: {ts}' for n, ts in lengths.items())} positions: track only layers of one sequence "
+            "length (LoGra layers=...)")
+    return distinct[0]
+
+
+def linfik_parts(logra: LoGra, model, pool, task=None, *, task_grad=None, lr: float = 1.0, batch_size: int = 64,
+                 normalize: str | None = "layer") -> np.ndarray:
+    """LinFiK scores split exactly over positions: ``[N, T]`` float32 with ``parts.sum(1) == linfik(...)``.
+
+    The projected gradient of a layer is a sum over the positions ``t`` of its product's input (for a causal
+    LM, the input tokens): ``g^l = Σ_t (P_in x_t)(P_out dy_t)ᵀ``. The score ``η Σ_l ⟨g^l, ḡ_T^l⟩ / ‖g^l‖``
+    (``normalize="layer"``; without the norm for ``None``) is linear in that sum, so its part at ``t`` is
+    ``η Σ_l ⟨(P_in x_t)(P_out dy_t)ᵀ, ḡ_T^l⟩ / ‖g^l‖``: the share of the score that flows through position ``t``
+    (in a position-wise top layer, that of the loss of the token predicted there). One LoGra pass per batch, as
+    for the scores; the students of :func:`jaxval.valuation.alinfik.fit_token_student` learn from these parts.
+
+    Args:
+      pool: batch pytree with a leading example axis; every tracked product must share its position axis ``T``.
+      task: the task batch, or ``task_grad``: ``ḡ_T [D]`` already computed by :func:`task_gradient` with the
+        same ``normalize`` (one of the two).
+      lr, batch_size, normalize: as :func:`linfik` (no preconditioner, one checkpoint).
+    """
+    normalize = _check_normalize(normalize)
+    if (task is None) == (task_grad is None):
+        raise ConfigError("pass exactly one of task (a batch) and task_grad (its task_gradient)")
+    if task_grad is None:
+        task_grad = task_gradient(logra, model, task, batch_size, normalize)
+    gt = jnp.asarray(task_grad, jnp.float32).reshape(-1)
+    if gt.shape[0] != logra.dim:
+        raise ConfigError(f"task_grad has {gt.shape[0]} entries, this LoGra's gradients {logra.dim}")
+    n = _batch_size(pool)
+    out = None
+    step, state = logra.step_for(model, _layer_parts if normalize == "layer" else _plain_parts)
+    for start, nv, batch in padded_batches(pool, batch_size):
+        if out is None:
+            out = np.zeros((n, _check_positions(logra, model, batch)), np.float32)
+        _, _, parts = step(state, batch, logra.projections, None, gt)
+        out[start:start + nv] = float(lr) * np.asarray(parts)[:nv]
+    return out
 
 
 def _check_precond_provenance(logra, model, precond, unchecked: bool) -> None:
