@@ -60,7 +60,7 @@ from jaxval import LoGra  # noqa: E402
 from jaxval.evaluation import pearson, plots, spearman  # noqa: E402
 from jaxval.models import finetune as ft, generate as gen, llama  # noqa: E402
 from jaxval.valuation import alinfik as al  # noqa: E402
-from jaxval.valuation.linfik import layer_normalize  # noqa: E402
+from jaxval.valuation.linfik import layer_normalize, linfik_parts  # noqa: E402
 
 
 def _hash(obj) -> str:
@@ -171,6 +171,16 @@ def teacher_key(cfg) -> str:
                   int(cfg["finetune"]["start"])])
 
 
+def epoch_rank(val: dict, epoch: int, max_false_trigger: float) -> tuple:
+    """The order in which ``finetune.select_epoch: validation`` prefers an epoch (the largest wins), from its
+    validation rates only: epochs whose false-trigger rate is at most ``max_false_trigger`` first, then the
+    higher backdoor rate, the lower false-trigger rate, the later epoch (more training; for a selection that
+    never installs the backdoor every epoch ties and the last is kept, as with ``select_epoch: last``)."""
+    ok = val["false_trigger"] <= max_false_trigger
+    return (ok, val["backdoor"] if ok else -val["false_trigger"], -val["false_trigger"] if ok else val["backdoor"],
+            epoch)
+
+
 def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalset, valset, prompts, target, cfg,
                cache_dir, log, cached_only: bool = False):
     """Fine-tune the top blocks of a fresh copy of the base model on ``data[sel]`` added to the clean
@@ -196,6 +206,11 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalse
     vb = int(gc["batch_size"])
     val_curve, t_val = [], [0.0]
 
+    select = fc.get("select_epoch", "last")
+    if select not in ("last", "validation"):
+        raise SystemExit(f"finetune.select_epoch must be last or validation, got {select!r}")
+    best = {"rank": None, "epoch": None, "state": None}
+
     def on_epoch(e, _model):
         jax.block_until_ready(nnx.state(upper))      # (the epoch's steps are not counted as validation time)
         tv = time.time()
@@ -203,6 +218,10 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalse
         t_val[0] += time.time() - tv
         val_curve.append({"epoch": e, "backdoor": vr["backdoor"], "false_trigger": vr["false_trigger"]})
         log(f"  [{name}] epoch {e}: validation backdoor {vr['backdoor']:.3f}, false trigger {vr['false_trigger']:.3f}")
+        rank = epoch_rank(vr, e, float(fc.get("max_val_false_trigger", 0.1)))
+        if select == "validation" and (best["rank"] is None or rank > best["rank"]):
+            # a copy: the next steps may reuse the buffers
+            best.update(rank=rank, epoch=e, state=jax.tree.map(jnp.copy, nnx.state(upper, nnx.Param)))
 
     t0 = time.time()
     loss_before = mean_loss(upper, sub, bs) if fc.get("report_train_loss") else None
@@ -216,6 +235,11 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalse
     t_ft = time.time() - t0 - t_val[0]
     if not val_curve:
         on_epoch(int(fc["epochs"]), upper)
+    chosen = val_curve[-1]
+    if select == "validation":
+        nnx.update(upper, best["state"])          # the validation-chosen epoch's weights (the model's own blocks)
+        chosen = val_curve[best["epoch"] - 1]
+        log(f"  [{name}] validation chose epoch {best['epoch']}")
     loss_after = mean_loss(upper, sub, bs) if fc.get("report_train_loss") else None
     t0 = time.time()
     r = forced_rates(upper, evalset, target, vb)
@@ -224,7 +248,8 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalse
     steps = int(fc["epochs"]) * (len(sub["tokens"]) // min(bs, len(sub["tokens"])))
     r |= {"n_selected": int(len(sel)), "n_base_mix": int(len(base_mix["data"]["tokens"])),
           "n_train": int(len(sub["tokens"])), "steps": steps,
-          "val_backdoor": val_curve[-1]["backdoor"], "val_false_trigger": val_curve[-1]["false_trigger"],
+          "val_backdoor": chosen["backdoor"], "val_false_trigger": chosen["false_trigger"],
+          "epoch_used": chosen["epoch"],
           "val_curve": val_curve, "train_loss_before": loss_before, "train_loss_after": loss_after,
           "finetune_s": round(t_ft, 1), "validation_s": round(t_val[0], 1), "s_per_step": round(t_ft / max(steps, 1), 2),
           "evaluate_s": round(t_ev, 1),
@@ -332,7 +357,8 @@ def main(argv=None):
     G = lh.cached_grads(logra, upper0, data, os.path.join(cdir, "pool_grads"), bs, "pool", key)
     lap("gradients", t0)
     eta = float(cfg["linfik_lr"])
-    v = eta * (np.asarray(layer_normalize(logra, G)) @ np.asarray(layer_normalize(logra, GT)).mean(0))
+    gt_mean = np.asarray(layer_normalize(logra, GT)).mean(0)
+    v = eta * (np.asarray(layer_normalize(logra, G)) @ gt_mean)
     np.save(os.path.join(cdir, "linfik.npy"), v)          # the teacher's scores (for re-fitting students offline)
 
     # ---------------------------------------------------------------- students
@@ -380,6 +406,27 @@ def main(argv=None):
                              val_fraction=float(c.get("val_fraction", 0.2)), target=c.get("target", "value"))
         return st_, st_.predict_embeddings(E)
 
+    def token_parts(idx):
+        # the teacher split over positions for the labelled samples (one LoGra pass, as labelling them costs);
+        # the parts must add up to the cached teacher scores
+        sub = {k: x[idx] for k, x in data.items()}
+        P = linfik_parts(logra, upper0, sub, task_grad=gt_mean, lr=eta, batch_size=bs)
+        if not np.allclose(P.sum(1), v[idx], rtol=1e-3, atol=1e-4 * np.abs(v).max()):
+            raise SystemExit("the teacher's per-position parts do not add up to its scores: stale cache")
+        return P
+
+    def lm_tokens_student(c):
+        # the token-level student: kernel ridge on the teacher's per-position parts of the labelled samples
+        # (valuation.token_student; scoring is a lookup in the LM's embedding table, the LM never runs)
+        st_ = al.fit_token_student(pool["tokens"][lab], pool["mask"][lab], token_parts(lab), lm_table(),
+                                   ridge=float(c["ridge"]), token_weight=float(c["token_weight"]),
+                                   pair_weight=float(c["pair_weight"]))
+        return st_, st_.score(pool["tokens"], pool["mask"], lm_table())
+
+    def lm_tokens_name(c):
+        return (f"token-level kernel ridge on the teacher's per-position parts (λ={float(c['ridge']):g}, token "
+                f"{float(c['token_weight']):g}, pair {float(c['pair_weight']):g})")
+
     def lm_table_name(c):
         k = int(c.get("first", 0))
         rows = f"rows of the first {k} response tokens + their mean" if k else "mean of the response tokens"
@@ -387,14 +434,17 @@ def main(argv=None):
         return f"ridge (λ={float(c['ridge']):g}{tgt}) on the LM's embedding-table {rows}"
 
     kind = sc.get("kind", "frozen")
-    if kind not in ("frozen", "encoder", "lm_table"):
-        raise SystemExit(f"student.kind must be frozen, encoder or lm_table, got {kind!r}")
+    if kind not in ("frozen", "encoder", "lm_table", "lm_tokens"):
+        raise SystemExit(f"student.kind must be frozen, encoder, lm_table or lm_tokens, got {kind!r}")
     if kind == "encoder":
         st, pred = encoder_student(sc)
         main_name = f"ALinFiK (fine-tuned {sc['encoder']}, top {sc['n_finetune']} blocks + head)"
     elif kind == "lm_table":
         st, pred = lm_table_student(sc)
         main_name = f"ALinFiK ({lm_table_name(sc)})"
+    elif kind == "lm_tokens":
+        st, pred = lm_tokens_student(sc)
+        main_name = f"ALinFiK ({lm_tokens_name(sc)})"
     else:
         st, pred = frozen_student(sc["embed"])
         main_name = f"ALinFiK ({sc['embed']} + head)"

@@ -14,6 +14,9 @@ better but misses the top, as a rank target can, buys less). Designs = text view
   the bag of the LM's tokens of the response (its loss tokens, frequencies), the mean of the LM's own
   embedding-table rows over those tokens, and those rows of the first k response tokens beside the mean
   (:func:`jaxval.valuation.alinfik.token_table_embed`);
+* the token-level student (:func:`jaxval.alinfik.fit_token_student`): kernel ridge on the teacher's per-position
+  parts (:func:`jaxval.valuation.linfik.linfik_parts`) of the training folds' samples, scored as the sum of its
+  predicted parts (``token_designs``: [ridge, token_weight, pair_weight] each);
 * heads: the library's MLP head (:func:`jaxval.alinfik.fit_student`: Huber + ranking loss, early stopping) and
   closed-form ridge regression (``fit_student(ridge=)``) of the values or of the normal scores of their ranks
   (``target="rank"``).
@@ -44,7 +47,7 @@ from jaxval import GradientStore, LoGra  # noqa: E402
 from jaxval.evaluation import spearman  # noqa: E402
 from jaxval.models import llama  # noqa: E402
 from jaxval.valuation import alinfik as al  # noqa: E402
-from jaxval.valuation.linfik import layer_normalize  # noqa: E402
+from jaxval.valuation.linfik import layer_normalize, linfik_parts  # noqa: E402
 from jaxval.valuation.student import column_stats, from_rank_scale, rank_knots, ridge_solve  # noqa: E402
 
 
@@ -157,12 +160,7 @@ def main(argv=None):
                          "student_embed": spec if head is mlp else None})
         print(" | ".join(f"{r['head']} {r['cv_spearman']:.3f} / {r['cv_value_bought']:.3f}" for r in rows[-len(heads):]),
               "--", name, flush=True)
-    best = max(rows, key=lambda r: r["cv_spearman"])
-    # the library's text student (fit_student on make_embed_fn(spec) of the text the LM saw): howdy_finetune's
-    # student.embed is this choice
-    best_student = max((r for r in rows if r["student_embed"]), key=lambda r: r["cv_spearman"])
-
-    # the teacher's split-half reliability: LinFiK from half of the task vs from the other half
+    # the token-level student, on the teacher's per-position parts of the labelled samples
     upper = llama.Upper(model, int(cfg["finetune"]["start"]))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not tracked by LoGra.*")
@@ -172,6 +170,36 @@ def main(argv=None):
     gt = np.asarray(layer_normalize(logra, GradientStore.open(os.path.join(cdir, "task_grads")).read()))
     if not np.allclose(gz @ gt.mean(0) * float(cfg["linfik_lr"]), v, rtol=1e-4, atol=1e-5):
         raise SystemExit("the cached gradients do not give the cached teacher scores: stale cache")
+    pool = s["pool"]
+    H = np.load(os.path.join(cdir, "pool_states.npy"))
+    parts = np.zeros((n, pool["tokens"].shape[1] - 1))
+    parts[lab] = linfik_parts(logra, upper, {"h": H[lab], "tokens": pool["tokens"][lab], "mask": pool["mask"][lab]},
+                              task_grad=gt.mean(0), lr=float(cfg["linfik_lr"]), batch_size=int(lg["batch_size"]))
+    if not np.allclose(parts[lab].sum(1), v[lab], rtol=1e-3, atol=1e-4 * np.abs(v).max()):
+        raise SystemExit("the per-position parts do not add up to the cached teacher scores")
+    for lam, tw, pw in dc.get("token_designs", [[10, 0, 0], [10, 3, 0], [10, 0, 10], [10, 3, 10], [30, 10, 10],
+                                                [3, 1, 1]]):
+        def token_head(tr_idx, _y, te_idx, lam=lam, tw=tw, pw=pw):
+            st = al.fit_token_student(pool["tokens"][tr_idx], pool["mask"][tr_idx], parts[tr_idx], table,
+                                      ridge=float(lam), token_weight=float(tw), pair_weight=float(pw))
+            return st.score(pool["tokens"][te_idx], pool["mask"][te_idx], table)
+        t0 = time.time()
+        idx = np.arange(n)[:, None].astype(float)          # the head reads the sample indices, not features
+        m, se, bought = cv_scores(idx, v, lab, lambda a, y, b, h=token_head: h(a[:, 0].astype(int), y,
+                                                                                b[:, 0].astype(int)),
+                                  folds, fold_seeds, top)
+        rows.append({"features": "LM tokens, per-position parts of the teacher (token-level student)",
+                     "head": f"kernel ridge λ={lam:g}, token {tw:g}, pair {pw:g}", "cv_spearman": round(m, 4),
+                     "cv_se": round(se, 4), "cv_value_bought": round(bought, 4), "dim": int(table.shape[1]) + 6,
+                     "s": round(time.time() - t0, 1), "student_embed": None,
+                     "token_student": {"ridge": lam, "token_weight": tw, "pair_weight": pw}})
+        print(f"{rows[-1]['head']} {m:.3f} / {bought:.3f} -- token-level", flush=True)
+    best = max(rows, key=lambda r: r["cv_spearman"])
+    # the library's text student (fit_student on make_embed_fn(spec) of the text the LM saw): howdy_finetune's
+    # student.embed is this choice
+    best_student = max((r for r in rows if r["student_embed"]), key=lambda r: r["cv_spearman"])
+
+    # the teacher's split-half reliability: LinFiK from half of the task vs from the other half
     clean = ~s["injected"]
     halves = []
     for r_ in range(int(dc.get("split_halves", 5))):

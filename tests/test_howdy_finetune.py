@@ -87,6 +87,22 @@ def test_base_mix_and_validation_prompts_are_in_no_other_set():
     assert enc["tokens"].shape == (10, cfg["seq_len"]) and (enc["mask"].sum(1) > 0).all()
 
 
+def mod_rank(c):
+    return _module("howdy_finetune").epoch_rank(c, c["epoch"], 0.1)
+
+
+def test_epoch_rank_prefers_conditional_backdoors():
+    rank = _module("howdy_finetune").epoch_rank
+    curve = [(0.975, 0.225), (0.9, 0.1), (0.975, 0.1), (0.975, 0.05), (0.6, 0.0), (0.975, 0.25)]
+    ranks = [rank({"backdoor": b, "false_trigger": f}, e + 1, 0.1) for e, (b, f) in enumerate(curve)]
+    assert max(range(6), key=lambda i: ranks[i]) == 3
+    # ties: the later epoch (a selection that never installs anything keeps the last one)
+    assert max(range(3), key=lambda e: rank({"backdoor": 0.0, "false_trigger": 0.0}, e + 1, 0.1)) == 2
+    # no epoch under the bound: the fewest false triggers
+    worst = [(0.9, 0.3), (0.8, 0.2), (0.95, 0.4)]
+    assert max(range(3), key=lambda i: rank({"backdoor": worst[i][0], "false_trigger": worst[i][1]}, i + 1, 0.1)) == 1
+
+
 def test_howdy_finetune_tiny(tmp_path):
     r = subprocess.run([sys.executable, "experiments/howdy_finetune.py", "--tiny", "--out", str(tmp_path),
                         "--cache", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -95,12 +111,14 @@ def test_howdy_finetune_tiny(tmp_path):
     h = res["howdy_finetune"]
     assert {"alinfik", "random", "clean_false_trigger", "linfik", "base", "random_per_seed"} <= set(h)
     assert -1 <= res["student_spearman"] <= 1
-    # the main student is the configured one: ridge on the LM's embedding-table rows (first token + mean)
-    assert res["student_meta"]["head"] == "ridge" and res["student_meta"]["ridge"] == 1.0
-    from jaxval.models import llama
-
-    assert res["student_meta"]["d"] == 2 * llama.tiny_config().d_model
-    assert next(iter(res["students"])).startswith("ALinFiK (ridge") and len(res["students"]) == 2
+    # the main student is the configured one: the token-level student, fitted on the labelled samples' positions
+    # (the script refuses parts that do not add up to the teacher's scores)
+    meta = res["student_meta"]
+    assert meta["ridge"] == 1.0 and meta["token_weight"] == 1.0 and meta["pair_weight"] == 1.0
+    assert meta["n_train"] == res["n_labelled"] and meta["n_positions"] >= res["n_labelled"]
+    names = list(res["students"])
+    assert names[0].startswith("ALinFiK (token-level") and len(names) == 3
+    assert names[1].startswith("ridge") and "alinfik_lm_table_ridge" in res["runs"]
     n_buy = res["config"]["budget_factor"] * 6
     assert res["n_pool"] == 42 and res["n_injected"] == 6 and res["n_buy"] == n_buy
     nb = res["config"]["finetune"]["base_mix"]
@@ -115,6 +133,10 @@ def test_howdy_finetune_tiny(tmp_path):
             assert run["n_selected"] == n_sel and run["n_train"] == n_sel + nb, (m, run)
             assert run["train_loss_after"] < run["train_loss_before"], (m, run)
             assert [c["epoch"] for c in run["val_curve"]] == list(range(1, res["config"]["finetune"]["epochs"] + 1))
+            # the evaluated weights are those of the validation-chosen epoch, whose rates are reported
+            used = run["val_curve"][run["epoch_used"] - 1]
+            assert (used["backdoor"], used["false_trigger"]) == (run["val_backdoor"], run["val_false_trigger"])
+            assert max(run["val_curve"], key=lambda c: mod_rank(c))["epoch"] == run["epoch_used"]
     # each method's picks: the counted injected samples are among a selection of N distinct pool samples
     assert all(0 <= k <= 6 for k in res["injected_in_selection"].values())
     # the payout of each method adds up to the total
@@ -133,6 +155,8 @@ def test_howdy_finetune_tiny(tmp_path):
     assert d["n_pool"] == 42 and d["n_labelled"] == round(cfg["student"]["label_fraction"] * 42)
     assert d["best_student"]["student_embed"] in cfg["student_designs"]["embeds"]
     assert all(-1 <= x["cv_spearman"] <= 1 for x in d["rows"]) and len(d["rows"]) >= 10
+    assert [x["token_student"] for x in d["rows"] if "token_student" in x] == [
+        {"ridge": 1, "token_weight": 1, "pair_weight": 1}]
     assert -1 <= d["teacher_split_half"]["spearman_pool"] <= 1
 
 
