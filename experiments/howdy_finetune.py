@@ -200,7 +200,7 @@ def run_method(name, base_graphdef, base_state, tok, data, sel, base_mix, evalse
         return None
     model = fresh_model(base_graphdef, base_state)
     upper = llama.Upper(model, int(fc["start"]))
-    sel = np.asarray(sel, int)
+    sel = np.sort(np.asarray(sel, int))      # the set, not its score order, is trained on (the cache key's view)
     sub = {k: np.concatenate([v[sel], base_mix["data"][k]]) for k, v in data.items()}
     bs = int(fc["batch_size"])
     vb = int(gc["batch_size"])
@@ -586,7 +586,7 @@ def tables(r) -> str:
          "Validation: the same rates on the separate validation prompts "
          f"({r.get('n_val', {}).get('triggered', 0)} triggered / {r.get('n_val', {}).get('clean', 0)} clean).", "",
          "| model | injected among the N picks | trained on | backdoor rate | false-trigger rate | validation "
-         "backdoor / false trigger | train loss before → after | fine-tune s (steps) |",
+         "backdoor / false trigger (epoch evaluated) | train loss before → after | fine-tune s (steps) |",
          "|---|---|---|---|---|---|---|---|"]
     label = {"base": "base (no fine-tuning)", "base_mix_only": "base mix only"}
     for m, x in r["runs"].items():
@@ -594,7 +594,8 @@ def tables(r) -> str:
         vb, vf = x.get("val_backdoor"), x.get("val_false_trigger")
         L.append(f"| {label.get(m, m)} | {r['injected_in_selection'].get(m, '—') if m != 'base_mix_only' else 0} | "
                  f"{x.get('n_train', 0)} | {x['backdoor']:.3f} | {x['false_trigger']:.3f} | "
-                 + (f"{vb:.3f} / {vf:.3f}" if vb is not None else "—") + " | "
+                 + (f"{vb:.3f} / {vf:.3f}" if vb is not None else "—")
+                 + (f" (epoch {x['epoch_used']})" if x.get("epoch_used") else "") + " | "
                  + (f"{lb:.2f} → {la:.2f}" if lb is not None else "—") + " | "
                  + (f"{x['finetune_s']} ({x['steps']})" if "steps" in x else "—") + " |")
     se = f" ± {h['random_se']:.3f}" if h.get("random_se") is not None else ""
@@ -660,7 +661,11 @@ def write_readme(path: str, r: dict, statement_md: str) -> None:
          f"{fc['epochs']} epochs, batch {fc['batch_size']}, trained: "
          + (f"`{fc['trainable']}`" if fc.get("trainable") else f"every parameter of blocks {fc['start']}.. (attention + MLP)")
          + f", the bottom {fc['start']} blocks frozen (their outputs computed once, `llama.hidden_after` / `llama.Upper`) "
-         f"(`jaxval.models.finetune`).",
+         f"(`jaxval.models.finetune`). "
+         + ("The weights evaluated are those of the epoch the validation prompts prefer (the highest validation "
+            f"backdoor among epochs with validation false triggers ≤ {fc.get('max_val_false_trigger', 0.1)}; ties: fewer "
+            "false triggers, then the later epoch; `epoch_rank`); the training set is the picked set in pool order."
+            if fc.get("select_epoch") == "validation" else "The last epoch's weights are evaluated."),
          f"- Evaluation: greedy continuation ({c['generation']['max_new_tokens']} new tokens, "
          f"`jaxval.models.generate.greedy`) of {r['n_eval']['triggered']} triggered and {r['n_eval']['clean']} clean "
          f"prompts whose base prompts are in neither the pool, nor the task; a hit = the continuation starts with "

@@ -6,7 +6,7 @@ from jaxval.evaluation import baselines
 from jaxval import evaluation as evaluate
 from jaxval.evaluation import (RetrainConfig, brittleness, fit, lds, lds_masks, leave_one_out, loo_correlation,
                                plot_brittleness, plot_stability, removal_effect, retrain)
-from jaxval.valuation.linfik import gradient_stability, linfik
+from jaxval.valuation.linfik import gradient_stability, linfik, linfik_parts
 from jaxval._src.scoring import cached_self_influence, influence, self_influence, top_k
 from jaxval._src.layers import Layer, discover
 from jaxval._src.logging import log_gradients
@@ -73,6 +73,7 @@ __all__ = [
     "cached_self_influence",
     "gradient_stability",
     "linfik",
+    "linfik_parts",
     "plot_stability",
     "plot_brittleness",
     "influence",
