@@ -80,7 +80,7 @@ HOWDY_ROWS = (  # (label, backdoor key, false-trigger key, their standard errors
     ("random-N (mean ± se over seeds)", "random", "random_false_trigger", "random_se", "random_false_trigger_se"),
     ("the fine-tuned student's top-N", "alinfik_finetuned_student", "alinfik_finetuned_student_false_trigger",
      None, None),
-    ("the further LM-table student's top-N (`lm_table_student`)", "alinfik_lm_table_ridge",
+    ("run 5's LM-table ridge student's top-N (`lm_table_student`)", "alinfik_lm_table_ridge",
      "alinfik_lm_table_ridge_false_trigger", None, None),
     ("the base mix only", "base_mix_only", "base_mix_only_false_trigger", None, None),
     ("nothing (the base model)", "base", "base_false_trigger", None, None))
