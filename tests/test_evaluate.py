@@ -287,3 +287,28 @@ def test_ekfac_streamed_scores_equal_float64_solve_on_explicit_gradients(toy, se
         raw = jv.fit_preconditioner(lg, model, train, kind="raw", relative_damping=0.1, batch_size=8)
         with pytest.raises(ValueError, match="'kfac' or 'ekfac'"):
             bl.ekfac_streamed_scores(lg, model, test, train, raw)
+
+
+def test_one_trainer_is_built_per_brittleness_and_removal_test(toy, monkeypatch):
+    """The methods of one test share the compiled trainer (it used to be rebuilt and recompiled per method)."""
+    from jaxval.evaluation import retraining
+
+    built = []
+    real = retraining._build_trainer
+    monkeypatch.setattr(retraining, "_build_trainer", lambda *a: built.append(1) or real(*a))
+    train, test = toy
+    cfg = ev.RetrainConfig(steps=5, lr=0.1, batch_size=None, optimizer="adam", chunk=64)
+    pts = {k: v[:2] for k, v in test.items()}
+    sc = (pts["y"][:, None] == train["y"][None]).astype(np.float32)
+    methods = {"same-label": sc, "other-label": 1.0 - sc}
+
+    def evalf(m, d):
+        return {"correct": jnp.argmax(m(d["x"]), -1) == d["y"], "loss": ce(m, d)}
+
+    ev.brittleness(Lin, ce, train, pts, methods, [0, 5], [0], cfg, evalf, progress=False)
+    assert len(built) == 1
+    ev.removal_effect(Lin, ce, train, pts, methods, [0, 5], [0], cfg, progress=False)
+    assert len(built) == 2
+    # separate retrain calls still build their own (the cache lives in one test's call)
+    ev.retrain(Lin, ce, train, np.ones((1, len(train["y"])), bool), [0], cfg, pts, progress=False)
+    assert len(built) == 3

@@ -135,6 +135,15 @@ def _build_trainer(make_model, loss_fn, eval_fn, cfg: RetrainConfig, n: int, war
     return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
 
 
+def _trainer(trainers: dict, make_model, loss_fn, eval_fn, cfg: RetrainConfig, n: int, warm_start, warm_state):
+    """The compiled trainer of these settings, built once per ``trainers`` dict (the calls of one brittleness or
+    removal test share it: one compilation per shape instead of one per method)."""
+    key = (make_model, loss_fn, eval_fn, cfg, n, id(warm_start))
+    if key not in trainers:
+        trainers[key] = _build_trainer(make_model, loss_fn, eval_fn, cfg, n, warm_state)
+    return trainers[key]
+
+
 def retrain(make_model: Callable[[nnx.Rngs], nnx.Module], loss_fn, train: Mapping[str, Any], masks, seeds,
             config: RetrainConfig, eval_data: Mapping[str, Any], eval_fn: Callable | None = None, *,
             warm_start: nnx.Module | None = None, cache_dir: str | None = None, tag: str = "",
@@ -148,6 +157,12 @@ def retrain(make_model: Callable[[nnx.Rngs], nnx.Module], loss_fn, train: Mappin
     warm_start: start every model from this model's parameters (then the seed only picks the batches).
     cache_dir: orbax cache of the outputs, one checkpoint per chunk of ``config.chunk`` models.
     """
+    return _retrain(make_model, loss_fn, train, masks, seeds, config, eval_data, eval_fn, warm_start=warm_start,
+                    cache_dir=cache_dir, tag=tag, progress=progress, trainers={})
+
+
+def _retrain(make_model, loss_fn, train, masks, seeds, config, eval_data, eval_fn=None, *, warm_start=None,
+             cache_dir=None, tag="", progress=True, trainers: dict) -> dict[str, np.ndarray]:
     masks = np.asarray(masks, bool)
     seeds = np.asarray(seeds, np.int64).astype(np.uint32)
     if masks.ndim != 2:
@@ -186,7 +201,7 @@ def retrain(make_model: Callable[[nnx.Rngs], nnx.Module], loss_fn, train: Mappin
             outs.append({k: np.asarray(v) for k, v in arrays.items()})
         else:
             if fn is None:
-                fn = _build_trainer(make_model, loss_fn, eval_fn, config, n, warm_state)
+                fn = _trainer(trainers, make_model, loss_fn, eval_fn, config, n, warm_start, warm_state)
             k = len(mk)
             pad = c - k if m_total > c else 0  # keep one compiled width
             mk_p = np.concatenate([mk, np.repeat(mk[:1], pad, 0)]) if pad else mk
@@ -228,7 +243,7 @@ def leave_one_out(make_model, loss_fn, train, indices, seeds, config: RetrainCon
 # ----------------------------------------------------------------------------- brittleness
 
 def _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, seeds, config, eval_fn, key,
-                          cache_dir, random_seed, progress, tag, warm_start=None) -> dict:
+                          cache_dir, random_seed, progress, tag, warm_start=None, trainers=None) -> dict:
     """``{name: [Q, K, S]}``: ``eval_fn(...)[key]`` of each test point under the removal of ITS OWN top-``k``
     proponents by each method (``"random"`` added: ``k`` random points), one retrained model per (point, k,
     seed). Retrained with cache tags ``f"{tag}-{name}"``."""
@@ -236,12 +251,13 @@ def _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, 
     seeds = np.asarray(seeds)
     q = jax.tree.leaves(test_points)[0].shape[0]
     n = masks_n(train)
-    out = {}
+    out, trainers = {}, {} if trainers is None else trainers
     for name, sc in {**methods, "random": None}.items():
         m = brittleness_masks(np.zeros((q, n)) if sc is None else sc, ks, seed=random_seed, random=sc is None)
         rows = np.repeat(m.reshape(q * len(ks), -1), len(seeds), 0)
-        res = retrain(make_model, loss_fn, train, rows, np.tile(seeds, q * len(ks)), config, test_points, eval_fn,
-                      warm_start=warm_start, cache_dir=cache_dir, tag=f"{tag}-{name}", progress=progress)[key]
+        res = _retrain(make_model, loss_fn, train, rows, np.tile(seeds, q * len(ks)), config, test_points, eval_fn,
+                       warm_start=warm_start, cache_dir=cache_dir, tag=f"{tag}-{name}", progress=progress,
+                       trainers=trainers)[key]
         out[name] = res.reshape(q, len(ks), len(seeds), q)[np.arange(q), :, :, np.arange(q)]
     return out
 
@@ -272,11 +288,12 @@ def removal_effect(make_model, loss_fn, train, test_points, methods: Mapping[str
     :func:`retrain`). Returns ``{name: [K] mean increase}``."""
     seeds = np.asarray(seeds)
     eval_fn = eval_fn or _default_eval(loss_fn)
-    base = retrain(make_model, loss_fn, train, np.ones((len(seeds), masks_n(train)), bool), seeds, config,
-                   test_points, eval_fn, warm_start=warm_start, cache_dir=cache_dir, tag="removal-base",
-                   progress=progress)[key]  # [S, Q]
+    trainers: dict = {}
+    base = _retrain(make_model, loss_fn, train, np.ones((len(seeds), masks_n(train)), bool), seeds, config,
+                    test_points, eval_fn, warm_start=warm_start, cache_dir=cache_dir, tag="removal-base",
+                    progress=progress, trainers=trainers)[key]  # [S, Q]
     own = _own_removal_outcomes(make_model, loss_fn, train, test_points, methods, ks, seeds, config, eval_fn,
-                                key, cache_dir, random_seed, progress, "removal", warm_start)
+                                key, cache_dir, random_seed, progress, "removal", warm_start, trainers)
     return {name: (v - base.T[:, None, :]).mean((0, 2)) for name, v in own.items()}
 
 
