@@ -52,18 +52,37 @@ def linfik_rate(model, loss_fn, vocab, cfg, layers=None):
     return b / sec, logra.dim
 
 
+def _tokenize(tok, ts, seq_len: int):
+    """``(tokens [n, seq_len] int32, mask [n, seq_len] float32)`` right-padded, in one batch call of the tokenizer."""
+    ids = [x[:seq_len] for x in tok.encode_batch(ts)]        # (SmolLM2's: the Rust tokenizer's batch call)
+    mask = np.arange(seq_len) < np.array([len(x) for x in ids])[:, None]
+    toks = np.zeros((len(ts), seq_len), np.int32)
+    toks[mask] = np.concatenate(ids)                          # row-major: each row's ids in order
+    return toks, mask.astype(np.float32)
+
+
+def token_student_rate(model, tok, texts, seq_len: int) -> float:
+    """samples/s of the token-level student (the Howdy! ALinFiK student, ``alinfik.fit_token_student``): tokenize,
+    then per token a table gather, a dot product and two sorted-table lookups, summed per sample. The LM never
+    runs. Fitted on random parts of 8 texts (the cost does not depend on the values)."""
+    table = np.asarray(model.embed.embedding[...], np.float32)
+    toks, mask = _tokenize(tok, texts[:8], seq_len)
+    parts = np.random.default_rng(0).normal(size=(8, seq_len - 1))
+    st = al.fit_token_student(toks, mask, parts, table)
+    st.score(*_tokenize(tok, texts[: min(64, len(texts))], seq_len), table)      # warm-up, table verified once
+    t0 = time.perf_counter()
+    st.score(*_tokenize(tok, texts, seq_len), table)
+    return len(texts) / (time.perf_counter() - t0)
+
+
 def lm_table_rate(model, tok, texts, seq_len: int, first: int, ridge: float = 1.0) -> float:
-    """samples/s of the LM-table student (the Howdy! ALinFiK student): tokenize with the LM's tokenizer, look up
-    the LM's embedding-table rows of the first ``first`` tokens and their mean (``alinfik.token_table_embed``),
+    """samples/s of the LM-table student (run 5's Howdy! ALinFiK student): tokenize with the LM's tokenizer, look
+    up the LM's embedding-table rows of the first ``first`` tokens and their mean (``alinfik.token_table_embed``),
     a ridge head. The LM never runs."""
     table = np.asarray(model.embed.embedding[...], np.float32)
 
     def featurise(ts):
-        ids = [x[:seq_len] for x in tok.encode_batch(ts)]    # (SmolLM2's: the Rust tokenizer's batch call)
-        mask = np.arange(seq_len) < np.array([len(x) for x in ids])[:, None]
-        toks = np.zeros((len(ts), seq_len), np.int32)
-        toks[mask] = np.concatenate(ids)                      # row-major: each row's ids in order
-        return al.token_table_embed(toks, mask.astype(np.float32), table, first=first)
+        return al.token_table_embed(*_tokenize(tok, ts, seq_len), table, first=first)
 
     e = featurise(texts[:8])
     st = al.fit_student(None, np.arange(32, dtype=np.float32), None, embeddings=np.tile(e, (4, 1)) +
@@ -125,6 +144,12 @@ def main():
                                f"first {lt['first']} tokens + their mean)", "params": None,
                      "samples_per_s": round(rate, 2)})
         print(rows[-1], flush=True)
+        if cfg.get("token_student", True):
+            rate = token_student_rate(lm, lm_tok, texts, int(cfg["seq_len"]))
+            rows.append({"scorer": f"ALinFiK student (token-level: kernel ridge on per-position parts, "
+                                   f"{lt['model']['name']} tokens and embedding table)", "params": None,
+                         "samples_per_s": round(rate, 2)})
+            print(rows[-1], flush=True)
     # ---- LinFiK under LLMs of growing size
     for name in cfg.get("gpt_sizes") or list(cfg["gpts"]):
         g = cfg["gpts"][name]

@@ -111,6 +111,10 @@ def test_save_load_and_refusals(tmp_path):
     assert isinstance(load_student(path), TokenStudent)
     with pytest.raises(ConfigError, match="another embedding table"):
         st.score(tokens, weights, table + 1e-3)
+    st.score(tokens, weights, table)                      # verified once per table object, then not re-hashed
+    assert st._verified() is table
+    with pytest.raises(ConfigError, match="another embedding table"):
+        st.score(tokens, weights, table.copy() * 2)
     with pytest.raises(ConfigError, match=r"parts must be \[n, T\]"):
         fit_token_student(tokens, weights, parts[:, :-1], table)
     with pytest.raises(ConfigError, match="no used positions"):

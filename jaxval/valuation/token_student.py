@@ -24,6 +24,7 @@ training adds 0. Scoring is a gather and a dot product per token; the LM never r
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping
 
 import numpy as np
@@ -88,13 +89,19 @@ class TokenStudent:
         self.w, self.meta = np.asarray(w, np.float64), dict(meta)
         self.token_ids, self.token_vals = np.asarray(token_ids, np.int64), np.asarray(token_vals, np.float64)
         self.pair_keys, self.pair_vals = np.asarray(pair_keys, np.int64), np.asarray(pair_vals, np.float64)
+        self._verified = None            # a weak reference to the last table object whose sha256 matched
 
     def _check_table(self, table):
+        """The table as float32, refused unless its sha256 is the fitted one's (hashed once per table object: the
+        same array passed again is not hashed again; a table changed in place in between is not noticed)."""
         t = np.asarray(table, np.float32)
+        if self._verified is not None and self._verified() is t:
+            return t
         if t.shape != tuple(self.meta["table_shape"]) or _table_sha256(t) != self.meta["table_sha256"]:
             raise ConfigError(f"this student was fitted with another embedding table (shape "
                               f"{tuple(self.meta['table_shape'])}, sha256 {self.meta['table_sha256'][:12]}); got shape "
                               f"{t.shape}: pass the target LM's own table")
+        self._verified = weakref.ref(t)
         return t
 
     def position_parts(self, tokens, weights, table) -> np.ndarray:
