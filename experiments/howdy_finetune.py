@@ -171,6 +171,16 @@ def teacher_key(cfg) -> str:
                   int(cfg["finetune"]["start"])])
 
 
+def teacher_parts(logra, upper, data: dict, idx, task_grad, lr: float, batch_size: int, v) -> np.ndarray:
+    """``[len(idx), T]`` the layer-normalised teacher of ``data[idx]`` split over positions (``linfik_parts``, one
+    LoGra pass, as labelling them costs), refused unless the parts add up to the cached scores ``v[idx]``."""
+    P = linfik_parts(logra, upper, {k: x[idx] for k, x in data.items()}, task_grad=task_grad, lr=lr,
+                     batch_size=batch_size)
+    if not np.allclose(P.sum(1), v[idx], rtol=1e-3, atol=1e-4 * np.abs(v).max()):
+        raise SystemExit("the teacher's per-position parts do not add up to its cached scores: stale cache")
+    return P
+
+
 def epoch_rank(val: dict, epoch: int, max_false_trigger: float) -> tuple:
     """The order in which ``finetune.select_epoch: validation`` prefers an epoch (the largest wins), from its
     validation rates only: epochs whose false-trigger rate is at most ``max_false_trigger`` first, then the
@@ -406,19 +416,11 @@ def main(argv=None):
                              val_fraction=float(c.get("val_fraction", 0.2)), target=c.get("target", "value"))
         return st_, st_.predict_embeddings(E)
 
-    def token_parts(idx):
-        # the teacher split over positions for the labelled samples (one LoGra pass, as labelling them costs);
-        # the parts must add up to the cached teacher scores
-        sub = {k: x[idx] for k, x in data.items()}
-        P = linfik_parts(logra, upper0, sub, task_grad=gt_mean, lr=eta, batch_size=bs)
-        if not np.allclose(P.sum(1), v[idx], rtol=1e-3, atol=1e-4 * np.abs(v).max()):
-            raise SystemExit("the teacher's per-position parts do not add up to its scores: stale cache")
-        return P
-
     def lm_tokens_student(c):
         # the token-level student: kernel ridge on the teacher's per-position parts of the labelled samples
         # (valuation.token_student; scoring is a lookup in the LM's embedding table, the LM never runs)
-        st_ = al.fit_token_student(pool["tokens"][lab], pool["mask"][lab], token_parts(lab), lm_table(),
+        parts = teacher_parts(logra, upper0, data, lab, gt_mean, eta, bs, v)
+        st_ = al.fit_token_student(pool["tokens"][lab], pool["mask"][lab], parts, lm_table(),
                                    ridge=float(c["ridge"]), token_weight=float(c["token_weight"]),
                                    pair_weight=float(c["pair_weight"]))
         return st_, st_.score(pool["tokens"], pool["mask"], lm_table())

@@ -47,7 +47,7 @@ from jaxval import GradientStore, LoGra  # noqa: E402
 from jaxval.evaluation import spearman  # noqa: E402
 from jaxval.models import llama  # noqa: E402
 from jaxval.valuation import alinfik as al  # noqa: E402
-from jaxval.valuation.linfik import layer_normalize, linfik_parts  # noqa: E402
+from jaxval.valuation.linfik import layer_normalize  # noqa: E402
 from jaxval.valuation.student import column_stats, from_rank_scale, rank_knots, ridge_solve  # noqa: E402
 
 
@@ -171,23 +171,18 @@ def main(argv=None):
     if not np.allclose(gz @ gt.mean(0) * float(cfg["linfik_lr"]), v, rtol=1e-4, atol=1e-5):
         raise SystemExit("the cached gradients do not give the cached teacher scores: stale cache")
     pool = s["pool"]
-    H = np.load(os.path.join(cdir, "pool_states.npy"))
+    data = {"h": np.load(os.path.join(cdir, "pool_states.npy")), "tokens": pool["tokens"], "mask": pool["mask"]}
     parts = np.zeros((n, pool["tokens"].shape[1] - 1))
-    parts[lab] = linfik_parts(logra, upper, {"h": H[lab], "tokens": pool["tokens"][lab], "mask": pool["mask"][lab]},
-                              task_grad=gt.mean(0), lr=float(cfg["linfik_lr"]), batch_size=int(lg["batch_size"]))
-    if not np.allclose(parts[lab].sum(1), v[lab], rtol=1e-3, atol=1e-4 * np.abs(v).max()):
-        raise SystemExit("the per-position parts do not add up to the cached teacher scores")
+    parts[lab] = hf.teacher_parts(logra, upper, data, lab, gt.mean(0), float(cfg["linfik_lr"]), int(lg["batch_size"]), v)
     for lam, tw, pw in dc.get("token_designs", [[10, 0, 0], [10, 3, 0], [10, 0, 10], [10, 3, 10], [30, 10, 10],
                                                 [3, 1, 1]]):
-        def token_head(tr_idx, _y, te_idx, lam=lam, tw=tw, pw=pw):
-            st = al.fit_token_student(pool["tokens"][tr_idx], pool["mask"][tr_idx], parts[tr_idx], table,
+        def token_head(tr, _y, te, lam=lam, tw=tw, pw=pw):     # tr / te: [k, 1] sample indices (x below)
+            tr, te = tr[:, 0], te[:, 0]
+            st = al.fit_token_student(pool["tokens"][tr], pool["mask"][tr], parts[tr], table,
                                       ridge=float(lam), token_weight=float(tw), pair_weight=float(pw))
-            return st.score(pool["tokens"][te_idx], pool["mask"][te_idx], table)
+            return st.score(pool["tokens"][te], pool["mask"][te], table)
         t0 = time.time()
-        idx = np.arange(n)[:, None].astype(float)          # the head reads the sample indices, not features
-        m, se, bought = cv_scores(idx, v, lab, lambda a, y, b, h=token_head: h(a[:, 0].astype(int), y,
-                                                                                b[:, 0].astype(int)),
-                                  folds, fold_seeds, top)
+        m, se, bought = cv_scores(np.arange(n)[:, None], v, lab, token_head, folds, fold_seeds, top)
         rows.append({"features": "LM tokens, per-position parts of the teacher (token-level student)",
                      "head": f"kernel ridge λ={lam:g}, token {tw:g}, pair {pw:g}", "cv_spearman": round(m, 4),
                      "cv_se": round(se, 4), "cv_value_bought": round(bought, 4), "dim": int(table.shape[1]) + 6,

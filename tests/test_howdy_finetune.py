@@ -87,8 +87,6 @@ def test_base_mix_and_validation_prompts_are_in_no_other_set():
     assert enc["tokens"].shape == (10, cfg["seq_len"]) and (enc["mask"].sum(1) > 0).all()
 
 
-def mod_rank(c):
-    return _module("howdy_finetune").epoch_rank(c, c["epoch"], 0.1)
 
 
 def test_epoch_rank_prefers_conditional_backdoors():
@@ -104,6 +102,7 @@ def test_epoch_rank_prefers_conditional_backdoors():
 
 
 def test_howdy_finetune_tiny(tmp_path):
+    rank = _module("howdy_finetune").epoch_rank
     r = subprocess.run([sys.executable, "experiments/howdy_finetune.py", "--tiny", "--out", str(tmp_path),
                         "--cache", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -136,7 +135,8 @@ def test_howdy_finetune_tiny(tmp_path):
             # the evaluated weights are those of the validation-chosen epoch, whose rates are reported
             used = run["val_curve"][run["epoch_used"] - 1]
             assert (used["backdoor"], used["false_trigger"]) == (run["val_backdoor"], run["val_false_trigger"])
-            assert max(run["val_curve"], key=lambda c: mod_rank(c))["epoch"] == run["epoch_used"]
+            bound = res["config"]["finetune"]["max_val_false_trigger"]
+            assert max(run["val_curve"], key=lambda c: rank(c, c["epoch"], bound))["epoch"] == run["epoch_used"]
     # each method's picks: the counted injected samples are among a selection of N distinct pool samples
     assert all(0 <= k <= 6 for k in res["injected_in_selection"].values())
     # the payout of each method adds up to the total

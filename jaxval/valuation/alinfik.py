@@ -69,7 +69,8 @@ from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance
                                       distill_loss, encode_lower, fit_encoder_student, frozen_embeddings,
                                       from_rank_scale, rank_knots, ranknet_loss, resolve_encoder, restore_student,
                                       ridge_solve, save_student, split_labelled)
-from jaxval.valuation.token_student import TokenStudent, fit_token_student, token_positions
+from jaxval.valuation.token_student import (TokenStudent, check_ids, checked_tokens, fit_token_student,
+                                            token_positions)
 
 __all__ = [
     "Student", "fit_student", "TokenStudent", "fit_token_student", "token_positions", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
@@ -120,20 +121,13 @@ def token_table_embed(tokens, weights, table, first: int = 2) -> np.ndarray:
     response *begins* when the task's responses share a beginning (on the Howdy! pool, clean responses opening
     with "Hello!" or "Sure!" score highest); a mean over the whole response dilutes that.
     """
-    tokens, table = np.asarray(tokens), np.asarray(table, np.float32)
-    marked = np.asarray(weights) > 0
-    if tokens.ndim != 2 or marked.shape != tokens.shape:
-        raise ValueError(f"tokens and weights must both be [n, T]; got {tokens.shape} and {marked.shape}")
-    if table.ndim != 2:
-        raise ValueError(f"table must be [V, d]; got {table.shape}")
+    tokens, weights, table = checked_tokens(tokens, weights, table)
     if first < 0:
         raise ValueError(f"first must be >= 0, got {first}")
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+    marked = weights > 0
     rows, cols = np.nonzero(marked)                      # row-major: each row's marked tokens in order
     ids = tokens[rows, cols]
-    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
-        raise ValueError(f"token ids in [{ids.min()}, {ids.max()}] outside the table's {table.shape[0]} rows")
+    check_ids(ids, table.shape[0])
     n, d = len(tokens), table.shape[1]
     emb = table[ids]                                     # one gather, shared by the mean and the leading rows
     mean = np.zeros((n, d), np.float32)
@@ -417,13 +411,16 @@ class Student:
 
     @classmethod
     def load(cls, path: str, embed_fn: EmbedFn | None = None, encoder=None):
-        """The student saved at ``path``: a frozen-embedding :class:`Student` or, for a checkpoint of
-        :func:`fit_encoder_student`, an :class:`EncoderStudent` (``encoder=`` for a custom lower encoder)."""
+        """The student saved at ``path``: a frozen-embedding :class:`Student`, or, for a checkpoint of
+        :func:`fit_encoder_student`, an :class:`EncoderStudent` (``encoder=`` for a custom lower encoder), or of
+        :func:`fit_token_student`, a :class:`TokenStudent`."""
         from jaxval._src import checkpoint
 
         arrays, meta = checkpoint.load(path)
         if meta.get("kind") == EncoderStudent.kind:
             return EncoderStudent.load(path, encoder=encoder)
+        if meta.get("kind") == TokenStudent.kind:
+            return TokenStudent.from_checkpoint(arrays, meta)
         head = Head(meta["d"], meta["hidden"], meta["dropout"], rngs=nnx.Rngs(0))
         stats = restore_student(path, head, "head", arrays)
         if embed_fn is None:
@@ -433,11 +430,7 @@ class Student:
 
 
 def load_student(path: str, embed_fn: EmbedFn | None = None, encoder=None):
-    """Any kind of student from its checkpoint: :meth:`Student.load`, or a :class:`TokenStudent`."""
-    from jaxval._src import checkpoint
-
-    if checkpoint.load(path)[1].get("kind") == TokenStudent.kind:
-        return TokenStudent.load(path)
+    """Any kind of student from its checkpoint (:meth:`Student.load`)."""
     return Student.load(path, embed_fn=embed_fn, encoder=encoder)
 
 

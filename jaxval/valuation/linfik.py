@@ -216,8 +216,14 @@ def _position_parts(layers, pairs, g, t_flat, normalize: bool):
     """``[B, T]`` parts of ``⟨g_b, t⟩`` over the products' positions, each layer's divided by the norm of its
     block of ``g`` when normalising. A layer's block is ``Σ_calls Σ_t a_t c_tᵀ`` (``blocks_from_pairs``), so its
     part at ``t`` is ``a_tᵀ T c_t`` with ``T`` the task gradient's block in the same row-major layout."""
+    lengths = {layer.name: sorted({a.shape[1] for a, _, _ in pairs[layer.name]}) for layer in layers}
+    if len({t for ts in lengths.values() for t in ts}) != 1:         # static shapes: raised while tracing
+        raise ConfigError(
+            f"linfik_parts needs one position axis shared by every tracked layer; their products have "
+            f"{', '.join(f'{n}: {ts}' for n, ts in lengths.items())} positions: track only layers of one sequence "
+            "length (LoGra layers=...)")
     out, lo = 0.0, 0
-    for i, layer in enumerate(layers):
+    for layer in layers:
         calls = pairs[layer.name]
         ka, kc = calls[0][0].shape[-1], calls[0][1].shape[-1]
         blk = t_flat[lo:lo + ka * kc].reshape(ka, kc)
@@ -238,23 +244,6 @@ def _layer_parts(layers, losses, pairs, g, task):
 def _plain_parts(layers, losses, pairs, g, task):
     """The LoGra step's ``reduce`` for the plain kernel."""
     return _position_parts(layers, pairs, g, task, False)
-
-
-def _check_positions(logra: LoGra, model, batch) -> int:
-    """The one sequence length every tracked product shares (parts need a common position axis)."""
-    from jaxval._src.logra import _frontend, traced_pairs
-
-    traced, _, state = _frontend(model, logra.loss_fn, logra.wrt)
-    names = [l.name for l in logra.layers]
-    shapes = jax.eval_shape(lambda st, b: traced_pairs(traced, st, b, names, logra.projections)[1], state, batch)
-    lengths = {n: sorted({a.shape[1] for a, _, _ in calls}) for n, calls in shapes.items()}
-    distinct = sorted({t for ts in lengths.values() for t in ts})
-    if len(distinct) != 1:
-        raise ConfigError(
-            f"linfik_parts needs one position axis shared by every tracked layer; their products have "
-            f"{', '.join(f'{n}: {ts}' for n, ts in lengths.items())} positions: track only layers of one sequence "
-            "length (LoGra layers=...)")
-    return distinct[0]
 
 
 def linfik_parts(logra: LoGra, model, pool, task=None, *, task_grad=None, lr: float = 1.0, batch_size: int = 64,
@@ -282,15 +271,10 @@ def linfik_parts(logra: LoGra, model, pool, task=None, *, task_grad=None, lr: fl
     gt = jnp.asarray(task_grad, jnp.float32).reshape(-1)
     if gt.shape[0] != logra.dim:
         raise ConfigError(f"task_grad has {gt.shape[0]} entries, this LoGra's gradients {logra.dim}")
-    n = _batch_size(pool)
-    out = None
     step, state = logra.step_for(model, _layer_parts if normalize == "layer" else _plain_parts)
-    for start, nv, batch in padded_batches(pool, batch_size):
-        if out is None:
-            out = np.zeros((n, _check_positions(logra, model, batch)), np.float32)
-        _, _, parts = step(state, batch, logra.projections, None, gt)
-        out[start:start + nv] = float(lr) * np.asarray(parts)[:nv]
-    return out
+    out = [np.asarray(step(state, batch, logra.projections, None, gt)[2])[:nv]
+           for _, nv, batch in padded_batches(pool, batch_size)]
+    return float(lr) * np.concatenate(out, axis=0)
 
 
 def _check_precond_provenance(logra, model, precond, unchecked: bool) -> None:

@@ -41,6 +41,25 @@ def _table_sha256(table: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(table, np.float32).tobytes()).hexdigest()
 
 
+def checked_tokens(tokens, weights, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(tokens, weights, table as float32)`` after the checks every token-table feature needs: ``tokens`` and
+    ``weights`` both ``[n, T]``, integer ids, a ``[V, d]`` table."""
+    tokens, w, table = np.asarray(tokens), np.asarray(weights), np.asarray(table, np.float32)
+    if tokens.ndim != 2 or w.shape != tokens.shape:
+        raise ConfigError(f"tokens and weights must both be [n, T]; got {tokens.shape} and {w.shape}")
+    if table.ndim != 2:
+        raise ConfigError(f"table must be [V, d]; got {table.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ConfigError(f"tokens must be integer ids, got {tokens.dtype}")
+    return tokens, w, table
+
+
+def check_ids(ids: np.ndarray, vocab: int) -> None:
+    """The token ids a feature reads must index the table's ``vocab`` rows."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ConfigError(f"token ids in [{ids.min()}, {ids.max()}] outside the table's {vocab} rows")
+
+
 def token_positions(tokens, weights, table, scale: float | None = None) -> dict[str, np.ndarray]:
     """The used positions of every row and their features.
 
@@ -48,22 +67,14 @@ def token_positions(tokens, weights, table, scale: float | None = None) -> dict[
     a loss token), table ``[V, d]``. Position ``p < T`` is used when ``weights[:, p+1] > 0``. Returns ``rows``,
     ``cols`` (``p``) ``[M]``, ``read`` / ``pred`` token ids ``[M]``, ``phi`` ``[M, d + N_POS + 3]`` float64 and
     ``scale`` (the table's mean row norm unless given)."""
-    tokens, w = np.asarray(tokens), np.asarray(weights)
-    table = np.asarray(table, np.float32)
-    if tokens.ndim != 2 or w.shape != tokens.shape:
-        raise ConfigError(f"tokens and weights must both be [n, T+1]; got {tokens.shape} and {w.shape}")
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise ConfigError(f"tokens must be integer ids, got {tokens.dtype}")
-    if table.ndim != 2:
-        raise ConfigError(f"table must be [V, d]; got {table.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= table.shape[0]):
-        raise ConfigError(f"token ids in [{tokens.min()}, {tokens.max()}] outside the table's {table.shape[0]} rows")
+    tokens, w, table = checked_tokens(tokens, weights, table)
     used = w[:, 1:] > 0
     rows, cols = np.nonzero(used)
     first = np.where(used.any(1), used.argmax(1), 0)
     r = (cols - first[rows]).astype(np.float64)
     if scale is None:
         scale = float(np.linalg.norm(table, axis=1).mean())
+    check_ids(tokens, table.shape[0])
     pred, read = tokens[rows, cols + 1], tokens[rows, cols]
     onehot = np.stack([r == k for k in range(N_POS)] + [r >= N_POS], 1).astype(np.float64)
     rc = np.minimum(r, R_CAP)[:, None] / R_CAP
@@ -133,6 +144,11 @@ class TokenStudent:
         arrays, meta = checkpoint.load(path)
         if meta.get("kind") != cls.kind:
             raise ConfigError(f"{path} holds a {meta.get('kind', 'frozen-feature')!r} student, not a {cls.kind!r} one")
+        return cls.from_checkpoint(arrays, meta)
+
+    @classmethod
+    def from_checkpoint(cls, arrays: Mapping, meta: Mapping) -> "TokenStudent":
+        """The student from a checkpoint's arrays and meta, already read (``alinfik.load_student``)."""
         return cls(**{k: np.asarray(arrays[k]) for k in ("w", "token_ids", "token_vals", "pair_keys", "pair_vals")},
                    meta=meta)
 
