@@ -181,6 +181,14 @@ def teacher_parts(logra, upper, data: dict, idx, task_grad, lr: float, batch_siz
     return P
 
 
+def pool_expected(upper, h: np.ndarray, table: np.ndarray, path: str, batch_size: int = 16) -> np.ndarray:
+    """``[n, T, d]`` the LM's expected table rows at every position of the pool (``alinfik.expected_rows``: the
+    top blocks' forward from the cached bottom states ``h [n, T+1, d]``, so the whole LM's prediction), cached at
+    ``path``: the token student's ``expected`` feature."""
+    return cached(path, lambda: al.expected_rows(lambda b: upper(b["h"][:, :-1]), {"h": h}, table,
+                                                 batch_size=batch_size))
+
+
 def epoch_rank(val: dict, epoch: int, max_false_trigger: float) -> tuple:
     """The order in which ``finetune.select_epoch: validation`` prefers an epoch (the largest wins), from its
     validation rates only: epochs whose false-trigger rate is at most ``max_false_trigger`` first, then the
@@ -416,18 +424,28 @@ def main(argv=None):
                              val_fraction=float(c.get("val_fraction", 0.2)), target=c.get("target", "value"))
         return st_, st_.predict_embeddings(E)
 
+    @functools.cache
+    def labelled_parts():                # the teacher's per-position parts of the labelled samples (one LoGra pass)
+        return teacher_parts(logra, upper0, data, lab, gt_mean, eta, bs, v)
+
+    @functools.cache
+    def expected():                      # the LM's expected rows of the pool (one forward pass, no gradient)
+        return pool_expected(upper0, H, lm_table(), os.path.join(cdir, "pool_expected.npy"))
+
     def lm_tokens_student(c):
         # the token-level student: kernel ridge on the teacher's per-position parts of the labelled samples
-        # (valuation.token_student; scoring is a lookup in the LM's embedding table, the LM never runs)
-        parts = teacher_parts(logra, upper0, data, lab, gt_mean, eta, bs, v)
-        st_ = al.fit_token_student(pool["tokens"][lab], pool["mask"][lab], parts, lm_table(),
-                                   ridge=float(c["ridge"]), token_weight=float(c["token_weight"]),
-                                   pair_weight=float(c["pair_weight"]))
-        return st_, st_.score(pool["tokens"], pool["mask"], lm_table())
+        # (valuation.token_student; a lookup in the LM's embedding table, with c["expected"] beside the LM's own
+        # next-token prediction at each position: one forward pass, no backward)
+        e = expected() if c.get("expected") else None
+        st_ = al.fit_token_student(pool["tokens"][lab], pool["mask"][lab], labelled_parts(), lm_table(),
+                                   expected=None if e is None else e[lab], ridge=float(c["ridge"]),
+                                   token_weight=float(c["token_weight"]), pair_weight=float(c["pair_weight"]))
+        return st_, st_.score(pool["tokens"], pool["mask"], lm_table(), e)
 
     def lm_tokens_name(c):
-        return (f"token-level kernel ridge on the teacher's per-position parts (λ={float(c['ridge']):g}, token "
-                f"{float(c['token_weight']):g}, pair {float(c['pair_weight']):g})")
+        fwd = " + the LM's expected next-token rows (one forward pass)" if c.get("expected") else ", tokens only"
+        return (f"token-level kernel ridge on the teacher's per-position parts{fwd} (λ={float(c['ridge']):g}, "
+                f"token {float(c['token_weight']):g}, pair {float(c['pair_weight']):g})")
 
     def lm_table_name(c):
         k = int(c.get("first", 0))
@@ -457,6 +475,8 @@ def main(argv=None):
         name = f"fine-tuned {ec['encoder']} (top {ec['n_finetune']} blocks + head, alinfik.fit_encoder_student)"
         students[name] = encoder_student(ec)[1]
         extra_sel["alinfik_finetuned_student"] = students[name]
+    for c in cfg.get("token_students") or ():    # further token-level students: Spearman rows only
+        students[lm_tokens_name(c)] = lm_tokens_student(c)[1]
     lt = cfg.get("lm_table_student")
     if lt:                               # a further LM-table student with its own selection row
         students[lm_table_name(lt)] = extra_sel["alinfik_lm_table_ridge"] = lm_table_student(lt)[1]

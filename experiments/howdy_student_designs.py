@@ -16,7 +16,8 @@ better but misses the top, as a rank target can, buys less). Designs = text view
   (:func:`jaxval.valuation.alinfik.token_table_embed`);
 * the token-level student (:func:`jaxval.alinfik.fit_token_student`): kernel ridge on the teacher's per-position
   parts (:func:`jaxval.valuation.linfik.linfik_parts`) of the training folds' samples, scored as the sum of its
-  predicted parts (``token_designs``: [ridge, token_weight, pair_weight] each);
+  predicted parts (``token_designs``: [ridge, token_weight, pair_weight] each, a fourth entry ``true``: with the
+  LM's expected next-token rows, :func:`jaxval.alinfik.expected_rows`, one forward pass of the LM);
 * heads: the library's MLP head (:func:`jaxval.alinfik.fit_student`: Huber + ranking loss, early stopping) and
   closed-form ridge regression (``fit_student(ridge=)``) of the values or of the normal scores of their ranks
   (``target="rank"``).
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import sys
@@ -90,6 +92,9 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--token-only", action="store_true",
+                    help="rerun only the token-level designs; the other rows are kept from the out folder's "
+                         "student_designs.json, refused unless it was computed with the same teacher")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.tiny)
     cache_root, out = args.cache or cfg["cache"], args.out or cfg["out"]
@@ -105,6 +110,14 @@ def main(argv=None):
     s = lh.build_sets(cfg, tok, seed)
     v = np.load(tpath)
     n = len(v)
+    teacher_sha = hashlib.sha256(np.ascontiguousarray(v, np.float32).tobytes()).hexdigest()
+    kept, prev = [], None
+    if args.token_only:
+        ppath = os.path.join(out, "student_designs.json")
+        if not os.path.exists(ppath):
+            raise SystemExit(f"--token-only keeps the other rows of {ppath}: there is none")
+        prev = json.load(open(ppath))
+        kept = [r for r in prev["rows"] if "token_student" not in r]
     if n != len(s["pool_texts"]):
         raise SystemExit(f"the cached teacher has {n} scores, the pool {len(s['pool_texts'])} samples")
     sc = cfg["student"]
@@ -146,7 +159,7 @@ def main(argv=None):
     lams = [float(x) for x in dc.get("ridge_lambdas", [0.1, 1.0, 10.0])]
     targets = dc.get("ridge_targets", ["value", "rank"])      # fit_student(target=): the values or their ranks
     rows = []
-    for name, (x, spec) in feats.items():
+    for name, (x, spec) in ({} if args.token_only else feats).items():
         heads = [(f"ridge λ={lam:g}" + (", rank target" if t == "rank" else ""),
                   lambda a, y, b, lam=lam, t=t: ridge_predict(a, y, b, lam, t)) for t in targets for lam in lams]
         if x.shape[1] <= 4096:           # (the MLP on the 49152-column token bag: minutes for nothing)
@@ -174,21 +187,41 @@ def main(argv=None):
     data = {"h": np.load(os.path.join(cdir, "pool_states.npy")), "tokens": pool["tokens"], "mask": pool["mask"]}
     parts = np.zeros((n, pool["tokens"].shape[1] - 1))
     parts[lab] = hf.teacher_parts(logra, upper, data, lab, gt.mean(0), float(cfg["linfik_lr"]), int(lg["batch_size"]), v)
-    for lam, tw, pw in dc.get("token_designs", [[10, 0, 0], [10, 3, 0], [10, 0, 10], [10, 3, 10], [30, 10, 10],
-                                                [3, 1, 1]]):
-        def token_head(tr, _y, te, lam=lam, tw=tw, pw=pw):     # tr / te: [k, 1] sample indices (x below)
+    designs = dc.get("token_designs", [[10, 0, 0], [10, 3, 0], [10, 0, 10], [10, 3, 10], [30, 10, 10], [3, 1, 1],
+                                        [10, 0, 0, True], [10, 3, 10, True], [30, 10, 10, True], [3, 1, 1, True],
+                                        [1, 1, 1, True]])
+    # [ridge, token_weight, pair_weight(, expected)]: with expected, the LM's expected rows (one forward pass)
+    e_pool = hf.pool_expected(upper, data["h"], table, os.path.join(cdir, "pool_expected.npy")) \
+        if any(len(x) > 3 and x[3] for x in designs) else None
+    for lam, tw, pw, *ex in designs:
+        use_e = bool(ex and ex[0])
+
+        def token_head(tr, _y, te, lam=lam, tw=tw, pw=pw, use_e=use_e):   # tr / te: [k, 1] sample indices (x below)
             tr, te = tr[:, 0], te[:, 0]
             st = al.fit_token_student(pool["tokens"][tr], pool["mask"][tr], parts[tr], table,
+                                      expected=e_pool[tr] if use_e else None,
                                       ridge=float(lam), token_weight=float(tw), pair_weight=float(pw))
-            return st.score(pool["tokens"][te], pool["mask"][te], table)
+            return st.score(pool["tokens"][te], pool["mask"][te], table, e_pool[te] if use_e else None)
         t0 = time.time()
         m, se, bought = cv_scores(np.arange(n)[:, None], v, lab, token_head, folds, fold_seeds, top)
-        rows.append({"features": "LM tokens, per-position parts of the teacher (token-level student)",
+        feat = ("LM tokens + the LM's expected next-token rows (one forward pass), per-position parts of the teacher"
+                if use_e else "LM tokens, per-position parts of the teacher") + " (token-level student)"
+        rows.append({"features": feat,
                      "head": f"kernel ridge λ={lam:g}, token {tw:g}, pair {pw:g}", "cv_spearman": round(m, 4),
-                     "cv_se": round(se, 4), "cv_value_bought": round(bought, 4), "dim": int(table.shape[1]) + 6,
+                     "cv_se": round(se, 4), "cv_value_bought": round(bought, 4),
+                     "dim": int(table.shape[1]) * (2 if use_e else 1) + 6,
                      "s": round(time.time() - t0, 1), "student_embed": None,
-                     "token_student": {"ridge": lam, "token_weight": tw, "pair_weight": pw}})
-        print(f"{rows[-1]['head']} {m:.3f} / {bought:.3f} -- token-level", flush=True)
+                     "token_student": {"ridge": lam, "token_weight": tw, "pair_weight": pw, "expected": use_e}})
+        print(f"{rows[-1]['head']} {m:.3f} / {bought:.3f} -- token-level" + (" + expected" if use_e else ""), flush=True)
+    if prev is not None:                 # the kept rows stand only for the same teacher
+        if prev.get("teacher_sha256", teacher_sha) != teacher_sha:
+            raise SystemExit("student_designs.json was computed with another teacher: rerun without --token-only")
+        old = {(r["head"], r["features"]): r["cv_spearman"] for r in prev["rows"] if "token_student" in r}
+        same = [(r["cv_spearman"], old[(r["head"], r["features"])]) for r in rows if (r["head"], r["features"]) in old]
+        if not same or any(abs(a - b) > 1e-3 for a, b in same):
+            raise SystemExit(f"the token designs do not reproduce those of student_designs.json ({same}): the teacher "
+                             "changed, rerun without --token-only")
+        rows = kept + rows
     best = max(rows, key=lambda r: r["cv_spearman"])
     # the library's text student (fit_student on make_embed_fn(spec) of the text the LM saw): howdy_finetune's
     # student.embed is this choice
@@ -203,13 +236,15 @@ def main(argv=None):
         halves.append((spearman(a, b), spearman(a[clean], b[clean])))
     halves = np.asarray(halves)
     res = {"command": f"python experiments/howdy_student_designs.py --config {args.config}"
-                      + (" --tiny" if args.tiny else ""),
+                      + (" --tiny" if args.tiny else "") + (" --token-only" if args.token_only else ""),
            "date": datetime.date.today().isoformat(), "machine": cfg.get("machine"), "n_pool": n,
            "n_labelled": int(len(lab)), "n_injected_labelled": int(s["injected"][lab].sum()), "folds": folds,
            "top": top, "budget": budget,
            "fold_seeds": list(fold_seeds), "rows": rows, "best": best, "best_student": best_student,
            "teacher_split_half": {"spearman_pool": round(float(halves[:, 0].mean()), 4),
                                   "spearman_clean": round(float(halves[:, 1].mean()), 4), "repeats": len(halves)},
+           "teacher_sha256": teacher_sha,
+           "kept_rows_from": None if prev is None else (prev.get("kept_rows_from") or {"date": prev["date"], "command": prev["command"]}),
            "total_s": round(time.time() - t_all, 1)}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "student_designs.json"), "w") as f:
@@ -231,6 +266,9 @@ def report(r) -> str:
          f"summed, over the sum of the teacher's top {r['top']}. The held-out pool samples are not used. Rule: the highest CV "
          f"Spearman (the value bought is a diagnostic: it flags a design that misses the top, but with {r['top']} "
          f"samples it is too coarse to rank the others).", "",
+         *([f"The non-token rows are kept from the run of {r['kept_rows_from']['date']} "
+            f"(`{r['kept_rows_from']['command']}`): the same teacher, checked by the token designs of that run "
+            "reproducing to 1e-3.", ""] if r.get("kept_rows_from") else []),
          f"Teacher's split-half reliability (LinFiK from half of the task samples vs the other half, "
          f"{r['teacher_split_half']['repeats']} splits): Spearman {r['teacher_split_half']['spearman_pool']:.3f} "
          f"over the pool, {r['teacher_split_half']['spearman_clean']:.3f} over its clean samples.", "",

@@ -115,9 +115,11 @@ def test_howdy_finetune_tiny(tmp_path):
     meta = res["student_meta"]
     assert meta["ridge"] == 1.0 and meta["token_weight"] == 1.0 and meta["pair_weight"] == 1.0
     assert meta["n_train"] == res["n_labelled"] and meta["n_positions"] >= res["n_labelled"]
+    assert meta["expected"] is True                   # with the LM's expected rows (its forward), as configured
     names = list(res["students"])
-    assert names[0].startswith("ALinFiK (token-level") and len(names) == 3
-    assert names[1].startswith("ridge") and "alinfik_lm_table_ridge" in res["runs"]
+    assert names[0].startswith("ALinFiK (token-level") and "expected next-token rows" in names[0] and len(names) == 4
+    assert "tokens only" in names[1]                  # the further token student of `token_students`
+    assert names[2].startswith("ridge") and "alinfik_lm_table_ridge" in res["runs"]
     n_buy = res["config"]["budget_factor"] * 6
     assert res["n_pool"] == 42 and res["n_injected"] == 6 and res["n_buy"] == n_buy
     nb = res["config"]["finetune"]["base_mix"]
@@ -156,8 +158,20 @@ def test_howdy_finetune_tiny(tmp_path):
     assert d["best_student"]["student_embed"] in cfg["student_designs"]["embeds"]
     assert all(-1 <= x["cv_spearman"] <= 1 for x in d["rows"]) and len(d["rows"]) >= 10
     assert [x["token_student"] for x in d["rows"] if "token_student" in x] == [
-        {"ridge": 1, "token_weight": 1, "pair_weight": 1}]
+        {"ridge": 1, "token_weight": 1, "pair_weight": 1, "expected": False},
+        {"ridge": 1, "token_weight": 1, "pair_weight": 1, "expected": True}]
     assert -1 <= d["teacher_split_half"]["spearman_pool"] <= 1
+    # --token-only: the token rows rerun (reproducing), the others kept from that json, marked so
+    r = subprocess.run([sys.executable, "experiments/howdy_student_designs.py", "--tiny", "--token-only", "--out",
+                        str(tmp_path), "--cache", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d2 = json.loads((tmp_path / "student_designs.json").read_text())
+    key = lambda x: (x["features"], x["head"])  # noqa: E731
+    assert sorted(map(key, d2["rows"])) == sorted(map(key, d["rows"]))
+    assert {key(x): x["cv_spearman"] for x in d2["rows"]} == {key(x): x["cv_spearman"] for x in d["rows"]}
+    assert d2["kept_rows_from"]["command"] == d["command"] and d2["teacher_sha256"] == d["teacher_sha256"]
+    assert "kept from the run of" in (tmp_path / "student_designs.md").read_text()
 
 
 def test_ridge_and_cross_validation_of_the_student_designs():

@@ -2,7 +2,8 @@
 
 Three students. :func:`fit_token_student` (:mod:`jaxval.valuation.token_student`) learns the teacher's
 per-position parts (:func:`jaxval.valuation.linfik.linfik_parts`) from the target LM's tokens and scores a sample
-by a lookup; :func:`fit_encoder_student` (:mod:`jaxval.valuation.student`) fine-tunes the top blocks of
+by a lookup (optionally with the LM's next-token prediction at each position, :func:`expected_rows`: one forward
+pass, no gradient); :func:`fit_encoder_student` (:mod:`jaxval.valuation.student`) fine-tunes the top blocks of
 all-MiniLM-L6-v2 together with an MLP head (lower blocks frozen, their outputs cached). :func:`fit_student`,
 described here, reads frozen features, ``embed_fn(texts) -> [n, d]`` (:func:`make_embed_fn`: MiniLM sentence
 embeddings, hashed n-grams, :func:`text_stats` — text statistics, with the target LM's vocabulary a
@@ -69,11 +70,11 @@ from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance
                                       distill_loss, encode_lower, fit_encoder_student, frozen_embeddings,
                                       from_rank_scale, rank_knots, ranknet_loss, resolve_encoder, restore_student,
                                       ridge_solve, save_student, split_labelled)
-from jaxval.valuation.token_student import (TokenStudent, check_ids, checked_tokens, fit_token_student,
-                                            token_positions)
+from jaxval.valuation.token_student import (TokenStudent, check_ids, checked_tokens, expected_rows,
+                                            fit_token_student, token_positions)
 
 __all__ = [
-    "Student", "fit_student", "TokenStudent", "fit_token_student", "token_positions", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
+    "Student", "fit_student", "TokenStudent", "fit_token_student", "token_positions", "expected_rows", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
     "LowerStates", "load_student", "resolve_encoder", "Head", "ranknet_loss", "distill_loss",
     "select", "price", "statement", "format_statement",
     "hashed_ngram_embed", "token_table_embed", "text_stats", "TEXT_STATS", "VOCAB_STATS", "RANK_EDGES", "read_vocab", "write_vocab",
