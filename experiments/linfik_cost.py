@@ -61,17 +61,29 @@ def _tokenize(tok, ts, seq_len: int):
     return toks, mask.astype(np.float32)
 
 
-def token_student_rate(model, tok, texts, seq_len: int) -> float:
+def token_student_rate(model, tok, texts, seq_len: int, expected: bool = False, batch_size: int = 16) -> float:
     """samples/s of the token-level student (the Howdy! ALinFiK student, ``alinfik.fit_token_student``): tokenize,
-    then per token a table gather, a dot product and two sorted-table lookups, summed per sample. The LM never
-    runs. Fitted on random parts of 8 texts (the cost does not depend on the values)."""
+    then per token a table gather, a dot product and two sorted-table lookups, summed per sample; the LM never
+    runs. With ``expected`` (run 7's student) the LM's forward first: its expected next-token rows
+    (``alinfik.expected_rows``, batches of ``batch_size``; no backward, no projection). Fitted on random parts of
+    8 texts (the cost does not depend on the values)."""
     table = np.asarray(model.embed.embedding[...], np.float32)
+
+    def rows(toks):
+        return al.expected_rows(lambda b: model(b["tokens"][:, :-1]), {"tokens": toks}, table,
+                                batch_size=batch_size) if expected else None
+
     toks, mask = _tokenize(tok, texts[:8], seq_len)
     parts = np.random.default_rng(0).normal(size=(8, seq_len - 1))
-    st = al.fit_token_student(toks, mask, parts, table)
-    st.score(*_tokenize(tok, texts[: min(64, len(texts))], seq_len), table)      # warm-up, table verified once
+    st = al.fit_token_student(toks, mask, parts, table, expected=rows(toks))
+
+    def score(ts):
+        t, m = _tokenize(tok, ts, seq_len)
+        return st.score(t, m, table, rows(t))
+
+    score(texts[: min(64, len(texts))])      # warm-up: compiled at the batch shape, table verified once
     t0 = time.perf_counter()
-    st.score(*_tokenize(tok, texts, seq_len), table)
+    score(texts)
     return len(texts) / (time.perf_counter() - t0)
 
 
@@ -148,6 +160,12 @@ def main():
             rate = token_student_rate(lm, lm_tok, texts, int(cfg["seq_len"]))
             rows.append({"scorer": f"ALinFiK student (token-level: kernel ridge on per-position parts, "
                                    f"{lt['model']['name']} tokens and embedding table)", "params": None,
+                         "samples_per_s": round(rate, 2)})
+            print(rows[-1], flush=True)
+        if cfg.get("expected_token_student", False):
+            rate = token_student_rate(lm, lm_tok, texts, int(cfg["seq_len"]), expected=True)
+            rows.append({"scorer": f"ALinFiK student (token-level + the LM's expected next-token rows: one "
+                                   f"{lt['model']['name']} forward pass, no gradient)", "params": None,
                          "samples_per_s": round(rate, 2)})
             print(rows[-1], flush=True)
     # ---- LinFiK under LLMs of growing size

@@ -66,9 +66,10 @@ def test_linfik_cost_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     rows = {x["scorer"]: x for x in res["rows"]}
-    assert len(rows) == 6 and all(x["samples_per_s"] > 0 for x in rows.values())
+    assert len(rows) == 7 and all(x["samples_per_s"] > 0 for x in rows.values())
     assert any(name.startswith("ALinFiK student (ridge on the tiny embedding-table") for name in rows)
-    assert any(name.startswith("ALinFiK student (token-level") for name in rows)
+    assert any(name.startswith("ALinFiK student (token-level:") for name in rows)
+    assert any(name.startswith("ALinFiK student (token-level + the LM's expected") for name in rows)
     student = next(x for name, x in rows.items() if name.startswith("ALinFiK student (fine-tuned tiny"))
     linfik = next(x for name, x in rows.items() if name.startswith("LinFiK, GPT tiny"))
     assert linfik["params"] > 0 and linfik["logra_dim"] > 0
