@@ -125,8 +125,13 @@ def test_save_load_and_refusals(tmp_path):
     assert isinstance(load_student(path), TokenStudent)
     with pytest.raises(ConfigError, match="another embedding table"):
         st.score(tokens, weights, table + 1e-3)
-    st.score(tokens, weights, table)                      # verified once per table object, then not re-hashed
-    assert st._verified() is table
+    st.score(tokens, weights, table)                      # verified once per table object, then checksummed
+    assert st._verified[0]() is table
+    changed = table.copy()
+    st.score(tokens, weights, changed)
+    changed[3, 1] += 0.5                                   # the same object, changed in place: refused
+    with pytest.raises(ConfigError, match="another embedding table"):
+        st.score(tokens, weights, changed)
     with pytest.raises(ConfigError, match="another embedding table"):
         st.score(tokens, weights, table.copy() * 2)
     with pytest.raises(ConfigError, match=r"parts must be \[n, T\]"):

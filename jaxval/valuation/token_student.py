@@ -49,6 +49,12 @@ def _table_sha256(table: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(table, np.float32).tobytes()).hexdigest()
 
 
+def _checksum(table: np.ndarray) -> tuple[float, float]:
+    """A cheap fingerprint of a verified table: its sum and its row sums weighted by the row index (float64)."""
+    rows = table.sum(1, dtype=np.float64)
+    return float(rows.sum()), float(rows @ np.arange(1, len(rows) + 1, dtype=np.float64))
+
+
 def checked_tokens(tokens, weights, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(tokens, weights, table as float32)`` after the checks every token-table feature needs: ``tokens`` and
     ``weights`` both ``[n, T]``, integer ids, a ``[V, d]`` table."""
@@ -154,19 +160,20 @@ class TokenStudent:
         self.w, self.meta = np.asarray(w, np.float64), dict(meta)
         self.token_ids, self.token_vals = np.asarray(token_ids, np.int64), np.asarray(token_vals, np.float64)
         self.pair_keys, self.pair_vals = np.asarray(pair_keys, np.int64), np.asarray(pair_vals, np.float64)
-        self._verified = None            # a weak reference to the last table object whose sha256 matched
+        self._verified = None            # (weak reference, checksum) of the last table object whose sha256 matched
 
     def _check_table(self, table):
-        """The table as float32, refused unless its sha256 is the fitted one's (hashed once per table object: the
-        same array passed again is not hashed again; a table changed in place in between is not noticed)."""
+        """The table as float32, refused unless its sha256 is the fitted one's. Hashed in full once per table
+        object; the same array passed again is re-checked by a cheap checksum (two float64 sums), and hashed again
+        when that moved (a table changed in place)."""
         t = np.asarray(table, np.float32)
-        if self._verified is not None and self._verified() is t:
+        if self._verified is not None and self._verified[0]() is t and self._verified[1] == _checksum(t):
             return t
         if t.shape != tuple(self.meta["table_shape"]) or _table_sha256(t) != self.meta["table_sha256"]:
             raise ConfigError(f"this student was fitted with another embedding table (shape "
                               f"{tuple(self.meta['table_shape'])}, sha256 {self.meta['table_sha256'][:12]}); got shape "
                               f"{t.shape}: pass the target LM's own table")
-        self._verified = weakref.ref(t)
+        self._verified = (weakref.ref(t), _checksum(t))
         return t
 
     @property
