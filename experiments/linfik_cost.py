@@ -69,9 +69,10 @@ def token_student_rate(model, tok, texts, seq_len: int, expected: bool = False, 
     8 texts (the cost does not depend on the values)."""
     table = np.asarray(model.embed.embedding[...], np.float32)
 
-    def rows(toks):
-        return al.expected_rows(lambda b: model(b["tokens"][:, :-1]), {"tokens": toks}, table,
-                                batch_size=batch_size) if expected else None
+    step = al.expected_rows_fn(lambda b: model(b["tokens"][:, :-1]), table) if expected else None
+
+    def rows(toks):                      # (compiled once, in the warm-up below)
+        return step({"tokens": toks}, batch_size) if expected else None
 
     toks, mask = _tokenize(tok, texts[:8], seq_len)
     parts = np.random.default_rng(0).normal(size=(8, seq_len - 1))

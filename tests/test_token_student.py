@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jaxval import ConfigError
-from jaxval.valuation.token_student import (N_POS, R_CAP, TokenStudent, expected_rows, fit_token_student,
-                                            token_positions)
+from jaxval.valuation.token_student import (N_POS, R_CAP, TokenStudent, expected_rows, expected_rows_fn,
+                                            fit_token_student, token_positions)
 
 V, D, T1 = 23, 5, 9
 
@@ -180,6 +180,18 @@ def test_expected_rows_match_a_numpy_softmax():
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
     with pytest.raises(ConfigError, match=r"\[B, T, V\]"):
         expected_rows(lambda b: jax_logits(b)[..., :-1], {"tokens": tokens}, table)
+    # a built expected_rows_fn traces (compiles) once per batch shape, however many pools it scores
+    traces = []
+
+    def counted(batch):
+        traces.append(1)
+        return jax_logits(batch)
+
+    rows = expected_rows_fn(counted, table)
+    first = rows({"tokens": tokens}, 4)
+    again = rows({"tokens": _data(8, 29)[0]}, 4)
+    assert len(traces) == 1 and again.shape == (8, T1 - 1, D)
+    np.testing.assert_array_equal(first, got)
 
 
 def test_expected_rows_let_the_student_learn_what_tokens_cannot():

@@ -72,10 +72,10 @@ from jaxval.valuation.student import (EncoderStudent, Head, LowerStates, advance
                                       from_rank_scale, rank_knots, ranknet_loss, resolve_encoder, restore_student,
                                       ridge_solve, save_student, split_labelled)
 from jaxval.valuation.token_student import (TokenStudent, check_ids, checked_tokens, expected_rows,
-                                            fit_token_student, token_positions)
+                                            expected_rows_fn, fit_token_student, token_positions)
 
 __all__ = [
-    "Student", "fit_student", "TokenStudent", "fit_token_student", "token_positions", "expected_rows", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
+    "Student", "fit_student", "TokenStudent", "fit_token_student", "token_positions", "expected_rows", "expected_rows_fn", "EncoderStudent", "fit_encoder_student", "encode_lower", "advance", "frozen_embeddings",
     "LowerStates", "load_student", "resolve_encoder", "Head", "ranknet_loss", "distill_loss",
     "select", "price", "statement", "format_statement",
     "hashed_ngram_embed", "token_table_embed", "text_stats", "TEXT_STATS", "VOCAB_STATS", "RANK_EDGES", "read_vocab", "write_vocab",

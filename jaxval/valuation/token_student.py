@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxval._src.errors import ConfigError
 
-__all__ = ["TokenStudent", "expected_rows", "fit_token_student", "token_positions"]
+__all__ = ["TokenStudent", "expected_rows", "expected_rows_fn", "fit_token_student", "token_positions"]
 
 N_POS = 3          # indicators r = 0 .. N_POS-1, then r >= N_POS
 R_CAP = 60.0       # the linear and quadratic position terms saturate here
@@ -74,14 +74,15 @@ def check_ids(ids: np.ndarray, vocab: int) -> None:
         raise ConfigError(f"token ids in [{ids.min()}, {ids.max()}] outside the table's {vocab} rows")
 
 
-def expected_rows(logits_fn, data, table, *, batch_size: int = 16) -> np.ndarray:
-    """``[n, T, d]`` float32: at every position the table row expected under the LM's next-token distribution,
-    ``Σ_w softmax(logits)_w table[w]``, for the token student's ``expected`` feature.
+def expected_rows_fn(logits_fn, table):
+    """``rows(data, batch_size=16) -> [n, T, d]`` float32: at every position the table row expected under the LM's
+    next-token distribution, ``Σ_w softmax(logits)_w table[w]``, for the token student's ``expected`` feature.
 
-    ``logits_fn(batch) -> [B, T, V]`` (jit-compiled once per batch shape; a batch is ``data`` with a leading
-    example axis, cut into ``batch_size`` rows, the last padded), its position ``p`` the logits that read token
-    ``p`` and predict token ``p+1`` of the rows the student scores (for tokens ``[n, T+1]``: the LM on
-    ``tokens[:, :-1]``). Any JAX model: only its logits are read."""
+    ``logits_fn(batch) -> [B, T, V]``: a batch is ``data`` with a leading example axis, cut into ``batch_size``
+    rows (the last padded); its position ``p`` the logits that read token ``p`` and predict token ``p+1`` of the
+    rows the student scores (for tokens ``[n, T+1]``: the LM on ``tokens[:, :-1]``). Any JAX model: only its
+    logits are read. The step is jit-compiled once per batch shape and kept by the returned function: build it once
+    and call it on every pool (a new ``expected_rows_fn`` compiles again)."""
     import jax
     import jax.numpy as jnp
 
@@ -91,7 +92,7 @@ def expected_rows(logits_fn, data, table, *, batch_size: int = 16) -> np.ndarray
     if tab.ndim != 2:
         raise ConfigError(f"table must be [V, d]; got {tab.shape}")
 
-    def rows(batch):
+    def step(batch):
         logits = logits_fn(batch)
         if logits.ndim != 3 or logits.shape[-1] != tab.shape[0]:          # static shapes: raised while tracing
             raise ConfigError(f"logits_fn must return [B, T, V] with V = the table's {tab.shape[0]} rows; got "
@@ -99,9 +100,19 @@ def expected_rows(logits_fn, data, table, *, batch_size: int = 16) -> np.ndarray
         return jnp.matmul(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), tab,
                           precision=jax.lax.Precision.HIGHEST)
 
-    step = jax.jit(rows)
-    out = [np.asarray(step(batch))[:nv] for _, nv, batch in padded_batches(data, batch_size)]
-    return np.concatenate(out, axis=0).astype(np.float32)
+    jstep = jax.jit(step)
+
+    def rows(data, batch_size: int = 16) -> np.ndarray:
+        out = [np.asarray(jstep(batch))[:nv] for _, nv, batch in padded_batches(data, batch_size)]
+        return np.concatenate(out, axis=0).astype(np.float32)
+
+    return rows
+
+
+def expected_rows(logits_fn, data, table, *, batch_size: int = 16) -> np.ndarray:
+    """``[n, T, d]``: :func:`expected_rows_fn` ``(logits_fn, table)(data, batch_size)`` (compiled for this call
+    only; to score several pools, build :func:`expected_rows_fn` once)."""
+    return expected_rows_fn(logits_fn, table)(data, batch_size)
 
 
 def _checked_expected(expected, tokens, table) -> np.ndarray:
