@@ -5,7 +5,9 @@ results, with the targets checked.
 
 Reads ``experiments/results/linfik_wikitext/results.json`` (student vs teacher on WikiText, selection at budgets
 0.1 / 0.2) and ``experiments/results/howdy_finetune/results.json`` (student vs teacher on the Howdy! pool, backdoor
-rates after fine-tuning SmolLM2 on each method's top-N and on random-N).
+rates after fine-tuning SmolLM2 on each method's top-N and on random-N), and, when it exists,
+``experiments/results/linfik_cost/results.json`` (samples/s of the students beside LinFiK's under SmolLM2-135M:
+what a student costs is part of what it is).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELECTION_KEYS = ("alinfik", "linfik", "embedding", "random_mean", "random_se")
 
 
-def summarize(wikitext: dict, howdy: dict) -> dict:
-    """The summary dict of the issue (``student_spearman``, ``selection``, ``howdy_finetune``) plus ``targets``."""
+def summarize(wikitext: dict, howdy: dict, cost: dict | None = None) -> dict:
+    """The summary dict of the issue (``student_spearman``, ``selection``, ``howdy_finetune``) plus ``targets``,
+    ``students`` (which student each Spearman is of) and, with ``cost``, ``cost``: samples/s of every ALinFiK
+    student row and of SmolLM2's LinFiK, with each student's ratio to it."""
     selection = {}
     for budget in ("0.1", "0.2"):
         if budget not in wikitext["selection"]:
@@ -46,15 +50,24 @@ def summarize(wikitext: dict, howdy: dict) -> dict:
     t["howdy: alinfik - random >= 0.5"] = h["alinfik"] - h["random"] >= 0.5
     t["howdy: clean false-trigger rate <= 0.1"] = h["clean_false_trigger"] <= 0.1
     out["targets"] = t
+    out["students"] = {"wikitext": wikitext.get("student_embed"), "howdy": next(iter(howdy.get("students") or {}), None)}
     out["sources"] = {"wikitext": wikitext.get("command"), "howdy": howdy.get("command")}
+    if cost is not None:
+        rows = {r["scorer"]: r["samples_per_s"] for r in cost["rows"] if "samples_per_s" in r}
+        ref = next((v for k, v in rows.items() if k.startswith("LinFiK, SmolLM2")), None)
+        out["cost"] = {"linfik_smollm2_samples_per_s": ref,
+                       "students": {k: {"samples_per_s": v, "x_linfik_smollm2": None if not ref else round(v / ref, 2)}
+                                    for k, v in rows.items() if k.startswith("ALinFiK student")}}
+        out["sources"]["cost"] = cost.get("command")
     return out
 
 
 def markdown(s: dict) -> str:
     lines = ["# ALinFiK summary (issue 19)", "", "Produced by `python experiments/alinfik_summary.py` from:", ""]
     lines += [f"- {k}: `{v}`" for k, v in s["sources"].items()]
-    lines += ["", "## Student vs teacher (Spearman, held-out samples)", "", "| pool | Spearman |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in s["student_spearman"].items()]
+    lines += ["", "## Student vs teacher (Spearman, held-out samples)", "", "| pool | student | Spearman |",
+              "|---|---|---|"]
+    lines += [f"| {k} | {(s.get('students') or {}).get(k) or ''} | {v:.3f} |" for k, v in s["student_spearman"].items()]
     lines += ["", "## Selection on WikiText (task loss after continued training; lower is better)", "",
               "| budget | ALinFiK | LinFiK | embedding | random (mean ± se) |", "|---|---|---|---|---|"]
     for b, e in s["selection"].items():
@@ -69,7 +82,14 @@ def markdown(s: dict) -> str:
     for label, b, f, se_b, se_f in HOWDY_ROWS:
         if b in h or label.startswith(("ALinFiK", "random")):
             lines.append(f"| {label} | {_num(h.get(b), h.get(se_b))} | {_num(h.get(f), h.get(se_f))} |")
-    lines += ["", "(—: not run.)", "", "## Targets", "", "| target | met |", "|---|---|"]
+    lines += ["", "(—: not run.)"]
+    if s.get("cost"):
+        c = s["cost"]
+        lines += ["", f"## Cost per pool sample (128 tokens; LinFiK under SmolLM2-135M: "
+                      f"{c['linfik_smollm2_samples_per_s']} samples/s)", "",
+                  "| student | samples/s | × LinFiK (SmolLM2-135M) |", "|---|---|---|"]
+        lines += [f"| {k} | {v['samples_per_s']} | {v['x_linfik_smollm2']} |" for k, v in c["students"].items()]
+    lines += ["", "## Targets", "", "| target | met |", "|---|---|"]
     lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in s["targets"].items()]
     return "\n".join(lines) + "\n"
 
@@ -108,10 +128,16 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wikitext", default=os.path.join(ROOT, "experiments/results/linfik_wikitext/results.json"))
     ap.add_argument("--howdy", default=os.path.join(ROOT, "experiments/results/howdy_finetune/results.json"))
+    ap.add_argument("--cost", default=os.path.join(ROOT, "experiments/results/linfik_cost/results.json"),
+                    help="the cost table's results (left out when the file does not exist)")
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments/results/alinfik_summary.json"))
     a = ap.parse_args(argv)
+    cost = None
+    if a.cost and os.path.exists(a.cost):
+        with open(a.cost) as f:
+            cost = json.load(f)
     with open(a.wikitext) as f, open(a.howdy) as g:
-        s = summarize(json.load(f), json.load(g))
+        s = summarize(json.load(f), json.load(g), cost)
     with open(a.out, "w") as f:
         json.dump(_strict(s), f, indent=1, allow_nan=False)
     with open(os.path.splitext(a.out)[0] + ".md", "w") as f:

@@ -26,8 +26,11 @@ def test_fields_and_met_targets(tmp_path):
     w, h = results()
     (tmp_path / "w.json").write_text(json.dumps(w))
     (tmp_path / "h.json").write_text(json.dumps(h))
+    (tmp_path / "c.json").write_text(json.dumps({"command": "c", "rows": [
+        {"scorer": "ALinFiK student (a)", "samples_per_s": 30.0}, {"scorer": "LinFiK, GPT x", "samples_per_s": 9.0},
+        {"scorer": "LinFiK, SmolLM2-135M (mlp)", "samples_per_s": 1.5}]}))
     s = summary.main(["--wikitext", str(tmp_path / "w.json"), "--howdy", str(tmp_path / "h.json"),
-                      "--out", str(tmp_path / "s.json")])
+                      "--cost", str(tmp_path / "c.json"), "--out", str(tmp_path / "s.json")])
     back = json.loads((tmp_path / "s.json").read_text())
     assert back["student_spearman"] == {"wikitext": 0.85, "howdy": 0.81}
     assert set(back["selection"]) == {"0.1", "0.2"}
@@ -35,6 +38,10 @@ def test_fields_and_met_targets(tmp_path):
     assert back["howdy_finetune"]["clean_false_trigger"] == 0.05 and back["howdy_finetune"]["linfik"] == 1.0
     assert all(s["targets"].values()) and len(s["targets"]) == 2 + 4 + 3
     assert "| 0.1 | 4.0000 |" in (tmp_path / "s.md").read_text()
+    # the cost: each student's samples/s over LinFiK's under SmolLM2
+    assert back["cost"] == {"linfik_smollm2_samples_per_s": 1.5,
+                            "students": {"ALinFiK student (a)": {"samples_per_s": 30.0, "x_linfik_smollm2": 20.0}}}
+    assert "| ALinFiK student (a) | 30.0 | 20.0 |" in (tmp_path / "s.md").read_text()
 
 
 @pytest.mark.parametrize("kw, failing", [
