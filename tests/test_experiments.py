@@ -249,7 +249,10 @@ def test_distributed_module_launches(tmp_path):
                         sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     assert "[p0] pid 0 2" in r.stdout and "[p1] pid 1 2" in r.stdout
-    fail = "import os, sys; sys.exit(3 if os.environ['JAXVAL_PROCESS_ID'] == '1' else 0)"
+    # process 0 still runs when process 1 fails: it is stopped (SIGTERM), and the launcher's code is process 1's
+    # (a process stopped because of the failure does not stand for it, whatever its place)
+    fail = ("import os, sys, time; pid = os.environ['JAXVAL_PROCESS_ID']; "
+            "sys.exit(3) if pid == '1' else time.sleep(60)")
     r = subprocess.run([sys.executable, "-m", "jaxval.distributed", "-n", "2", "--timeout", "120", "--",
                         sys.executable, "-c", fail], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stdout + r.stderr[-2000:]

@@ -573,12 +573,15 @@ def launch(n: int, cmd: Sequence[str] | str, port: int | None = None, timeout: f
             _kill_group(p, grace)
         for t in pumps:
             t.join(timeout=2.0)
-    return LaunchResult([p.returncode for p in procs], pids=[p.pid for p in procs])
+    return LaunchResult([p.returncode for p in procs], pids=[p.pid for p in procs], failed=failed)
 
 
 class LaunchResult(list):
-    """The exit codes of :func:`launch` (a list, process order), with the children's ``pids``."""
+    """The exit codes of :func:`launch` (a list, process order), with the children's ``pids`` and ``failed``: the
+    process whose non-zero exit stopped the others (None when none failed, or on a timeout). The others' codes
+    are then what stopping them gave (``-15``), whatever their place in the list."""
 
-    def __init__(self, codes, pids=()):
+    def __init__(self, codes, pids=(), failed: int | None = None):
         super().__init__(codes)
         self.pids = list(pids)
+        self.failed = failed

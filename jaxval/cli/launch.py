@@ -27,7 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    """Exit code 0 if every process succeeded, else the first failing process's code (128 + signal for a
+    """Exit code 0 if every process succeeded, else the code of the process whose failure stopped the others
+    (not that of a process stopped because of it), or on a timeout the first non-zero code (128 + signal for a
     killed one)."""
     from jaxval._src.parallel import launch
 
@@ -37,7 +38,8 @@ def run(args) -> int:
     if not cmd:
         raise SystemExit("jaxval launch: give the command after --, e.g. jaxval launch -n 2 -- jaxval log ...")
     codes = launch(args.num_processes, cmd, port=args.port, timeout=args.timeout, local_devices=args.local_devices)
-    for c in codes:
+    first = getattr(codes, "failed", None)
+    for c in ([codes[first]] if first is not None else []) + list(codes):
         if c != 0:
             return c if c > 0 else 128 + (-c)
     return 0
