@@ -116,7 +116,8 @@ def main(argv=None):
         ppath = os.path.join(out, "student_designs.json")
         if not os.path.exists(ppath):
             raise SystemExit(f"--token-only keeps the other rows of {ppath}: there is none")
-        prev = json.load(open(ppath))
+        with open(ppath) as f:
+            prev = json.load(f)
         kept = [r for r in prev["rows"] if "token_student" not in r]
     if n != len(s["pool_texts"]):
         raise SystemExit(f"the cached teacher has {n} scores, the pool {len(s['pool_texts'])} samples")

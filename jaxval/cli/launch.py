@@ -38,11 +38,8 @@ def run(args) -> int:
     if not cmd:
         raise SystemExit("jaxval launch: give the command after --, e.g. jaxval launch -n 2 -- jaxval log ...")
     codes = launch(args.num_processes, cmd, port=args.port, timeout=args.timeout, local_devices=args.local_devices)
-    first = getattr(codes, "failed", None)
-    for c in ([codes[first]] if first is not None else []) + list(codes):
-        if c != 0:
-            return c if c > 0 else 128 + (-c)
-    return 0
+    c = codes[codes.failed] if codes.failed is not None else next((c for c in codes if c != 0), 0)
+    return c if c >= 0 else 128 - c
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,8 +103,7 @@ def expected_rows_fn(logits_fn, table):
     jstep = jax.jit(step)
 
     def rows(data, batch_size: int = 16) -> np.ndarray:
-        out = [np.asarray(jstep(batch))[:nv] for _, nv, batch in padded_batches(data, batch_size)]
-        return np.concatenate(out, axis=0).astype(np.float32)
+        return np.concatenate([np.asarray(jstep(batch))[:nv] for _, nv, batch in padded_batches(data, batch_size)])
 
     return rows
 
@@ -145,10 +144,10 @@ def token_positions(tokens, weights, table, scale: float | None = None, expected
     pred, read = tokens[rows, cols + 1], tokens[rows, cols]
     onehot = np.stack([r == k for k in range(N_POS)] + [r >= N_POS], 1).astype(np.float64)
     rc = np.minimum(r, R_CAP)[:, None] / R_CAP
-    cols_ = [table[pred].astype(np.float64) / scale, onehot, rc, rc * rc]
+    row_y = table[pred].astype(np.float64)
+    cols_ = [row_y / scale, onehot, rc, rc * rc]
     if expected is not None:
-        e = _checked_expected(expected, tokens, table)
-        cols_.append((table[pred].astype(np.float64) - e[rows, cols]) / scale)
+        cols_.append((row_y - _checked_expected(expected, tokens, table)[rows, cols]) / scale)
     phi = np.concatenate(cols_, 1)
     return {"rows": rows, "cols": cols, "read": read.astype(np.int64), "pred": pred.astype(np.int64),
             "phi": phi, "scale": scale}
